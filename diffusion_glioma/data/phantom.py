@@ -1,0 +1,295 @@
+"""The synthetic phantom cohort: the embedded default data for the demo, the tests and the benchmarks.
+
+Each subject is the ICBM152 2009 template (shipped inside nilearn's wheel, so nothing is downloaded)
+under a random smooth deformation, with a tumour drawn from one of two disease profiles and four
+contrasts mixed from tissue maps (partial volume), then a bias field and Rician noise. Subjects are
+written in BraTS 2023 layout (`BraTS-GLI-…` adult, `BraTS-PED-…` pediatric) with each challenge's own
+label values and an LPS-like voxel order, so reading the phantom exercises the same code as real data.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from ..io import save_volume, write_json
+
+MODALITIES = ("t1n", "t1c", "t2w", "t2f")
+
+# Relative signal per tissue (DESIGN.md), columns in MODALITIES order.
+TISSUE_SIGNAL: dict[str, tuple[float, float, float, float]] = {
+    "wm": (0.85, 0.85, 0.35, 0.40),
+    "gm": (0.60, 0.62, 0.50, 0.55),
+    "csf": (0.15, 0.15, 1.00, 0.10),
+    "oedema": (0.50, 0.52, 0.80, 0.90),
+    "necrosis": (0.25, 0.25, 0.90, 0.50),
+    "enhancing": (0.55, 1.00, 0.60, 0.70),
+    "net": (0.45, 0.48, 0.85, 0.85),
+    "cyst": (0.15, 0.15, 1.00, 0.20),
+}
+TUMOUR_TISSUES = ("oedema", "necrosis", "enhancing", "net", "cyst")
+
+
+@dataclass(frozen=True)
+class DiseaseProfile:
+    """What differs between the two phantom diseases, in one place."""
+
+    disease: str
+    brats_prefix: str  # BraTS 2023 challenge code in the case id
+    label_values: dict[str, int]  # tissue -> this challenge's segmentation value
+    head_scale: tuple[float, float]  # children's heads are smaller
+
+
+GLIOBLASTOMA = DiseaseProfile(
+    "glioblastoma", "GLI", {"necrosis": 1, "oedema": 2, "enhancing": 3}, (0.95, 1.05)
+)
+PEDIATRIC_DMG = DiseaseProfile(
+    "pediatric_diffuse_glioma", "PED", {"enhancing": 1, "net": 2, "cyst": 3, "oedema": 4}, (0.82, 0.92)
+)
+PROFILES = {p.disease: p for p in (GLIOBLASTOMA, PEDIATRIC_DMG)}
+
+
+@dataclass
+class Template:
+    tissues: dict[str, np.ndarray]  # wm, gm, csf probabilities in [0, 1]
+    brain: np.ndarray  # float mask
+    affine: np.ndarray  # voxel -> RAS mm
+
+
+@functools.lru_cache(maxsize=1)
+def load_template() -> Template:
+    """ICBM152 2009 grey/white matter maps from nilearn's package data (no download)."""
+    import nilearn
+
+    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    names = {"t1": "t1", "gm": "gm", "wm": "wm"}
+    maps = {}
+    affine = None
+    for key, name in names.items():
+        path = folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ICBM152 template missing from the installed nilearn")
+        img = nib.load(str(path))
+        maps[key] = np.asarray(img.dataobj, dtype=np.float32) / 255.0
+        affine = img.affine
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing((maps["t1"] > 0.02) | (maps["gm"] + maps["wm"] > 0.1), iterations=2))
+    brain = brain.astype(np.float32)
+    gm, wm = maps["gm"] * brain, maps["wm"] * brain
+    total = np.maximum(gm + wm, 1.0)  # the two maps overlap slightly at edges
+    gm, wm = gm / total, wm / total
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    return Template({"wm": wm, "gm": gm, "csf": csf}, brain, np.asarray(affine, dtype=np.float64))
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 5) -> np.ndarray:
+    """A smooth random field in about [-1, 1]: coarse Gaussian noise upsampled with cubic splines."""
+    grid = rng.standard_normal((coarse,) * len(shape)).astype(np.float32)
+    factors = [s / coarse for s in shape]
+    field = ndimage.zoom(grid, factors, order=3, mode="nearest")
+    return field[tuple(slice(0, s) for s in shape)] / 1.5
+
+
+def _random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
+    angles = np.deg2rad(rng.uniform(-max_degrees, max_degrees, size=3))
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.SeedSequence) -> dict:
+    """One phantom subject on an RAS grid at `spacing` mm.
+
+    Returns `images` (modality -> float32 array, background 0), `seg` (this profile's label values),
+    `affine` (voxel -> RAS mm) and a `record` of the random choices made.
+    """
+    rng = np.random.default_rng(seed)
+    tpl = load_template()
+    fov_mm = np.array(tpl.brain.shape, dtype=float)  # the template is 1 mm
+    shape = tuple(int(n) for n in np.ceil(fov_mm / spacing))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = tpl.affine[:3, 3]
+
+    # 1. Subject -> template coordinates: scale (head size), small rotation, smooth deformation.
+    scale = rng.uniform(*profile.head_scale)
+    rotation = _random_rotation(rng, 4.0)
+    centre = np.array([0.0, -18.0, 6.0])  # middle of the brain in MNI mm
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), axis=0)
+    world = np.tensordot(affine[:3, :3], ijk, axes=1) + affine[:3, 3, None, None, None]
+    rel = np.tensordot(rotation.T, world - centre[:, None, None, None], axes=1) / scale
+    warp_mm = rng.uniform(2.0, 4.0)
+    for axis in range(3):
+        rel[axis] += warp_mm * _smooth_noise(rng, shape)
+    template_world = rel + centre[:, None, None, None]
+    inv = np.linalg.inv(tpl.affine)
+    tpl_ijk = np.tensordot(inv[:3, :3], template_world, axes=1) + inv[:3, 3, None, None, None]
+
+    def warp(volume: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(volume, tpl_ijk, order=1, mode="constant", cval=0.0).astype(np.float32)
+
+    fractions = {name: warp(v) for name, v in tpl.tissues.items()}
+    brain = warp(tpl.brain)
+
+    # 2. Tumour, drawn in template coordinates so that it follows the subject's anatomy.
+    tumour, record = (_glioblastoma if profile is GLIOBLASTOMA else _pediatric_dmg)(rng, template_world, brain, fractions)
+    tumour_total = sum(tumour.values())
+    for name in fractions:
+        fractions[name] *= 1.0 - np.clip(tumour_total, 0.0, 1.0)
+    fractions.update(tumour)
+
+    # 3. Contrasts: partial-volume mix with per-subject signal jitter, tumour texture, bias field, Rician noise.
+    texture = 1.0 + 0.06 * _smooth_noise(rng, shape, coarse=12)
+    head = brain > 0.5
+    snr = rng.uniform(20.0, 30.0)
+    images = {}
+    for m, modality in enumerate(MODALITIES):
+        signal = np.zeros(shape, dtype=np.float32)
+        for tissue, fraction in fractions.items():
+            level = TISSUE_SIGNAL[tissue][m] * (1.0 + rng.normal(0.0, 0.03))
+            if tissue in TUMOUR_TISSUES:
+                fraction = fraction * texture
+            signal += level * fraction
+        signal *= np.exp(0.12 * _smooth_noise(rng, shape, coarse=3))
+        sigma = TISSUE_SIGNAL["wm"][m] / snr
+        noisy = np.hypot(signal + rng.normal(0.0, sigma, shape), rng.normal(0.0, sigma, shape))
+        images[modality] = np.where(head, noisy, 0.0).astype(np.float32)  # skull-stripped like BraTS
+
+    seg = np.zeros(shape, dtype=np.uint8)
+    # Hard labels by the dominant tumour tissue where tumour dominates the voxel; order sets precedence.
+    for tissue in ("oedema", "net", "necrosis", "cyst", "enhancing"):
+        if tissue in tumour:
+            seg[(tumour[tissue] >= 0.5) & head] = profile.label_values[tissue]
+    record.update(disease=profile.disease, head_scale=float(scale), warp_mm=float(warp_mm), snr=float(snr))
+    return {"images": images, "seg": seg, "affine": affine, "record": record}
+
+
+def _ellipsoid_distance(world: np.ndarray, centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator,
+                        roughness: float) -> np.ndarray:
+    """Normalised distance to an irregular ellipsoid (1 on its surface)."""
+    rel = world - centre[:, None, None, None]
+    rot = _random_rotation(rng, 180.0)
+    rel = np.tensordot(rot.T, rel, axes=1)
+    dist = np.sqrt(sum((rel[a] / radii[a]) ** 2 for a in range(3)))
+    return dist * (1.0 + roughness * _smooth_noise(rng, dist.shape, coarse=8))
+
+
+def _soft(mask: np.ndarray, sigma_vox: float = 0.6) -> np.ndarray:
+    return ndimage.gaussian_filter(mask.astype(np.float32), sigma_vox)
+
+
+def _pick_centre(rng, fractions, world, brain, low, high, tissue="wm", min_fraction=0.5, tries=200):
+    """A centre in [low, high] (MNI mm) that lands in `tissue`, looked up on the subject grid."""
+    flat_world = world.reshape(3, -1)
+    for _ in range(tries):
+        c = rng.uniform(low, high)
+        nearest = np.argmin(((flat_world - c[:, None]) ** 2).sum(0))
+        if fractions[tissue].ravel()[nearest] >= min_fraction and brain.ravel()[nearest] > 0.5:
+            return c
+    return np.asarray(low, dtype=float) / 2 + np.asarray(high, dtype=float) / 2
+
+
+def _glioblastoma(rng, world, brain, fractions):
+    """Hemispheric, ring-enhancing rim around necrosis, wide oedema mostly in white matter."""
+    side = rng.choice([-1.0, 1.0])
+    centre = _pick_centre(rng, fractions, world, brain, [side * 18, -50, 0], [side * 42, 35, 40])
+    radius = rng.uniform(9.0, 18.0)
+    radii = radius * rng.uniform(0.8, 1.2, size=3)
+    u = _ellipsoid_distance(world, centre, radii, rng, roughness=0.2)
+    inside = brain > 0.5
+    rim = rng.uniform(0.5, 0.65)
+    oedema_extent = rng.uniform(1.8, 2.8)
+    white = fractions["wm"] > 0.3
+    tumour = {
+        "necrosis": _soft((u < rim) & inside),
+        "enhancing": _soft((u >= rim) & (u < 1.0) & inside),
+        "oedema": _soft((u >= 1.0) & (u < oedema_extent) & inside & (white | (u < 1.3))),
+    }
+    return tumour, {"centre_mm": centre.round(1).tolist(), "radius_mm": float(radius)}
+
+
+def _pediatric_dmg(rng, world, brain, fractions):
+    """Pons-centred, expansile, mostly non-enhancing; sometimes an enhancing focus or a cyst; little oedema."""
+    centre = np.array([0.0, -26.0, -32.0]) + rng.normal(0.0, 2.0, size=3)
+    radii = rng.uniform(13.0, 18.0) * np.array([1.0, 0.9, 1.25]) * rng.uniform(0.9, 1.1, size=3)
+    u = _ellipsoid_distance(world, centre, radii, rng, roughness=0.12)
+    inside = brain > 0.5
+    core = (u < 1.0) & inside
+    tumour = {"net": core.astype(np.float32)}
+    record = {"centre_mm": centre.round(1).tolist(), "radius_mm": float(radii.mean())}
+    if rng.random() < 0.4:  # a small enhancing focus
+        focus = centre + rng.normal(0.0, 3.0, size=3)
+        tumour["enhancing"] = _soft((_ellipsoid_distance(world, focus, radii * 0.25, rng, 0.1) < 1.0) & core)
+        record["enhancing_focus"] = True
+    if rng.random() < 0.3:  # a cyst
+        cyst = centre + rng.normal(0.0, 3.0, size=3)
+        tumour["cyst"] = _soft((_ellipsoid_distance(world, cyst, radii * 0.35, rng, 0.05) < 1.0) & core)
+        record["cyst"] = True
+    if rng.random() < 0.5:  # a thin rim of oedema
+        tumour["oedema"] = _soft((u >= 1.0) & (u < rng.uniform(1.1, 1.25)) & inside)
+    tumour["net"] = _soft(core) * 1.0
+    for other in ("enhancing", "cyst"):  # sub-regions replace the non-enhancing tumour they sit in
+        if other in tumour:
+            tumour["net"] = np.clip(tumour["net"] - tumour[other], 0.0, 1.0)
+    return tumour, record
+
+
+def to_brats_orientation(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip x and y so the voxel order is LPS-like, as in the BraTS releases; the affine follows."""
+    nx, ny = array.shape[:2]
+    flip = np.array([[-1, 0, 0, nx - 1], [0, -1, 0, ny - 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    return np.ascontiguousarray(array[::-1, ::-1, :]), affine @ flip
+
+
+def case_id(profile: DiseaseProfile, index: int) -> str:
+    return f"BraTS-{profile.brats_prefix}-{index:05d}-000"
+
+
+def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, spacing: float = 2.0,
+                 seed: int = 0, progress: bool = True) -> list[Path]:
+    """Write a phantom cohort in BraTS 2023 layout under `out`; returns the case folders.
+
+    Resumable: a case whose files are all present is kept (each file is written atomically), and
+    the same seed always gives the same subjects.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(GLIOBLASTOMA, i) for i in range(n_adult)] + [(PEDIATRIC_DMG, i) for i in range(n_pediatric)]
+    folders, records = [], []
+    for profile, index in tqdm(plan, desc="phantom cohort", unit="case", disable=not progress):
+        cid = case_id(profile, index)
+        folder = out / cid
+        names = [folder / f"{cid}-{m}.nii.gz" for m in (*MODALITIES, "seg")]
+        subject_seed = np.random.SeedSequence([seed, list(PROFILES).index(profile.disease), index])
+        if all(p.is_file() for p in names):
+            folders.append(folder)
+            continue
+        subject = make_subject(profile, spacing, subject_seed)
+        arrays = [subject["images"][m] * 1000.0 for m in MODALITIES] + [subject["seg"]]
+        for path, array in zip(names, arrays):
+            data, affine = to_brats_orientation(array, subject["affine"])
+            dtype = np.uint8 if path.name.endswith("-seg.nii.gz") else np.int16
+            save_volume(path, np.rint(data), affine, dtype=dtype)
+        records.append({"case": cid, "seed": seed, **subject["record"]})
+        folders.append(folder)
+    cohort_file = out / "phantom_cohort.json"
+    previous = []
+    if cohort_file.is_file():
+        import json
+
+        previous = json.loads(cohort_file.read_text()).get("subjects", [])
+    known = {r["case"]: r for r in previous}
+    known.update({r["case"]: r for r in records})
+    write_json(cohort_file, {
+        "generator": "diffusion_glioma.data.phantom", "seed": seed, "spacing_mm": spacing,
+        "layout": "BraTS 2023 (GLI adult, PED pediatric)",
+        "subjects": [known[k] for k in sorted(known)],
+    })
+    return folders

@@ -1,0 +1,159 @@
+"""NIfTI reading with validation, and atomic writes.
+
+Every reader check raises :class:`DataError` whose message starts with the file's path, so a
+user sees which file is wrong and why in one line, never a traceback from inside nibabel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+from .errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    """`case_t1.nii.gz` -> `case_t1`."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass
+class Volume:
+    """A 3D array with the geometry it lives on: voxels and affine never travel apart."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+    qform_code: int = 1
+    sform_code: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def load_volume(path: str | Path, *, kind: str = "image") -> Volume:
+    """Read a 3D NIfTI and check it.
+
+    `kind` is "image" (float, must not be constant) or "label" (integer values, may be all zero).
+    A trailing singleton 4th dimension is dropped; any other 4D image is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise DataError(f"{path}: not a readable NIfTI file ({_reason(exc)})") from None
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(f"{path}: {len(img.shape)}D image of shape {tuple(img.shape)} where a 3D volume is expected")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as exc:  # truncated or corrupt payload: EOFError, zlib.error, ValueError ...
+        raise DataError(f"{path}: cannot read voxel data, file is truncated or corrupt ({_reason(exc)})") from None
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise DataError(f"{path}: {bad} voxels are NaN or Inf")
+    if kind == "image":
+        if data.max() == data.min():
+            raise DataError(f"{path}: image is empty (every voxel is {data.flat[0]:g})")
+    elif kind == "label":
+        rounded = np.rint(data)
+        if np.abs(data - rounded).max() > 1e-3:
+            raise DataError(f"{path}: label map holds non-integer values (is this an image, not a segmentation?)")
+        data = rounded.astype(np.int16)
+    else:
+        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+        raise DataError(f"{path}: affine is singular or not finite")
+    header = img.header
+    qcode = int(header["qform_code"]) if "qform_code" in header else 1
+    scode = int(header["sform_code"]) if "sform_code" in header else 1
+    return Volume(data, affine, path, qform_code=qcode or 1, sform_code=scode or 1)
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine without reading the voxels (for fast listings)."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable NIfTI file ({_reason(exc)})") from None
+    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary name keeps the suffixes (nibabel picks compression from them) and starts with
+    a dot, so a half-written file is never visible under its final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    base = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    tmp = path.with_name(f".{base}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, *, qform_code: int = 1,
+                sform_code: int = 1, dtype=np.float32) -> Path:
+    """Write a NIfTI atomically with the given affine and qform/sform codes."""
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
+    img.set_qform(affine, code=int(qform_code))
+    img.set_sform(affine, code=int(sform_code))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (sorted keys, readable indentation)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
