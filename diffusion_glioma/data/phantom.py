@@ -188,12 +188,13 @@ def _soft(mask: np.ndarray, sigma_vox: float = 0.6) -> np.ndarray:
 def _pick_centre(rng, fractions, world, brain, low, high, tissue="wm", min_fraction=0.5, tries=200):
     """A centre in [low, high] (MNI mm) that lands in `tissue`, looked up on the subject grid."""
     flat_world = world.reshape(3, -1)
+    low, high = np.minimum(low, high), np.maximum(low, high)
     for _ in range(tries):
         c = rng.uniform(low, high)
         nearest = np.argmin(((flat_world - c[:, None]) ** 2).sum(0))
         if fractions[tissue].ravel()[nearest] >= min_fraction and brain.ravel()[nearest] > 0.5:
             return c
-    return np.asarray(low, dtype=float) / 2 + np.asarray(high, dtype=float) / 2
+    return (low + high) / 2.0
 
 
 def _glioblastoma(rng, world, brain, fractions):

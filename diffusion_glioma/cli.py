@@ -1,0 +1,121 @@
+"""The `diffusion-glioma` command. Each verb parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import DiffusionGliomaError
+
+
+def _data_config(args):
+    """The data config from `--config` (if any), with command-line overrides applied."""
+    from .config import DataConfig, load_yaml, parse_config
+
+    data = load_yaml(args.config) if args.config else {}
+    for key in ("layout", "labels", "disease"):
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    return parse_config(DataConfig, data, args.config or "command line")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="data config YAML (configs/data/*.yaml): layout, labels, preprocessing")
+    p.add_argument("--layout", help="auto (default), a built-in layout name, or a layout .yaml file")
+    p.add_argument("--labels", help="label scheme name overriding the layout's (e.g. brats_peds_2023)")
+    p.add_argument("--disease", help="disease class for every case, overriding the layout's")
+
+
+def cmd_phantom(args) -> int:
+    from .data.phantom import write_cohort
+
+    folders = write_cohort(args.out, n_adult=args.n_adult, n_pediatric=args.n_pediatric, spacing=args.spacing,
+                           seed=args.seed, progress=not args.quiet)
+    print(f"wrote {len(folders)} phantom cases (BraTS 2023 layout, {args.spacing:g} mm) to {args.out}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.cache import prepare_dataset
+
+    summary = prepare_dataset(args.raw, args.out, _data_config(args), skip_bad=args.skip_bad, limit=args.limit,
+                              overwrite=args.overwrite, progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    print(f"cache: {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .data.inspect import inspect_dataset
+    from .io import write_json
+
+    out = Path(args.out) if args.out else None
+    report = inspect_dataset(args.raw, _data_config(args), montage=out / "montage.png" if out else None,
+                             montage_cases=args.montage_cases, progress=not args.quiet)
+    print(report.table())
+    if out:
+        write_json(out / "inspect.json", {"cases": [vars(r) for r in report.rows], "problems": report.problems})
+        print(f"\nmontage and table: {out / 'montage.png'}, {out / 'inspect.json'}")
+    if report.problems:
+        print(f"\n{len(report.problems)} problem(s):", file=sys.stderr)
+        for line in report.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"\n{len(report.rows)} cases, no problems found")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-glioma", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write the synthetic phantom cohort (BraTS 2023 layout)")
+    p.add_argument("--out", required=True, help="folder to write the cohort to")
+    p.add_argument("--n-adult", type=int, default=16, help="glioblastoma cases (default 16)")
+    p.add_argument("--n-pediatric", type=int, default=4, help="pediatric diffuse glioma cases (default 4)")
+    p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2; the template is 1 mm)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("prepare", help="preprocess a raw dataset folder into a training cache")
+    p.add_argument("raw", help="raw dataset folder")
+    p.add_argument("--out", required=True, help="cache folder")
+    _add_data_options(p)
+    p.add_argument("--skip-bad", action="store_true", help="skip cases that fail the checks and list them")
+    p.add_argument("--limit", type=int, help="prepare only the first N cases")
+    p.add_argument("--overwrite", action="store_true", help="redo cached cases (needed after changing settings)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="list and check a raw dataset; exit 1 if any problem is found")
+    p.add_argument("raw", help="raw dataset folder")
+    _add_data_options(p)
+    p.add_argument("--out", help="folder for montage.png and inspect.json")
+    p.add_argument("--montage-cases", type=int, default=12, help="cases shown in the montage (default 12)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DiffusionGliomaError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""`inspect`: a table of a raw dataset's cases, a montage to look at, and every problem found.
+
+It doubles as the dataset check: each case is read and checked exactly as `prepare` would, and each
+problem is one line naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import DataConfig
+from ..errors import DataError
+from ..labels import COMMON_LABELS, HEAD, TUMOUR_LABELS
+from .layouts import discover_cases
+from .preprocess import LoadedCase, load_case
+
+
+@dataclass
+class CaseRow:
+    case_id: str
+    layout: str
+    disease: str
+    modalities: list[str]
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    volumes_ml: dict[str, float] = field(default_factory=dict)  # common label name -> mL
+    has_seg: bool = False
+
+
+@dataclass
+class InspectReport:
+    rows: list[CaseRow]
+    problems: list[str]
+
+    def table(self) -> str:
+        tumour_names = [COMMON_LABELS[i] for i in TUMOUR_LABELS]
+        short = {name: name.split(" ")[0].split("/")[0] for name in tumour_names}
+        header = ["case", "layout", "disease", "modalities", "shape", "spacing mm", "head mL"] + [
+            f"{short[n]} mL" for n in tumour_names]
+        lines = [header]
+        for r in self.rows:
+            lines.append([
+                r.case_id, r.layout, r.disease, ",".join(r.modalities),
+                "x".join(map(str, r.shape)) if r.shape else "-",
+                "x".join(f"{s:g}" for s in r.spacing) if r.spacing else "-",
+                f"{r.volumes_ml.get(COMMON_LABELS[HEAD], 0.0):.0f}" if r.volumes_ml else "-",
+                *([f"{r.volumes_ml.get(n, 0.0):.1f}" for n in tumour_names] if r.has_seg else ["-"] * len(tumour_names)),
+            ])
+        widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
+        return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def inspect_dataset(root: str | Path, config: DataConfig, *, montage: str | Path | None = None,
+                    montage_cases: int = 12, progress: bool = True) -> InspectReport:
+    """Check every case under `root`; optionally write a PNG montage of the first cases."""
+    cases = discover_cases(root, config.layout, labels=config.labels, disease=config.disease)
+    rows, problems, shown = [], [], []
+    for case in tqdm(cases, desc="inspect", unit="case", disable=not progress):
+        row = CaseRow(case.case_id, case.layout, case.disease, sorted(case.images), has_seg=case.seg is not None)
+        rows.append(row)
+        try:
+            loaded = load_case(case, config.preprocess)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        reference = next(iter(loaded.images.values()))
+        row.shape, row.spacing = reference.shape, tuple(round(s, 3) for s in reference.spacing)
+        voxel_ml = abs(np.linalg.det(reference.affine[:3, :3])) / 1000.0
+        labels = loaded.labels if loaded.labels is not None else loaded.head.astype(np.uint8)
+        counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(COMMON_LABELS))
+        row.volumes_ml = {COMMON_LABELS[i]: float(counts[i] * voxel_ml) for i in COMMON_LABELS}
+        if len(shown) < montage_cases:
+            shown.append(loaded)
+    if montage is not None and shown:
+        write_montage(montage, shown, config.preprocess.modalities)
+    return InspectReport(rows, problems)
+
+
+# One colour per common label (background and head stay clear).
+LABEL_COLOURS = {2: (1.0, 0.2, 0.2), 3: (0.2, 0.9, 0.2), 4: (1.0, 0.9, 0.1), 5: (0.3, 0.5, 1.0), 6: (0.9, 0.3, 1.0)}
+
+
+def write_montage(path: str | Path, cases: list[LoadedCase], modalities: tuple[str, ...]) -> Path:
+    """Axial slices through each tumour's centre (RAS display), one row per case, mask overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    columns = len(modalities) + 1
+    fig, axes = plt.subplots(len(cases), columns, figsize=(2.2 * columns, 2.3 * len(cases)), squeeze=False)
+    for row, loaded in enumerate(cases):
+        affine = next(iter(loaded.images.values())).affine
+        orientation = nib.orientations.io_orientation(affine)
+        canon = lambda a: nib.orientations.apply_orientation(a, orientation)  # noqa: E731
+        labels = canon(loaded.labels) if loaded.labels is not None else canon(loaded.head.astype(np.uint8))
+        tumour = np.isin(labels, TUMOUR_LABELS)
+        z = int(np.argwhere(tumour)[:, 2].mean()) if tumour.any() else labels.shape[2] // 2
+        for col, modality in enumerate(modalities):
+            image = canon(loaded.images[modality].array)[:, :, z].T
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray", origin="lower", vmin=np.percentile(image, 1), vmax=np.percentile(image, 99.5))
+            if row == 0:
+                ax.set_title(modality, fontsize=9)
+        overlay = np.zeros((*labels.shape[:2], 4))
+        for value, colour in LABEL_COLOURS.items():
+            overlay[labels[:, :, z] == value] = (*colour, 0.6)
+        ax = axes[row, -1]
+        ax.imshow(canon(loaded.images[modalities[-1]].array)[:, :, z].T, cmap="gray", origin="lower")
+        ax.imshow(overlay.transpose(1, 0, 2), origin="lower")
+        if row == 0:
+            ax.set_title("mask", fontsize=9)
+        axes[row, 0].set_ylabel(loaded.case.case_id, fontsize=7)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LABEL_COLOURS.values()]
+    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
