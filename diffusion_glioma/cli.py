@@ -68,6 +68,27 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config YAML (configs/pretrain_gbm.yaml, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
+    p.add_argument("--output-dir", help="run folder, overriding the config's output_dir")
+    p.add_argument("--steps", type=int, help="total optimizer steps, overriding optim.steps")
+    p.add_argument("--limit-cases", type=int, help="train on the first N cases only (few-shot fine-tuning)")
+    p.add_argument("--source", help="pretrained pipeline folder or hub id, overriding finetune.source")
+
+
+def cmd_train(args) -> int:
+    from .training.config import load_train_config
+    from .training.diffusion import train
+
+    overrides = {key: value for key, value in {
+        "output_dir": args.output_dir, "optim.steps": args.steps, "data.limit_cases": args.limit_cases,
+        "finetune.source": args.source}.items() if value is not None}
+    folder = train(load_train_config(args.config, overrides), resume=args.resume)
+    print(f"pipeline saved: {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-glioma", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -100,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--montage-cases", type=int, default=12, help="cases shown in the montage (default 12)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train or fine-tune the diffusion model (also: accelerate launch scripts/train.py)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -87,6 +87,7 @@ def prepare_dataset(raw: str | Path, cache: str | Path, config: DataConfig, *, s
         entries[case.case_id] = {
             "case_id": case.case_id, "disease": case.disease, "layout": case.layout,
             "has_seg": prepared.has_seg, "label_scheme": case.labels if isinstance(case.labels, str) else "custom",
+            "labels_present": sorted(int(v) for v in np.unique(prepared.labels)),
         }
         summary.prepared.append(case.case_id)
         # The index is rewritten after each case so that an interrupted run still knows what it holds.

@@ -1,0 +1,105 @@
+"""The training config: one typed model for pretraining and fine-tuning (configs/*.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StrictModel, load_yaml, parse_config
+
+
+class DataSection(StrictModel):
+    cache: Path = Field(description="prepared cache folder (made from `raw` first when `raw` is given)")
+    raw: Path | None = Field(None, description="raw dataset folder to prepare into `cache` (resumable)")
+    config: Path | None = Field(None, description="data config YAML used to prepare `raw`")
+    only_diseases: list[str] | None = Field(None, description="train on cases of these diseases only")
+    limit_cases: int | None = Field(None, ge=1, description="train on the first N cases only (few-shot runs)")
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelSection(StrictModel):
+    preset: str = "small"
+    disease_classes: list[str] = ["none", "glioblastoma", "pediatric_diffuse_glioma"]
+    overrides: dict = Field(default_factory=dict, description="any DenoiserUNet3D argument, over the preset")
+
+
+class OptimSection(StrictModel):
+    steps: int = Field(1000, ge=1, description="optimizer steps in total")
+    batch_size: int = Field(1, ge=1, description="volumes per process per micro-step")
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "cosine"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+
+
+class DiffusionSection(StrictModel):
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    loss: Literal["l1", "l2"] = "l2"
+    num_train_timesteps: int = Field(1000, ge=10)
+    class_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training a step unconditionally "
+                                 "(class 0), which classifier-free guidance needs")
+
+
+class EmaSection(StrictModel):
+    enabled: bool = True
+    decay: float = Field(0.9999, gt=0, lt=1)
+    warmup: bool = Field(True, description="diffusers' EMA warm-up: the decay grows with the step count")
+
+
+class ValidationSection(StrictModel):
+    every: int = Field(500, ge=1, description="steps between validation figures")
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+
+
+class CheckpointSection(StrictModel):
+    every: int = Field(500, ge=1, description="steps between checkpoints")
+    total_limit: int = Field(3, ge=1, description="checkpoints kept (the newest)")
+
+
+class FinetuneSection(StrictModel):
+    source: str = Field(description="pretrained pipeline folder (or hub id) to start from")
+    mode: Literal["full", "frozen_encoder"] = "full"
+    ewc_weight: float = Field(0.0, ge=0, description="weight of an L2 penalty toward the source weights "
+                              "(EWC with a uniform Fisher, i.e. L2-SP); 0 disables it")
+
+
+class TrainConfig(StrictModel):
+    output_dir: Path
+    seed: int = 0
+    data: DataSection
+    model: ModelSection = ModelSection()
+    optim: OptimSection = OptimSection()
+    diffusion: DiffusionSection = DiffusionSection()
+    ema: EmaSection = EmaSection()
+    validation: ValidationSection = ValidationSection()
+    checkpoints: CheckpointSection = CheckpointSection()
+    log_every: int = Field(10, ge=1)
+    finetune: FinetuneSection | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.data.config is not None and self.data.raw is None:
+            raise ValueError("data.config is only used to prepare data.raw; give data.raw too")
+        if self.model.disease_classes[:1] != ["none"]:
+            raise ValueError("model.disease_classes must start with 'none'")
+        return self
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Load a training YAML; `overrides` are dotted keys from the command line (`optim.steps`: 10)."""
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(TrainConfig, data, path)

@@ -1,0 +1,325 @@
+"""One Accelerate loop for the diffusion model: pretraining, and fine-tuning to another disease.
+
+    accelerate launch scripts/train.py --config configs/pretrain_gbm.yaml
+    diffusion-glioma train --config configs/finetune_peds.yaml --limit-cases 5
+
+A run folder holds the resolved config, `checkpoints/checkpoint-<step>` (accelerate state: model,
+optimizer, schedule, EMA, RNG), TensorBoard logs, validation figures, and at the end `pipeline/`,
+a `MaskToMRIPipeline` folder with the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import DataConfig, load_config
+from ..data.cache import prepare_dataset, read_index
+from ..data.dataset import CachedCases
+from ..io import write_json
+from ..models.unet3d import DenoiserUNet3D, build_denoiser
+from ..pipeline import MaskToMRIPipeline, make_scheduler, training_scheduler
+from .common import (StepSampler, TrainingError, checkpoints, load_checkpoint, mid_slices_figure,
+                     save_checkpoint, step_generator, write_run_config)
+from .config import TrainConfig
+
+
+def prepare_data(config: TrainConfig, accelerator: Accelerator) -> None:
+    """Prepare `data.raw` into `data.cache` on the main process (resumable), others wait."""
+    if config.data.raw is not None and accelerator.is_main_process:
+        data_config = load_config(DataConfig, config.data.config) if config.data.config else DataConfig()
+        prepare_dataset(config.data.raw, config.data.cache, data_config, progress=True)
+    accelerator.wait_for_everyone()
+
+
+def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D, dict | None]:
+    """A fresh model, or the fine-tuning source with its classes extended to the target's.
+
+    Returns the model and, for fine-tuning, the source weights (for the L2-SP/EWC penalty).
+    """
+    modalities = tuple(cache_index["modalities"])
+    if config.finetune is None:
+        model = build_denoiser(config.model.preset, modalities=modalities,
+                               disease_classes=tuple(config.model.disease_classes), **config.model.overrides)
+        return model, None
+    source = load_source_pipeline(config.finetune.source)
+    source_config = source.unet.config
+    if tuple(source_config.modalities) != modalities:
+        raise TrainingError(f"{config.data.cache}: the data has modalities {list(modalities)} but the source model "
+                            f"{config.finetune.source} makes {list(source_config.modalities)}")
+    source_grid = (source.config.preprocess or {})
+    data_grid = cache_index["preprocess"]
+    for key in ("shape", "spacing"):
+        if key in source_grid and list(source_grid[key]) != list(data_grid[key]):
+            raise TrainingError(f"{config.data.cache}: data prepared with {key} {data_grid[key]} but the source "
+                                f"model was trained with {source_grid[key]}; prepare the data with its settings")
+    classes = list(source_config.disease_classes)
+    new = [d for d in config.model.disease_classes if d not in classes]
+    model = source.unet
+    if new:
+        model = _with_classes(source.unet, classes + new)
+    source_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if config.finetune.mode == "frozen_encoder":
+        for module in (model.conv_in, model.down_levels, model.downsamplers):
+            module.requires_grad_(False)
+    return model, source_weights
+
+
+def _with_classes(model: DenoiserUNet3D, classes: list[str]) -> DenoiserUNet3D:
+    """The same network with more disease classes; a new class starts from the mean of the known
+    diseases (not from "none"), so fine-tuning begins from "a tumour of some kind"."""
+    extended = DenoiserUNet3D.from_config({**model.config, "disease_classes": tuple(classes)})
+    state = model.state_dict()
+    old = state["class_embedding.weight"]
+    new_rows = old[1:].mean(dim=0, keepdim=True).expand(len(classes) - old.shape[0], -1) if old.shape[0] > 1 \
+        else torch.zeros(len(classes) - old.shape[0], old.shape[1])
+    state["class_embedding.weight"] = torch.cat([old, new_rows])
+    extended.load_state_dict(state)
+    return extended
+
+
+def load_source_pipeline(source: str) -> MaskToMRIPipeline:
+    try:
+        return MaskToMRIPipeline.from_pretrained(source)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300]
+        raise TrainingError(f"{source}: cannot load the pretrained pipeline ({reason})") from None
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Run (or resume) training; returns the saved pipeline folder."""
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.optim.mixed_precision,
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        log_with=_tensorboard_or_none(),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    existing = checkpoints(output_dir / "checkpoints")
+    if existing and not resume:
+        raise TrainingError(f"{output_dir}: holds checkpoints up to step {existing[-1][0]}; pass --resume to "
+                            "continue the run, or choose another output_dir")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(output_dir, config, resume)
+    set_seed(config.seed)
+    prepare_data(config, accelerator)
+
+    # 1. Data and model.
+    index = read_index(config.data.cache)
+    model, source_weights = build_model(config, index)
+    dataset = CachedCases(config.data.cache, diseases=list(model.config.disease_classes),
+                          only_diseases=config.data.only_diseases, limit=config.data.limit_cases)
+    if config.optim.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    noise_scheduler = training_scheduler(config.diffusion.prediction_type, config.diffusion.num_train_timesteps)
+    ema = EMAModel(model.parameters(), decay=config.ema.decay, use_ema_warmup=config.ema.warmup,
+                   model_cls=DenoiserUNet3D, model_config=model.config) if config.ema.enabled else None
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
+    lr_scheduler = get_scheduler(config.optim.lr_schedule, optimizer,
+                                 num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.optim.steps * accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if source_weights is not None:
+        source_weights = {k: v.to(accelerator.device) for k, v in source_weights.items()}
+
+    # 2. Resume: weights, optimizer, schedule and EMA from the newest checkpoint; data order from the step.
+    step = 0
+    if resume and existing:
+        step, path = existing[-1]
+        load_checkpoint(accelerator, path)
+        accelerator.print(f"resumed from {path} (step {step})")
+    if step >= config.optim.steps:
+        accelerator.print(f"nothing to do: the run is at step {step} of {config.optim.steps}")
+        return _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
+
+    micro_per_step = config.optim.gradient_accumulation_steps
+    samples_per_step = config.optim.batch_size * micro_per_step * accelerator.num_processes
+    sampler = StepSampler(len(dataset), config.seed, start=step * samples_per_step,
+                          count=(config.optim.steps - step) * samples_per_step)
+    loader = accelerator.prepare_data_loader(DataLoader(
+        dataset, batch_size=config.optim.batch_size, sampler=sampler, num_workers=config.data.num_workers,
+        collate_fn=_collate), device_placement=True)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train", config={"preset": config.model.preset, "steps": config.optim.steps,
+                                                   "lr": config.optim.learning_rate})
+    order_log = output_dir / "logs" / f"data_order_rank{accelerator.process_index}.jsonl"
+    order_log.parent.mkdir(parents=True, exist_ok=True)
+    metrics_log = output_dir / "logs" / "metrics.jsonl"
+    validation_batch = _collate([dataset[i] for i in range(min(2, len(dataset)))])
+
+    # 3. The loop.
+    progress = tqdm(total=config.optim.steps, initial=step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    micro_step = step * micro_per_step
+    window_start, window_volumes = time.perf_counter(), 0
+    unwrapped = accelerator.unwrap_model(model)
+    for batch in loader:
+        generator = step_generator(accelerator.device, config.seed, micro_step, accelerator.process_index)
+        micro_step += 1
+        with accelerator.accumulate(model):
+            loss = _diffusion_loss(model, noise_scheduler, batch, generator, config, source_weights)
+            _stop_if_diverged(accelerator, loss, step, output_dir)
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        window_volumes += batch["image"].shape[0] * accelerator.num_processes
+        with order_log.open("a") as f:
+            f.write(json.dumps({"micro_step": micro_step, "cases": batch["case_id"]}) + "\n")
+        if not accelerator.sync_gradients:
+            continue
+
+        # After each optimizer step.
+        if ema is not None:
+            ema.step(unwrapped.parameters())
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.optim.steps:
+            elapsed = time.perf_counter() - window_start
+            logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                    "volumes_per_second": window_volumes / max(elapsed, 1e-9)}
+            accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                with metrics_log.open("a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            window_start, window_volumes = time.perf_counter(), 0
+        if step % config.checkpoints.every == 0 or step == config.optim.steps:
+            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
+        if step % config.validation.every == 0 or step == config.optim.steps:
+            _validation_figure(accelerator, unwrapped, ema, noise_scheduler, validation_batch, config, step,
+                               dataset.diseases)
+    progress.close()
+    accelerator.end_training()
+    return _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
+
+
+def _diffusion_loss(model, noise_scheduler, batch, generator, config: TrainConfig, source_weights):
+    x0 = batch["image"]
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
+    drop = torch.rand(b, generator=generator, device=x0.device) < config.diffusion.class_dropout
+    class_labels = torch.where(drop, torch.zeros_like(batch["disease"]), batch["disease"])
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    prediction = model(noisy, t, batch["labels"], class_labels).sample.float()
+    target = diffusion_target(noise_scheduler, x0, noise, t, config.diffusion.prediction_type).float()
+    loss = F.l1_loss(prediction, target) if config.diffusion.loss == "l1" else F.mse_loss(prediction, target)
+    if source_weights is not None and config.finetune.ewc_weight > 0:
+        params = dict(model.named_parameters())
+        penalty = sum(((params[k] - w) ** 2).sum() for k, w in _prefixed(source_weights, params).items())
+        count = sum(w.numel() for w in source_weights.values())
+        loss = loss + config.finetune.ewc_weight * penalty / count
+    return loss
+
+
+def _prefixed(weights: dict, params: dict) -> dict:
+    """Match source weight names to (possibly DDP-wrapped, `module.`-prefixed) parameter names."""
+    out = {}
+    for name in params:
+        key = name[len("module."):] if name.startswith("module.") else name
+        if key in weights:
+            out[name] = weights[key]
+    return out
+
+
+def _stop_if_diverged(accelerator, loss, step: int, output_dir: Path) -> None:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.gather(finite).min() < 1:
+        kept = checkpoints(output_dir / "checkpoints")
+        last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+        raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; {last}. Lower the learning "
+                            "rate, or use bf16 rather than fp16")
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([i["image"] for i in items]),
+        "labels": torch.stack([i["labels"] for i in items]),
+        "disease": torch.stack([i["disease"] for i in items]),
+        "case_id": [i["case_id"] for i in items],
+    }
+
+
+def _tensorboard_or_none():
+    try:
+        import tensorboard  # noqa: F401
+
+        return "tensorboard"
+    except ImportError:
+        return None
+
+
+def _ema_pipeline(model: DenoiserUNet3D, ema, scheduler, preprocess: dict | None) -> MaskToMRIPipeline:
+    """A pipeline holding a copy of the model with the EMA weights (the training model is untouched)."""
+    copy = DenoiserUNet3D.from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    copy.to(model.device).eval()
+    return MaskToMRIPipeline(copy, scheduler, preprocess=preprocess)
+
+
+@torch.no_grad()
+def _validation_figure(accelerator, model, ema, noise_scheduler, batch, config: TrainConfig, step: int,
+                       diseases: list[str]) -> None:
+    if not accelerator.is_main_process:
+        return
+    pipe = _ema_pipeline(model, ema, make_scheduler(config.validation.sampler, noise_scheduler.config), None)
+    generator = torch.Generator().manual_seed(config.seed)
+    out = pipe(batch["labels"], [int(d) for d in batch["disease"]], guidance_scale=config.validation.guidance_scale,
+               num_inference_steps=config.validation.num_inference_steps, generator=generator, progress=False)
+    figure = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
+    mid_slices_figure(figure, out.volumes, batch["labels"], list(model.config.modalities),
+                      title=f"step {step}: " + ", ".join(diseases[int(d)] for d in batch["disease"]))
+
+
+def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, dataset: CachedCases,
+                   config: TrainConfig, output_dir: Path) -> Path:
+    """`pipeline/`: EMA weights as the model, the online weights under `unet_online/`, and what the
+    run knew: grid and intensity settings, modalities, disease classes, label scheme, config."""
+    folder = output_dir / "pipeline"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        pipe = _ema_pipeline(unwrapped, ema, noise_scheduler, index["preprocess"])
+        pipe.save_pretrained(str(folder))
+        unwrapped.save_pretrained(str(folder / "unet_online"))
+        write_json(folder / "training.json", {
+            "config": config.model_dump(mode="json"), "label_scheme": index["labels"],
+            "labels_seen": sorted({v for e in dataset.entries for v in e.get("labels_present", [])}),
+            "cases": dataset.case_ids, "steps": config.optim.steps,
+        })
+    accelerator.wait_for_everyone()
+    return folder
