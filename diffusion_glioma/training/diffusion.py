@@ -221,8 +221,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             _validation_figure(accelerator, unwrapped, ema, noise_scheduler, validation_batch, config, step,
                                dataset.diseases)
     progress.close()
-    accelerator.end_training()
-    return _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
+    folder = _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
+    accelerator.end_training()  # after the last barrier: it tears down the process group
+    return folder
 
 
 def _diffusion_loss(model, noise_scheduler, batch, generator, config: TrainConfig, source_weights):

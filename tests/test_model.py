@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from diffusion_glioma.models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
+from diffusion_glioma.pipeline import MaskToMRIPipeline, training_scheduler
+
+
+def test_output_shape_and_conditioning_matter():
+    torch.manual_seed(0)
+    model = build_denoiser("tiny")
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # zero-initialised output would hide everything
+    x = torch.randn(2, 4, 16, 16, 16)
+    labels = torch.randint(0, 7, (2, 16, 16, 16))
+    out = model(x, torch.tensor([10, 900]), labels, torch.tensor([1, 2])).sample
+    assert out.shape == x.shape
+    assert not torch.allclose(out, model(x, torch.tensor([10, 900]), torch.zeros_like(labels), torch.tensor([1, 2])).sample)
+    assert not torch.allclose(out, model(x, torch.tensor([10, 900]), labels, torch.tensor([0, 0])).sample)
+    assert not torch.allclose(out, model(x, torch.tensor([500, 500]), labels, torch.tensor([1, 2])).sample)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_denoiser("tiny", attention_levels=(False, True))
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)
+    x, labels = torch.randn(1, 4, 16, 16, 16), torch.randint(0, 7, (1, 16, 16, 16))
+    model(x, 3, labels).sample.square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(x, 3, labels).sample.square().sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = build_denoiser("tiny", modalities=("t1c", "t2f"))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    again = DenoiserUNet3D.from_pretrained(tmp_path)
+    assert again.config.modalities == ["t1c", "t2f"] or tuple(again.config.modalities) == ("t1c", "t2f")
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_constructor_checks_with_values():
+    with pytest.raises(ValueError, match="one entry per level"):
+        DenoiserUNet3D(channel_multipliers=(1, 2), attention_levels=(False,))
+    with pytest.raises(ValueError, match="norm_groups=5"):
+        DenoiserUNet3D(base_channels=8, channel_multipliers=(1, 2), attention_levels=(False, False), norm_groups=5)
+    with pytest.raises(ValueError, match="start with 'none'"):
+        DenoiserUNet3D(disease_classes=("glioblastoma",))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        build_denoiser("tiny")(torch.zeros(1, 4, 15, 16, 16), 0, torch.zeros(1, 15, 16, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        build_denoiser("huge")
+
+
+def test_medddpm_preset_matches_the_published_network():
+    assert PRESETS["medddpm"]["base_channels"] == 64
+    assert PRESETS["medddpm"]["channel_multipliers"] == (1, 1, 2, 3, 4)
+    assert PRESETS["medddpm"]["layers_per_level"] == 2
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_pipeline_samplers_are_reproducible(tmp_path, sampler):
+    pipe = MaskToMRIPipeline(build_denoiser("tiny"), training_scheduler("v_prediction"), preprocess={"shape": [16] * 3})
+    pipe.save_pretrained(tmp_path)
+    pipe = MaskToMRIPipeline.from_pretrained(tmp_path).use_sampler(sampler)
+    labels = torch.randint(0, 7, (1, 16, 16, 16))
+    labels[:, :2] = 0
+    run = lambda seed: pipe(labels, "glioblastoma", num_inference_steps=4, guidance_scale=2.0,  # noqa: E731
+                            generator=torch.Generator().manual_seed(seed), progress=False).volumes
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == (1, 4, 16, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, :, :2] == -1).all() and a.abs().max() <= 1
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        pipe(labels, num_inference_steps=0)
+    with pytest.raises(ValueError, match="not one of the model's classes"):
+        pipe(labels, "meningioma", num_inference_steps=2)

@@ -1,0 +1,198 @@
+"""Training on tiny phantoms: overfitting, exact resume, fine-tuning, two processes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from diffusion_glioma.cli import main
+from diffusion_glioma.data.cache import prepare_dataset
+from diffusion_glioma.pipeline import MaskToMRIPipeline
+from diffusion_glioma.training import diffusion as loop
+from diffusion_glioma.training.common import TrainingError
+from diffusion_glioma.training.config import load_train_config
+from tests.conftest import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = SMALL.model_copy(update={"shape": (16, 16, 16), "spacing": (12.0, 12.0, 12.0)})
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(phantom_dir, tmp_path_factory):
+    from diffusion_glioma.config import DataConfig
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare_dataset(phantom_dir, cache, DataConfig(preprocess=TINY_DATA), progress=False)
+    return cache
+
+
+def write_config(path: Path, cache: Path, output_dir: Path, **sections) -> Path:
+    config = {
+        "output_dir": str(output_dir), "seed": 3,
+        "data": {"cache": str(cache)},
+        "model": {"preset": "tiny"},
+        "optim": {"steps": 12, "batch_size": 2, "learning_rate": 3e-3, "warmup_steps": 2, "lr_schedule": "cosine"},
+        "diffusion": {"prediction_type": "sample"},
+        "ema": {"decay": 0.9},
+        "validation": {"every": 1000, "num_inference_steps": 3},
+        "checkpoints": {"every": 4, "total_limit": 5},
+        "log_every": 1,
+    }
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_tiny_model_overfits_a_few_cases(tiny_cache, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run",
+                          data={"limit_cases": 2}, optim={"steps": 60, "lr_schedule": "constant", "warmup_steps": 0},
+                          validation={"every": 60})
+    assert main(["train", "--config", str(config)]) == 0
+    history = losses(tmp_path / "run")
+    assert len(history) == 60
+    start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert end < 0.4 * start, (start, end)
+    assert (tmp_path / "run" / "validation" / "step-0000060.png").stat().st_size > 5000
+    pipe = MaskToMRIPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.config.preprocess["shape"] == [16, 16, 16]
+    assert pipe.disease_classes == ["none", "glioblastoma", "pediatric_diffuse_glioma"]
+    facts = json.loads((tmp_path / "run" / "pipeline" / "training.json").read_text())
+    assert len(facts["cases"]) == 2 and 4 in facts["labels_seen"]
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp_path, monkeypatch):
+    straight = write_config(tmp_path / "a.yaml", tiny_cache, tmp_path / "straight")
+    loop.train(load_train_config(straight))
+
+    real_save = loop.save_checkpoint
+
+    def stop_after_step_8(accelerator, folder, step, limit):
+        path = real_save(accelerator, folder, step, limit)
+        if step == 8:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", stop_after_step_8)
+    interrupted = write_config(tmp_path / "b.yaml", tiny_cache, tmp_path / "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_train_config(interrupted))
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert not (tmp_path / "interrupted" / "pipeline").exists()
+    with pytest.raises(TrainingError, match="pass --resume"):
+        loop.train(load_train_config(interrupted))
+    loop.train(load_train_config(interrupted), resume=True)
+
+    for sub in ("pipeline/unet", "pipeline/unet_online"):
+        a, b = weights(tmp_path / "straight" / sub), weights(tmp_path / "interrupted" / sub)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{sub}:{key}"
+
+
+def test_pretrain_then_finetune_through_the_cli(tiny_cache, tmp_path):
+    pre = write_config(tmp_path / "pre.yaml", tiny_cache, tmp_path / "pre",
+                       data={"only_diseases": ["glioblastoma"]},
+                       model={"preset": "tiny", "disease_classes": ["none", "glioblastoma"]})
+    assert main(["train", "--config", str(pre)]) == 0
+    source = tmp_path / "pre" / "pipeline"
+    fine = write_config(tmp_path / "fine.yaml", tiny_cache, tmp_path / "fine",
+                        data={"only_diseases": ["pediatric_diffuse_glioma"]},
+                        model={"preset": "tiny", "disease_classes": ["none", "glioblastoma", "pediatric_diffuse_glioma"]},
+                        optim={"steps": 6, "learning_rate": 1e-3},
+                        finetune={"source": "unused", "mode": "frozen_encoder", "ewc_weight": 1.0})
+    assert main(["train", "--config", str(fine), "--source", str(source), "--limit-cases", "1"]) == 0
+    pipe = MaskToMRIPipeline.from_pretrained(tmp_path / "fine" / "pipeline")
+    assert pipe.disease_classes == ["none", "glioblastoma", "pediatric_diffuse_glioma"]
+    facts = json.loads((tmp_path / "fine" / "pipeline" / "training.json").read_text())
+    assert facts["cases"] == ["BraTS-PED-00000-000"]
+    # Fine-tuning starts from the source's EMA weights (its default `unet`).
+    before, after = weights(source / "unet"), weights(tmp_path / "fine" / "pipeline" / "unet_online")
+    assert torch.equal(before["conv_in.weight"], after["conv_in.weight"])  # frozen encoder
+    assert not torch.equal(before["conv_out.weight"], after["conv_out.weight"])  # decoder trained
+    # The new class started from the mean of the known disease rows, then trained.
+    assert after["class_embedding.weight"].shape[0] == 3
+    out = pipe(torch.ones(1, 16, 16, 16, dtype=torch.long), "pediatric_diffuse_glioma", num_inference_steps=2,
+               progress=False).volumes
+    assert out.shape == (1, 4, 16, 16, 16)
+
+
+def test_finetune_refuses_mismatched_data(tiny_cache, phantom_dir, tmp_path):
+    from diffusion_glioma.config import DataConfig
+
+    pre = write_config(tmp_path / "pre.yaml", tiny_cache, tmp_path / "pre", optim={"steps": 1})
+    loop.train(load_train_config(pre))
+    other = tmp_path / "other_cache"
+    prepare_dataset(phantom_dir, other, DataConfig(preprocess=TINY_DATA.model_copy(update={"modalities": ("t1c", "t2f")})),
+                    limit=1, progress=False)
+    fine = write_config(tmp_path / "fine.yaml", other, tmp_path / "fine",
+                        finetune={"source": str(tmp_path / "pre" / "pipeline")})
+    with pytest.raises(TrainingError, match=r"modalities \['t1c', 't2f'\]"):
+        loop.train(load_train_config(fine))
+    missing = write_config(tmp_path / "missing.yaml", tiny_cache, tmp_path / "m", finetune={"source": str(tmp_path / "nope")})
+    with pytest.raises(TrainingError, match="cannot load the pretrained pipeline"):
+        loop.train(load_train_config(missing))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
+    real = loop._diffusion_loss
+    calls = []
+
+    def nan_at_step_6(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(loop, "_diffusion_loss", nan_at_step_6)
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run")
+    with pytest.raises(TrainingError, match="loss became nan at step 6; the last good checkpoint is .*checkpoint-4"):
+        loop.train(load_train_config(config))
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-4" / "model.safetensors").is_file()
+
+
+def test_corrupt_checkpoint_and_bad_config(tiny_cache, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run", optim={"steps": 4})
+    loop.train(load_train_config(config))
+    model_file = tmp_path / "run" / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-4: checkpoint cannot be loaded" in err and len(err.strip().splitlines()) == 1
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("learning_rate", "learning_rat"))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "optim.learning_rat: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_cases(tiny_cache, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run",
+                          optim={"steps": 3, "batch_size": 1}, checkpoints={"every": 3})
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(ROOT / "scripts" / "train.py"), "--config", str(config)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    orders = [[json.loads(line)["cases"] for line in (tmp_path / "run" / "logs" / f"data_order_rank{r}.jsonl")
+               .read_text().splitlines()] for r in (0, 1)]
+    assert len(orders[0]) == len(orders[1]) == 3
+    for a, b in zip(*orders):
+        assert a != b  # each micro-step, the two processes train on different cases
+    assert (tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
