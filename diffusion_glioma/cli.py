@@ -89,6 +89,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pipeline folder (a training run's pipeline/) or hub id")
+    p.add_argument("--masks", required=True, help="folder of masks: any supported layout, or plain label maps")
+    p.add_argument("--out", required=True, help="output folder (one dataset per folder)")
+    p.add_argument("--format", choices=["pairs", "brats", "nnunet"], default="pairs")
+    p.add_argument("--per-mask", type=int, default=1, help="volumes sampled per mask (default 1)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--disease", help="disease class for every mask (default: the mask's layout's disease)")
+    p.add_argument("--layout", default="auto", help="masks layout: auto, masks (plain label maps), a built-in name, or .yaml")
+    p.add_argument("--labels", help="label scheme of the masks, overriding the layout's (e.g. common)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="volumes sampled together")
+    p.add_argument("--limit", type=int, help="use the first N masks only")
+    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset number (nnunet format)")
+    p.add_argument("--dataset-name", default="SyntheticGlioma", help="nnU-Net dataset name (nnunet format)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_generate(args) -> int:
+    from .generate import GenerateOptions, generate_dataset
+
+    options = GenerateOptions(
+        format=args.format, per_mask=args.per_mask, sampler=args.sampler, steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, disease=args.disease,
+        limit=args.limit, dataset_id=args.dataset_id, dataset_name=args.dataset_name)
+    records = generate_dataset(args.model, args.masks, args.out, options, layout=args.layout, labels=args.labels,
+                               dry_run=args.dry_run, progress=not args.quiet)
+    if not args.dry_run:
+        print(f"{len(records)} outputs in {args.out} (manifest: {Path(args.out) / 'manifest.jsonl'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-glioma", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -125,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune the diffusion model (also: accelerate launch scripts/train.py)")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample a paired synthetic dataset from a folder of masks")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -3,12 +3,16 @@ maths lives in the scheduler, which can be swapped at inference (`use_sampler`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler)
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
+from .errors import DataError
 from .models.unet3d import DenoiserUNet3D
 
 # Sampler name -> (scheduler class, extra config). DPM-Solver++ has no get_velocity, so training
@@ -83,7 +87,8 @@ class MaskToMRIPipeline(DiffusionPipeline):
             disease: one class (name or index) for all, or one per mask.
             guidance_scale: classifier-free guidance; 1 is plain conditional sampling.
             num_inference_steps: solver steps (1 to the training steps).
-            generator: torch.Generator (or one per mask) for reproducible noise.
+            generator: torch.Generator, or one per mask: then each volume depends only on its own
+                generator, not on what else is in the batch.
         """
         if labels.ndim != 4:
             raise ValueError(f"labels must be (batch, x, y, z), got shape {tuple(labels.shape)}")
@@ -96,18 +101,16 @@ class MaskToMRIPipeline(DiffusionPipeline):
         class_labels = torch.tensor([self.class_index(d) for d in diseases], device=device)
         mask = self.unet.one_hot(labels.to(device))
         shape = (b, len(self.modalities), *labels.shape[1:])
-        if isinstance(generator, list):
-            noise = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
-        else:
-            noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        sample = noise.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        if isinstance(generator, list) and len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for {b} masks")
+        sample = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        sample = sample * self.scheduler.init_noise_sigma
 
         guided = guidance_scale != 1.0
         if guided:
             mask = torch.cat([mask, mask])
             class_labels = torch.cat([torch.zeros_like(class_labels), class_labels])
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_generator = generator[0] if isinstance(generator, list) else generator
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = torch.cat([sample, sample]) if guided else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -115,7 +118,20 @@ class MaskToMRIPipeline(DiffusionPipeline):
             if guided:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
-            sample = self.scheduler.step(prediction, t, sample, generator=step_generator).prev_sample
+            sample = self.scheduler.step(prediction, t, sample, generator=generator).prev_sample
         volumes = sample.float().clamp(-1.0, 1.0)
         volumes = torch.where(labels.to(device)[:, None] == 0, torch.full_like(volumes, -1.0), volumes)
         return MRIPipelineOutput(volumes=volumes)
+
+
+def load_pipeline(source: str | Path) -> MaskToMRIPipeline:
+    """A pipeline from a local folder or a hub id ("org/name"), with one-line errors."""
+    text = str(source)
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not Path(text).exists()
+    if not looks_like_hub_id and not Path(text).is_dir():
+        raise DataError(f"{source}: model folder not found")
+    try:
+        return MaskToMRIPipeline.from_pretrained(text)
+    except (OSError, ValueError) as exc:  # missing files, offline hub, bad config
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{source}: cannot load the model ({reason})") from None

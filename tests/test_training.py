@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from diffusion_glioma.cli import main
 from diffusion_glioma.data.cache import prepare_dataset
+from diffusion_glioma.errors import DataError
 from diffusion_glioma.pipeline import MaskToMRIPipeline
 from diffusion_glioma.training import diffusion as loop
 from diffusion_glioma.training.common import TrainingError
@@ -143,8 +144,12 @@ def test_finetune_refuses_mismatched_data(tiny_cache, phantom_dir, tmp_path):
                         finetune={"source": str(tmp_path / "pre" / "pipeline")})
     with pytest.raises(TrainingError, match=r"modalities \['t1c', 't2f'\]"):
         loop.train(load_train_config(fine))
+    other_target = write_config(tmp_path / "eps.yaml", tiny_cache, tmp_path / "eps", diffusion={"prediction_type": "epsilon"},
+                                finetune={"source": str(tmp_path / "pre" / "pipeline")})
+    with pytest.raises(TrainingError, match="predicts 'sample'"):
+        loop.train(load_train_config(other_target))
     missing = write_config(tmp_path / "missing.yaml", tiny_cache, tmp_path / "m", finetune={"source": str(tmp_path / "nope")})
-    with pytest.raises(TrainingError, match="cannot load the pretrained pipeline"):
+    with pytest.raises(DataError, match="model folder not found"):
         loop.train(load_train_config(missing))
 
 
@@ -178,6 +183,12 @@ def test_corrupt_checkpoint_and_bad_config(tiny_cache, tmp_path, capsys):
     bad.write_text(config.read_text().replace("learning_rate", "learning_rat"))
     assert main(["train", "--config", str(bad)]) == 2
     assert "optim.learning_rat: unknown key" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    for path in ["configs/demo.yaml", "configs/pretrain_gbm.yaml", "configs/finetune_peds.yaml"]:
+        config = load_train_config(ROOT / path)
+        assert config.optim.steps > 0
 
 
 @pytest.mark.slow

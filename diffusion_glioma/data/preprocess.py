@@ -228,14 +228,14 @@ def prepare_case(case: Case, config: PreprocessConfig) -> PreparedCase:
         channels.append(to_model(normalised, record, fill=-1.0))
     labels = loaded.labels if loaded.labels is not None else loaded.head.astype(np.uint8)
     if loaded.labels is not None:
-        _check_tumour_inside(loaded.labels, record, case)
+        check_tumour_inside(loaded.labels, record, case)
     model_labels = to_model(labels.astype(np.uint8), record, label=True).astype(np.uint8)
     image = np.stack(channels).astype(np.float32)
     image[:, model_labels == BACKGROUND] = -1.0
     return PreparedCase(case.case_id, case.disease, image, model_labels, loaded.labels is not None, record)
 
 
-def _check_tumour_inside(source_labels: np.ndarray, record: GeometryRecord, case: Case) -> None:
+def check_tumour_inside(source_labels: np.ndarray, record: GeometryRecord, case: Case) -> None:
     """The head may be cropped by the model's field of view; the tumour may not."""
     tumour = np.argwhere(np.isin(source_labels, TUMOUR_LABELS))
     if not len(tumour):

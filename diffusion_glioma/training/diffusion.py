@@ -29,7 +29,7 @@ from ..data.cache import prepare_dataset, read_index
 from ..data.dataset import CachedCases
 from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
-from ..pipeline import MaskToMRIPipeline, make_scheduler, training_scheduler
+from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from .common import (StepSampler, TrainingError, checkpoints, load_checkpoint, mid_slices_figure,
                      save_checkpoint, step_generator, write_run_config)
 from .config import TrainConfig
@@ -53,11 +53,15 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
         model = build_denoiser(config.model.preset, modalities=modalities,
                                disease_classes=tuple(config.model.disease_classes), **config.model.overrides)
         return model, None
-    source = load_source_pipeline(config.finetune.source)
+    source = load_pipeline(config.finetune.source)
     source_config = source.unet.config
     if tuple(source_config.modalities) != modalities:
         raise TrainingError(f"{config.data.cache}: the data has modalities {list(modalities)} but the source model "
                             f"{config.finetune.source} makes {list(source_config.modalities)}")
+    source_prediction = source.scheduler.config.prediction_type
+    if source_prediction != config.diffusion.prediction_type:
+        raise TrainingError(f"{config.finetune.source}: the source model predicts {source_prediction!r}; set "
+                            f"diffusion.prediction_type to it (the config says {config.diffusion.prediction_type!r})")
     source_grid = (source.config.preprocess or {})
     data_grid = cache_index["preprocess"]
     for key in ("shape", "spacing"):
@@ -87,14 +91,6 @@ def _with_classes(model: DenoiserUNet3D, classes: list[str]) -> DenoiserUNet3D:
     state["class_embedding.weight"] = torch.cat([old, new_rows])
     extended.load_state_dict(state)
     return extended
-
-
-def load_source_pipeline(source: str) -> MaskToMRIPipeline:
-    try:
-        return MaskToMRIPipeline.from_pretrained(source)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300]
-        raise TrainingError(f"{source}: cannot load the pretrained pipeline ({reason})") from None
 
 
 def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:

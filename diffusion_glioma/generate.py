@@ -1,0 +1,349 @@
+"""Synthetic datasets from a folder of masks: the job users run most.
+
+    diffusion-glioma generate --model runs/demo/pipeline --masks MASKS --out OUT --format nnunet --per-mask 4
+
+Every mask is read in its own layout, mapped to the common scheme, put on the model's grid, sampled
+K times, and each volume is written back on the exact grid and affine of its mask. One output is
+one (mask, k) pair; its files are written under temporary names and renamed, and its manifest
+record is written last, so an output is done exactly when its record exists. Re-running skips the
+done ones and redoes the partial ones; under `accelerate launch` the masks are split between
+processes and each output is owned by exactly one of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import PreprocessConfig
+from .data.layouts import SEG, Case, Layout, discover_cases
+from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
+from .errors import DataError, DiffusionGliomaError
+from .io import atomic_path, load_volume, save_volume, write_json
+from .pipeline import load_pipeline
+from .labels import (BACKGROUND, BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYST, ENHANCING, HEAD, OEDEMA, SCHEMES,
+                     get_scheme)
+
+FORMATS = ("pairs", "brats", "nnunet")
+PLAIN_MASKS = Layout("masks", ((re.compile(r"(?P<case>[^/]+)"), SEG),), "common", "unknown",
+                     "plain label maps in the common scheme, one file per case at the top of the folder")
+
+
+@dataclass
+class MaskJob:
+    """One mask on the model grid, and how to go back."""
+
+    case: Case
+    labels_model: np.ndarray  # (x, y, z) common scheme on the model grid
+    source_labels: np.ndarray  # the mask's own values on its own grid (written beside the volumes)
+    source_common: np.ndarray  # common scheme on the source grid
+    geometry: GeometryRecord
+    disease: str
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    format: str = "pairs"
+    per_mask: int = 1
+    sampler: str = "dpm++"
+    steps: int = 25
+    guidance_scale: float = 1.0
+    seed: int = 0
+    batch_size: int = 1
+    disease: str | None = None
+    limit: int | None = None
+    dataset_id: int = 501
+    dataset_name: str = "SyntheticGlioma"
+
+
+def find_masks(folder: str | Path, layout: str | Path | None = "auto", labels: str | dict | None = None) -> list[Case]:
+    """Cases with a segmentation, in any supported layout; a folder of plain label maps (common scheme,
+    or `labels` as a mapping) is read when no dataset layout matches."""
+    folder = Path(folder)
+    try:
+        cases = discover_cases(folder, layout, labels=labels)
+    except DataError:
+        if layout not in (None, "auto", "masks"):
+            raise
+        cases = PLAIN_MASKS.discover(folder) if folder.is_dir() else []
+        if not cases:
+            raise
+        if labels is not None:
+            for case in cases:
+                case.labels = labels
+    with_masks = [c for c in cases if c.seg is not None]
+    if not with_masks:
+        raise DataError(f"{folder}: no masks found ({len(cases)} cases, none with a segmentation)")
+    return with_masks
+
+
+def load_mask(case: Case, preprocess: PreprocessConfig, known_labels: set[int], disease: str) -> MaskJob:
+    """Read a mask, give it a head label, and put it on the model grid. Errors name the file."""
+    seg = load_volume(case.seg, kind="label")
+    scheme = get_scheme(case.labels)
+    if not case.missing(preprocess.modalities):
+        common = load_case(case, preprocess).labels  # the head from the images, and every grid check
+    else:
+        common = scheme.to_common(seg.array, case.seg)
+        if not (common == HEAD).any():
+            raise DataError(f"{case.seg}: the mask has no head label and the case has no "
+                            f"{'/'.join(preprocess.modalities)} images to take the head from; add the images, "
+                            "or give masks in the common scheme with the head as label 1")
+    unknown = sorted(set(np.unique(common).tolist()) - known_labels)
+    if unknown:
+        names = [COMMON_LABELS[v] for v in unknown]
+        raise DataError(f"{case.seg}: labels {names} were never seen by the model (it knows "
+                        f"{[COMMON_LABELS[v] for v in sorted(known_labels)]})")
+    head = common != BACKGROUND
+    record = plan_geometry(seg.affine, seg.shape, head, tuple(preprocess.shape), tuple(preprocess.spacing),
+                           seg.qform_code, seg.sform_code)
+    check_tumour_inside(common, record, case)
+    model_labels = to_model(common.astype(np.uint8), record, label=True)
+    return MaskJob(case, model_labels, seg.array, common, record, disease)
+
+
+def output_id(case_id: str, k: int) -> str:
+    return f"{case_id}_syn{k:03d}"
+
+
+def output_seed(seed: int, case_id: str, k: int) -> int:
+    """Each output's seed depends on the run seed, its mask and k only (not on batching or processes)."""
+    digest = hashlib.sha256(f"{seed}/{case_id}/{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    weights = Path(model_dir) / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return "unknown"
+    h = hashlib.sha256()
+    with weights.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class Writer:
+    """Where the files of one output go, for each format."""
+
+    # nnU-Net wants consecutive values; ordered outside-in so that painting the BraTS regions in
+    # `regions_class_order` (whole tumour, then core, then enhancing) rebuilds the labels.
+    NNUNET_ORDER = (OEDEMA, CORE, ENHANCING, CYST, CAVITY)
+
+    def __init__(self, out: Path, options: GenerateOptions, modalities: list[str], tumour_labels: list[int]):
+        self.out, self.options, self.modalities = out, options, modalities
+        present = [c for c in self.NNUNET_ORDER if c in tumour_labels]
+        self.nnunet_values = {common: i + 1 for i, common in enumerate(present)}
+        self.root = out / f"Dataset{options.dataset_id:03d}_{options.dataset_name}" if options.format == "nnunet" else out
+
+    def files(self, oid: str, index: int, disease: str) -> dict[str, Path]:
+        fmt = self.options.format
+        if fmt == "pairs":
+            return {**{m: self.root / oid / f"{m}.nii.gz" for m in self.modalities},
+                    "mask": self.root / oid / "mask.nii.gz"}
+        if fmt == "brats":
+            prefix = "PED" if disease.startswith("pediatric") else "GLI"
+            name = f"BraTS-{prefix}-{90000 + index:05d}-000"  # 9xxxx: never a real BraTS case number
+            return {**{m: self.root / name / f"{name}-{m}.nii.gz" for m in self.modalities},
+                    "mask": self.root / name / f"{name}-seg.nii.gz"}
+        return {**{m: self.root / "imagesTr" / f"{oid}_{c:04d}.nii.gz" for c, m in enumerate(self.modalities)},
+                "mask": self.root / "labelsTr" / f"{oid}.nii.gz"}
+
+    def mask_array(self, job: MaskJob) -> np.ndarray:
+        fmt = self.options.format
+        if fmt == "pairs":
+            return job.source_labels  # the source's own label values
+        if fmt == "brats":
+            scheme = SCHEMES["brats_peds" if job.disease.startswith("pediatric") else "brats_gli"]
+            try:
+                return scheme.from_common(job.source_common)
+            except DataError as exc:
+                raise DataError(f"{job.case.seg}: {exc}; use --format pairs or nnunet") from None
+        out = np.zeros(job.source_common.shape, dtype=np.int16)
+        for common, value in self.nnunet_values.items():
+            out[job.source_common == common] = value
+        return out
+
+    def finish(self, records: list[dict]) -> None:
+        if self.options.format != "nnunet":
+            return
+        regions: dict[str, int | list[int]] = {"background": 0}
+        order = []
+        groups = {"whole_tumor": BRATS_REGIONS["WT"], "tumor_core": BRATS_REGIONS["TC"],
+                  "enhancing_tumor": BRATS_REGIONS["ET"], "resection_cavity": (CAVITY,)}
+        for name, members in groups.items():
+            values = sorted(self.nnunet_values[c] for c in members if c in self.nnunet_values)
+            if values:
+                regions[name] = values if len(values) > 1 else values[0]
+                order.append(values[0])
+        write_json(self.root / "dataset.json", {
+            "channel_names": {str(c): m for c, m in enumerate(self.modalities)},
+            "labels": regions,
+            "regions_class_order": order,
+            "numTraining": len(records),
+            "file_ending": ".nii.gz",
+            "name": self.options.dataset_name,
+            "description": "synthetic MRI from diffusion_glioma; label values: "
+                           + ", ".join(f"{v} = {COMMON_LABELS[c]}" for c, v in self.nnunet_values.items()),
+        })
+
+
+def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, options: GenerateOptions, *,
+                     layout: str | Path | None = "auto", labels: str | dict | None = None, dry_run: bool = False,
+                     progress: bool = True, pipeline=None) -> list[dict]:
+    """Write the dataset; returns the manifest records of the outputs this process is responsible for
+    (all of them when single-process)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if options.format not in FORMATS:
+        raise DiffusionGliomaError(f"unknown format {options.format!r}; choose one of {list(FORMATS)}")
+    if options.per_mask < 1 or options.batch_size < 1:
+        raise DiffusionGliomaError("--per-mask and --batch-size must be at least 1")
+    model_dir, out = Path(model_dir), Path(out)
+    if pipeline is None:
+        pipeline = load_pipeline(model_dir)
+    limit = pipeline.scheduler.config.num_train_timesteps
+    if not 1 <= options.steps <= limit:
+        raise DiffusionGliomaError(f"--steps must be between 1 and {limit} for this model, got {options.steps}")
+    pipeline.use_sampler(options.sampler)
+    preprocess = PreprocessConfig(**{k: v for k, v in (pipeline.config.preprocess or {}).items()
+                                     if k in PreprocessConfig.model_fields})
+    known = set(_labels_seen(model_dir)) | {BACKGROUND, HEAD}
+    modalities = pipeline.modalities
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
+    cases = find_masks(masks, layout, labels)
+    if options.limit is not None:
+        cases = cases[: options.limit]
+    tumour_labels = sorted(v for v in known if v not in (BACKGROUND, HEAD))
+    writer = Writer(out, options, modalities, tumour_labels)
+    identity = {
+        "generator": f"diffusion_glioma {__version__}", "model": str(model_dir), "model_hash": model_fingerprint(model_dir),
+        "masks": str(Path(masks).resolve()), "format": options.format, "sampler": options.sampler,
+        "steps": options.steps, "guidance_scale": options.guidance_scale, "seed": options.seed,
+        "per_mask": options.per_mask,
+    }
+    _claim_output_folder(out, identity, state, dry_run)
+
+    # Outputs in a fixed order; this process takes every num_processes-th mask.
+    plan = [(i, case, k) for i, case in enumerate(cases) for k in range(options.per_mask)]
+    mine = [(i, case, k) for i, case, k in plan if i % state.num_processes == state.process_index]
+    records_dir = out / ".records"
+    todo, done = [], []
+    for position, (i, case, k) in enumerate(mine):
+        record_path = records_dir / f"{output_id(case.case_id, k)}.json"
+        if record_path.is_file():
+            done.append(json.loads(record_path.read_text()))
+        else:
+            todo.append((position // options.batch_size, i, case, k))
+    if dry_run:
+        for _, i, case, k in todo:
+            disease = options.disease or case.disease
+            for path in writer.files(output_id(case.case_id, k), i * options.per_mask + k, disease).values():
+                print(path)
+        print(f"{len(todo)} outputs to write, {len(done)} already done")
+        return done
+
+    jobs: dict[str, MaskJob] = {}
+    bar = tqdm(total=len(todo), desc="generate", unit="volume", disable=not (progress and state.is_local_main_process))
+    # Batches follow the fixed plan, so a resumed run batches (and so rounds) as the first run did.
+    chunks: dict[int, list] = {}
+    for chunk_id, i, case, k in todo:
+        chunks.setdefault(chunk_id, []).append((i, case, k))
+    for chunk in chunks.values():
+        jobs = {case.case_id: jobs.get(case.case_id) or _mask_job(case, options, preprocess, known, pipeline)
+                for _, case, _ in chunk}  # only the masks of this batch stay in memory
+        batch_jobs = [jobs[case.case_id] for _, case, _ in chunk]
+        began = time.perf_counter()
+        generators = [torch.Generator().manual_seed(output_seed(options.seed, case.case_id, k)) for _, case, k in chunk]
+        labels_batch = torch.from_numpy(np.stack([j.labels_model for j in batch_jobs]).astype(np.int64))
+        volumes = pipeline(labels_batch, [j.disease for j in batch_jobs], guidance_scale=options.guidance_scale,
+                           num_inference_steps=options.steps, generator=generators, progress=False).volumes
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for (i, case, k), job, volume in zip(chunk, batch_jobs, volumes.cpu().numpy()):
+            record = _write_output(writer, job, volume, i * options.per_mask + k, k, options, identity, seconds)
+            record["process"] = state.process_index
+            write_json(records_dir / f"{output_id(case.case_id, k)}.json", record)
+            done.append(record)
+            bar.update(1)
+    bar.close()
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        all_records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+        with_order = sorted(all_records, key=lambda r: (r["index"]))
+        manifest = out / "manifest.jsonl"
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in with_order)
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(text)
+        writer.finish(with_order)
+    state.wait_for_everyone()
+    return done
+
+
+def _mask_job(case: Case, options: GenerateOptions, preprocess: PreprocessConfig, known: set[int],
+              pipeline) -> MaskJob:
+    disease = options.disease or case.disease
+    if disease not in pipeline.disease_classes:
+        raise DataError(f"{case.seg}: disease {disease!r} is not one of the model's classes "
+                        f"{pipeline.disease_classes}; pass --disease with one of them")
+    return load_mask(case, preprocess, known, disease)
+
+
+def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, k: int, options: GenerateOptions,
+                  identity: dict, seconds: float) -> dict:
+    """Model-space volume in [-1, 1] -> [0, 1] on the mask's grid, background 0, float32."""
+    oid = output_id(job.case.case_id, k)
+    files = writer.files(oid, index, job.disease)
+    outside_head = job.source_common == BACKGROUND
+    for channel, modality in enumerate(writer.modalities):
+        image = to_source((volume[channel] + 1.0) / 2.0, job.geometry)
+        image = np.clip(image, 0.0, 1.0)
+        image[outside_head] = 0.0
+        save_volume(files[modality], image, job.geometry.source_affine_array, qform_code=job.geometry.qform_code,
+                    sform_code=job.geometry.sform_code)
+    save_volume(files["mask"], writer.mask_array(job), job.geometry.source_affine_array,
+                qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
+    return {
+        "output": oid, "index": index, "source_mask": str(job.case.seg), "case_id": job.case.case_id, "k": k,
+        "disease": job.disease, "seed": output_seed(options.seed, job.case.case_id, k),
+        "model": identity["model"], "model_hash": identity["model_hash"], "sampler": options.sampler,
+        "steps": options.steps, "guidance_scale": options.guidance_scale, "seconds": round(seconds, 3),
+        "files": {name: str(path.relative_to(writer.out)) for name, path in files.items()},
+    }
+
+
+def _claim_output_folder(out: Path, identity: dict, state, dry_run: bool) -> None:
+    """An output folder holds one dataset: refuse one made with other settings or holding other files."""
+    marker = out / "generation.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        differing = sorted(k for k in identity if previous.get(k) != identity[k])
+        if differing:
+            raise DataError(f"{out}: holds a dataset generated with other settings ({', '.join(differing)}); "
+                            "choose another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: folder is not empty and holds no diffusion_glioma dataset; choose another --out")
+    if not dry_run and state.is_main_process:
+        write_json(marker, identity)
+    state.wait_for_everyone()
+
+
+def _labels_seen(model_dir: Path) -> list[int]:
+    facts = Path(model_dir) / "training.json"
+    if facts.is_file():
+        seen = json.loads(facts.read_text()).get("labels_seen")
+        if seen:
+            return seen
+    return list(COMMON_LABELS)

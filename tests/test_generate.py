@@ -1,0 +1,223 @@
+"""Synthetic datasets from mask folders: formats, geometry, seeds, resume, two processes, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from diffusion_glioma import generate as gen
+from diffusion_glioma.cli import main
+from diffusion_glioma.errors import DataError, DiffusionGliomaError
+from diffusion_glioma.generate import GenerateOptions, generate_dataset
+from diffusion_glioma.io import write_json
+from diffusion_glioma.models.unet3d import build_denoiser
+from diffusion_glioma.pipeline import MaskToMRIPipeline, training_scheduler
+from tests.helpers import write_nifti
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(steps=2, sampler="ddim")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny pipeline on a 16^3, 12 mm grid (generation does not care about quality)."""
+    import torch
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    unet = build_denoiser("tiny")
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
+    pipe = MaskToMRIPipeline(unet, training_scheduler("epsilon"),
+                             preprocess={"modalities": ["t1n", "t1c", "t2w", "t2f"], "shape": [16, 16, 16],
+                                         "spacing": [12.0, 12.0, 12.0]})
+    pipe.save_pretrained(folder)
+    write_json(folder / "training.json", {"labels_seen": [0, 1, 2, 3, 4, 6]})
+    return folder
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.nii.gz"))}
+
+
+def volumes_of(out: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(out)): np.asarray(nib.load(str(p)).dataobj) for p in sorted(out.rglob("*.nii.gz"))}
+
+
+@pytest.mark.parametrize("fmt", ["pairs", "brats", "nnunet"])
+def test_every_format_lands_on_the_mask_grid(model_dir, phantom_dir, tmp_path, fmt):
+    out = tmp_path / fmt
+    records = generate_dataset(model_dir, phantom_dir, out, GenerateOptions(format=fmt, per_mask=2, batch_size=3, **FAST),
+                               progress=False)
+    assert len(records) == 10
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in manifest] == list(range(10))
+    for record in manifest:
+        seg = nib.load(record["source_mask"])
+        for name, rel in record["files"].items():
+            img = nib.load(str(out / rel))
+            assert img.shape == seg.shape, (name, rel)
+            np.testing.assert_array_equal(img.affine, seg.affine)
+            data = np.asarray(img.dataobj)
+            if name != "mask":
+                assert img.get_data_dtype() == np.float32 and data.min() >= 0 and data.max() <= 1
+                assert (data[np.asarray(seg.dataobj) == 0] >= 0).all()
+        assert record["sampler"] == "ddim" and record["steps"] == 2 and len(record["model_hash"]) == 16
+    first = manifest[0]
+    mask = np.asarray(nib.load(str(out / first["files"]["mask"])).dataobj)
+    source = np.asarray(nib.load(first["source_mask"]).dataobj)
+    if fmt in ("pairs", "brats"):  # adult BraTS-GLI labels are kept as they are
+        np.testing.assert_array_equal(mask, source)
+    if fmt == "brats":
+        assert (out / "BraTS-GLI-90000-000" / "BraTS-GLI-90000-000-t2f.nii.gz").is_file()
+        assert any(p.name.startswith("BraTS-PED-9") for p in out.iterdir())
+    if fmt == "nnunet":
+        dataset = out / "Dataset501_SyntheticGlioma"
+        info = json.loads((dataset / "dataset.json").read_text())
+        assert info["numTraining"] == 10 and info["regions_class_order"] == [1, 2, 3]
+        assert len(list((dataset / "imagesTr").iterdir())) == 40
+        assert set(np.unique(mask)) <= {0, 1, 2, 3, 4}
+
+
+# nnunetv2 pulls torchvision, which cannot import beside the CPU torch and then breaks diffusers'
+# imports; .ci/run installs it into a venv of its own, and the check runs there.
+NNUNET_PYTHON = Path(os.environ.get("DG_NNUNET_PYTHON", ROOT / ".ci" / "nnunet-venv" / "bin" / "python"))
+
+
+@pytest.mark.skipif(not NNUNET_PYTHON.is_file(), reason=f"nnunetv2 is not installed ({NNUNET_PYTHON} missing; "
+                    ".ci/run installs it)")
+def test_nnunet_export_passes_nnunets_own_check(model_dir, phantom_dir, tmp_path):
+    out = tmp_path / "nnunet"
+    generate_dataset(model_dir, phantom_dir, out, GenerateOptions(format="nnunet", **FAST), progress=False)
+    check = ("from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as v; "
+             f"v({str(out / 'Dataset501_SyntheticGlioma')!r}, num_processes=1)")
+    result = subprocess.run([str(NNUNET_PYTHON), "-c", check], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "nnUNet_raw": str(out), "nnUNet_preprocessed": str(tmp_path),
+                                 "nnUNet_results": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "verify_dataset_integrity Done" in result.stdout or result.returncode == 0
+
+
+def test_same_seed_same_output_and_resume_after_a_crash(model_dir, phantom_dir, tmp_path, monkeypatch):
+    options = GenerateOptions(per_mask=2, batch_size=2, **FAST)
+    generate_dataset(model_dir, phantom_dir, tmp_path / "a", options, progress=False)
+    # Batching does not change an output beyond float rounding (kernels differ with the batch size).
+    generate_dataset(model_dir, phantom_dir, tmp_path / "b", GenerateOptions(per_mask=2, batch_size=1, **FAST),
+                     progress=False)
+    a, b = volumes_of(tmp_path / "a"), volumes_of(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
+    other = generate_dataset(model_dir, phantom_dir, tmp_path / "c", GenerateOptions(per_mask=2, seed=1, **FAST),
+                             progress=False)
+    c = volumes_of(tmp_path / "c")
+    assert not np.allclose(c["BraTS-GLI-00000-000_syn000/t1n.nii.gz"], a["BraTS-GLI-00000-000_syn000/t1n.nii.gz"])
+    assert len(other) == 10
+
+    real_save = gen.save_volume
+    saved = []
+
+    def crash_in_the_seventh_output(path, *args, **kwargs):
+        saved.append(path)
+        if len(saved) == 6 * 5 + 2:  # two files into output 7: a partial output
+            raise KeyboardInterrupt
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "save_volume", crash_in_the_seventh_output)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(model_dir, phantom_dir, tmp_path / "d", options, progress=False)
+    monkeypatch.setattr(gen, "save_volume", real_save)
+    assert len(list((tmp_path / "d" / ".records").iterdir())) == 6
+    assert not list((tmp_path / "d").rglob(".*.tmp*"))  # no half-written file under any name
+    resumed = generate_dataset(model_dir, phantom_dir, tmp_path / "d", options, progress=False)
+    assert len(resumed) == 10
+    assert files_of(tmp_path / "d") == files_of(tmp_path / "a")
+
+
+def test_dry_run_and_limit(model_dir, phantom_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(model_dir), "--masks", str(phantom_dir), "--out", str(tmp_path / "o"),
+                 "--limit", "2", "--per-mask", "3", "--dry-run", "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "6 outputs to write, 0 already done"
+    assert len(lines) == 6 * 5 + 1 and not (tmp_path / "o").exists()
+
+
+def test_plain_common_masks_and_missing_head(model_dir, phantom_dir, tmp_path):
+    from diffusion_glioma.config import PreprocessConfig
+    from diffusion_glioma.data.layouts import discover_cases
+    from diffusion_glioma.data.preprocess import load_case
+
+    masks = tmp_path / "masks"
+    for case in discover_cases(phantom_dir)[:2]:
+        loaded = load_case(case, PreprocessConfig(shape=(16, 16, 16)))
+        write_nifti(masks / f"{case.case_id}.nii.gz", loaded.labels, loaded.images["t1n"].affine, dtype=np.int16)
+    records = generate_dataset(model_dir, masks, tmp_path / "out", GenerateOptions(disease="glioblastoma", **FAST),
+                               progress=False)
+    assert [r["case_id"] for r in records] == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"]
+
+    tumour_only = tmp_path / "tumour_only"
+    tumour_only.mkdir()
+    seg = next(phantom_dir.glob("BraTS-GLI-00000-000/*-seg.nii.gz"))
+    shutil.copy(seg, tumour_only / "BraTS-GLI-00000-000-seg.nii.gz")
+    with pytest.raises(DataError, match="has no head label and the case has no t1n/t1c/t2w/t2f images"):
+        generate_dataset(model_dir, tumour_only, tmp_path / "out2", GenerateOptions(**FAST), progress=False)
+
+
+def test_bad_input_is_refused_and_nothing_is_lost(model_dir, phantom_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    generate_dataset(model_dir, phantom_dir, out, GenerateOptions(limit=1, **FAST), progress=False)
+    before = files_of(out)
+    with pytest.raises(DataError, match="other settings \\(steps\\)"):
+        generate_dataset(model_dir, phantom_dir, out, GenerateOptions(limit=1, steps=3, sampler="ddim"), progress=False)
+    assert files_of(out) == before
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        generate_dataset(model_dir, phantom_dir, tmp_path / "busy", GenerateOptions(**FAST), progress=False)
+    with pytest.raises(DiffusionGliomaError, match="between 1 and 1000"):
+        generate_dataset(model_dir, phantom_dir, tmp_path / "x", GenerateOptions(steps=5000), progress=False)
+    assert main(["generate", "--model", str(tmp_path / "no_model"), "--masks", str(phantom_dir),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+
+    # A model that never saw a cyst refuses pediatric masks with one.
+    picky = tmp_path / "picky"
+    shutil.copytree(model_dir, picky)
+    write_json(picky / "training.json", {"labels_seen": [0, 1, 2, 3, 4]})
+    cyst_case = tmp_path / "cyst"
+    shutil.copytree(phantom_dir / "BraTS-PED-00001-000", cyst_case / "BraTS-PED-00001-000")
+    seg_path = next(cyst_case.rglob("*-seg.nii.gz"))
+    seg = nib.load(str(seg_path))
+    labels = np.asarray(seg.dataobj).copy()
+    labels[tuple(np.argwhere(labels == 2)[0])] = 3  # make sure there is a cyst voxel
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(seg_path))
+    with pytest.raises(DataError, match=r"labels \['cyst'\] were never seen by the model"):
+        generate_dataset(picky, cyst_case, tmp_path / "z", GenerateOptions(**FAST), progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_write_each_output_once(model_dir, phantom_dir, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+         str(ROOT / "scripts" / "generate.py"), "--model", str(model_dir), "--masks", str(phantom_dir),
+         "--out", str(out), "--per-mask", "2", "--steps", "2", "--sampler", "ddim", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    outputs = [r["output"] for r in manifest]
+    assert len(outputs) == len(set(outputs)) == 10
+    by_process = {p: {r["case_id"] for r in manifest if r["process"] == p} for p in (0, 1)}
+    assert by_process[0] and by_process[1] and not by_process[0] & by_process[1]  # masks split, not shared
+    single = tmp_path / "single"
+    generate_dataset(model_dir, phantom_dir, single, GenerateOptions(per_mask=2, **FAST), progress=False)
+    a, b = volumes_of(out), volumes_of(single)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
