@@ -79,12 +79,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from .training.config import load_train_config
-    from .training.diffusion import train
 
     overrides = {key: value for key, value in {
         "output_dir": args.output_dir, "optim.steps": args.steps, "data.limit_cases": args.limit_cases,
         "finetune.source": args.source}.items() if value is not None}
-    folder = train(load_train_config(args.config, overrides), resume=args.resume)
+    config = load_train_config(args.config, overrides)
+    if config.gan is not None:  # the cGAN baseline, through the same run machinery
+        from .training.cgan import train_cgan as train
+    else:
+        from .training.diffusion import train
+    folder = train(config, resume=args.resume)
     print(f"pipeline saved: {folder}")
     return 0
 
@@ -124,6 +128,39 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_augment(args) -> int:
+    from .config import load_yaml, parse_config
+    from .masks.augment import AugmentConfig, augment_masks
+
+    data = load_yaml(args.config) if args.config else {}
+    for key in ("per_mask", "seed", "max_tries"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.operations:
+        data["operations"] = args.operations.split(",")
+    config = parse_config(AugmentConfig, data, args.config or "command line")
+    summary = augment_masks(args.masks, args.out, config, layout=args.layout, labels=args.labels,
+                            progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    print(f"masks, manifest.jsonl, summary.json and distributions.png in {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(args.model, args.repo_id, private=args.private, report=args.report)
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .hub import write_card
+
+    print(f"model card: {write_card(args.model, report=args.report)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-glioma", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -157,13 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train or fine-tune the diffusion model (also: accelerate launch scripts/train.py)")
+    p = sub.add_parser("train", help="train or fine-tune the diffusion model, or the cGAN baseline (also: accelerate launch scripts/train.py)")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample a paired synthetic dataset from a folder of masks")
     add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("augment-masks", help="make new, plausible tumour layouts from a folder of masks")
+    p.add_argument("--masks", required=True, help="folder of masks (any supported layout)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--per-mask", type=int, help="new masks per input mask (default 4)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--operations", help="comma-separated: spatial,transplant,grow_shrink (default all)")
+    p.add_argument("--max-tries", type=int, help="candidates per output before giving up (default 25)")
+    p.add_argument("--config", help="augmentation YAML (configs/augment.yaml): ranges, checks, regions")
+    p.add_argument("--layout", default="auto")
+    p.add_argument("--labels", help="label scheme of the masks, overriding the layout's")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
+    p.add_argument("--model", required=True, help="pipeline folder")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--report", help="evaluation report JSON whose numbers go into the card")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("card", help="write a pipeline folder's model card (README.md) without uploading")
+    p.add_argument("--model", required=True, help="pipeline folder")
+    p.add_argument("--report", help="evaluation report JSON whose numbers go into the card")
+    p.set_defaults(func=cmd_card)
     return parser
 
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,14 @@ from .config import PreprocessConfig
 from .data.layouts import SEG, Case, Layout, discover_cases
 from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
 from .errors import DataError, DiffusionGliomaError
+from .figures import FigureRow, to_ras, write_slices_figure
 from .io import atomic_path, load_volume, save_volume, write_json
 from .pipeline import load_pipeline
 from .labels import (BACKGROUND, BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYST, ENHANCING, HEAD, OEDEMA, SCHEMES,
-                     get_scheme)
+                     add_head, get_scheme)
 
 FORMATS = ("pairs", "brats", "nnunet")
+SAMPLES_IN_FIGURE = 6
 PLAIN_MASKS = Layout("masks", ((re.compile(r"(?P<case>[^/]+)"), SEG),), "common", "unknown",
                      "plain label maps in the common scheme, one file per case at the top of the folder")
 
@@ -94,6 +96,11 @@ def load_mask(case: Case, preprocess: PreprocessConfig, known_labels: set[int], 
         common = load_case(case, preprocess).labels  # the head from the images, and every grid check
     else:
         common = scheme.to_common(seg.array, case.seg)
+        if case.head is not None:  # a head mask written beside the segmentation (augment-masks does)
+            head_volume = load_volume(case.head, kind="label")
+            if head_volume.shape != seg.shape or not np.allclose(head_volume.affine, seg.affine, atol=1e-3):
+                raise DataError(f"{case.head}: head mask is not on the grid of {case.seg.name}")
+            common = add_head(common, head_volume.array > 0)
         if not (common == HEAD).any():
             raise DataError(f"{case.seg}: the mask has no head label and the case has no "
                             f"{'/'.join(preprocess.modalities)} images to take the head from; add the images, "
@@ -212,8 +219,10 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     model_dir, out = Path(model_dir), Path(out)
     if pipeline is None:
         pipeline = load_pipeline(model_dir)
-    limit = pipeline.scheduler.config.num_train_timesteps
-    if not 1 <= options.steps <= limit:
+    limit = pipeline.max_steps
+    if limit is None:  # the cGAN: one generator pass, no sampler
+        options = replace(options, sampler="gan", steps=1, guidance_scale=1.0)
+    elif not 1 <= options.steps <= limit:
         raise DiffusionGliomaError(f"--steps must be between 1 and {limit} for this model, got {options.steps}")
     pipeline.use_sampler(options.sampler)
     preprocess = PreprocessConfig(**{k: v for k, v in (pipeline.config.preprocess or {}).items()
@@ -255,6 +264,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         return done
 
     jobs: dict[str, MaskJob] = {}
+    figure_rows: list[FigureRow] = []
     bar = tqdm(total=len(todo), desc="generate", unit="volume", disable=not (progress and state.is_local_main_process))
     # Batches follow the fixed plan, so a resumed run batches (and so rounds) as the first run did.
     chunks: dict[int, list] = {}
@@ -271,7 +281,8 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
                            num_inference_steps=options.steps, generator=generators, progress=False).volumes
         seconds = (time.perf_counter() - began) / len(chunk)
         for (i, case, k), job, volume in zip(chunk, batch_jobs, volumes.cpu().numpy()):
-            record = _write_output(writer, job, volume, i * options.per_mask + k, k, options, identity, seconds)
+            record = _write_output(writer, job, volume, i * options.per_mask + k, k, options, identity, seconds,
+                                   figure_rows if state.is_main_process else None)
             record["process"] = state.process_index
             write_json(records_dir / f"{output_id(case.case_id, k)}.json", record)
             done.append(record)
@@ -287,6 +298,9 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         with atomic_path(manifest) as tmp:
             tmp.write_text(text)
         writer.finish(with_order)
+        if figure_rows:  # a few of the outputs written in this run, on their masks' grids
+            write_slices_figure(out / "samples.png", figure_rows, writer.modalities,
+                                title=f"{options.sampler} {options.steps} steps, guidance {options.guidance_scale:g}")
     state.wait_for_everyone()
     return done
 
@@ -301,17 +315,23 @@ def _mask_job(case: Case, options: GenerateOptions, preprocess: PreprocessConfig
 
 
 def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, k: int, options: GenerateOptions,
-                  identity: dict, seconds: float) -> dict:
+                  identity: dict, seconds: float, figure_rows: list | None = None) -> dict:
     """Model-space volume in [-1, 1] -> [0, 1] on the mask's grid, background 0, float32."""
     oid = output_id(job.case.case_id, k)
     files = writer.files(oid, index, job.disease)
     outside_head = job.source_common == BACKGROUND
+    images = {}
     for channel, modality in enumerate(writer.modalities):
         image = to_source((volume[channel] + 1.0) / 2.0, job.geometry)
         image = np.clip(image, 0.0, 1.0)
         image[outside_head] = 0.0
+        images[modality] = image
         save_volume(files[modality], image, job.geometry.source_affine_array, qform_code=job.geometry.qform_code,
                     sform_code=job.geometry.sform_code)
+    if figure_rows is not None and len(figure_rows) < SAMPLES_IN_FIGURE:
+        affine = job.geometry.source_affine_array
+        figure_rows.append(FigureRow(f"{oid} ({job.disease})", {m: to_ras(a, affine) for m, a in images.items()},
+                                     to_ras(job.source_common, affine), value_range=(0.0, 1.0)))
     save_volume(files["mask"], writer.mask_array(job), job.geometry.source_affine_array,
                 qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
     return {

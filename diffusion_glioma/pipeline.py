@@ -3,6 +3,7 @@ maths lives in the scheduler, which can be swapped at inference (`use_sampler`).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import DataError
+from .models.cgan import CGANGenerator
 from .models.unet3d import DenoiserUNet3D
 
 # Sampler name -> (scheduler class, extra config). DPM-Solver++ has no get_velocity, so training
@@ -39,10 +41,75 @@ def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: in
 
 @dataclass
 class MRIPipelineOutput(BaseOutput):
+    """`volumes` on the model grid; for masks given as files, `geometry[i]` writes volume i back onto
+    its mask's grid (`diffusion_glioma.data.preprocess.write_on_source`)."""
+
     volumes: torch.Tensor  # (b, modalities, x, y, z) in [-1, 1]
+    geometry: list | None = None
 
 
-class MaskToMRIPipeline(DiffusionPipeline):
+class _MaskConditionedPipeline(DiffusionPipeline):
+    """What every mask-to-MRI pipeline shares: its modalities and classes, and masks from files."""
+
+    @property
+    def _model(self):
+        raise NotImplementedError
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self._model.config.modalities)
+
+    @property
+    def disease_classes(self) -> list[str]:
+        return list(self._model.config.disease_classes)
+
+    def class_index(self, disease: str | int) -> int:
+        if isinstance(disease, int):
+            if not 0 <= disease < len(self.disease_classes):
+                raise ValueError(f"disease index {disease} out of range for classes {self.disease_classes}")
+            return disease
+        if disease not in self.disease_classes:
+            raise ValueError(f"disease {disease!r} is not one of the model's classes {self.disease_classes}")
+        return self.disease_classes.index(disease)
+
+    def _prepare_masks(self, labels, disease):
+        """Masks (tensor on the model grid, or files) and per-mask class indices, on the device."""
+        geometry = None
+        if isinstance(labels, (list, tuple, str, Path)):
+            labels, geometry = self.masks_from_files([labels] if isinstance(labels, (str, Path)) else list(labels))
+        if labels.ndim != 4:
+            raise ValueError(f"labels must be (batch, x, y, z), got shape {tuple(labels.shape)}")
+        device = self._execution_device
+        diseases = disease if isinstance(disease, (list, tuple)) else [disease] * labels.shape[0]
+        class_labels = torch.tensor([self.class_index(d) for d in diseases], device=device)
+        return labels.to(device), class_labels, geometry
+
+    def masks_from_files(self, paths: list[str | Path]) -> tuple[torch.Tensor, list]:
+        """Label maps in the common scheme (head = 1) as NIfTI files -> model-grid masks and geometry."""
+        from .config import PreprocessConfig
+        from .data.preprocess import check_tumour_inside, plan_geometry, to_model
+        from .data.layouts import Case
+        from .io import load_volume
+        from .labels import BACKGROUND, HEAD, get_scheme
+
+        grid = PreprocessConfig(**{k: v for k, v in (self.config.preprocess or {}).items()
+                                   if k in PreprocessConfig.model_fields})
+        masks, records = [], []
+        for path in paths:
+            seg = load_volume(path, kind="label")
+            common = get_scheme("common").to_common(seg.array, path)
+            if not (common == HEAD).any():
+                raise DataError(f"{path}: no head label (1); masks given to the pipeline must be in the common scheme")
+            record = plan_geometry(seg.affine, seg.shape, common != BACKGROUND, grid.shape, grid.spacing,
+                                   seg.qform_code, seg.sform_code)
+            check_tumour_inside(common, record, Case(Path(path).name, {}, Path(path), "common", "", ""))
+            masks.append(torch.from_numpy(to_model(common.astype("uint8"), record, label=True).astype("int64")))
+            records.append(record)
+        return torch.stack(masks), records
+
+
+
+class MaskToMRIPipeline(_MaskConditionedPipeline):
     """Sample multi-contrast volumes conditioned on label maps in the common scheme.
 
     `preprocess` records the model grid (shape, spacing, modalities, intensity clipping) that the
@@ -57,49 +124,38 @@ class MaskToMRIPipeline(DiffusionPipeline):
         self.register_to_config(preprocess=preprocess)
 
     @property
-    def modalities(self) -> list[str]:
-        return list(self.unet.config.modalities)
+    def _model(self):
+        return self.unet
 
     @property
-    def disease_classes(self) -> list[str]:
-        return list(self.unet.config.disease_classes)
+    def max_steps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
 
     def use_sampler(self, name: str) -> "MaskToMRIPipeline":
         self.scheduler = make_scheduler(name, self.scheduler.config)
         return self
 
-    def class_index(self, disease: str | int) -> int:
-        if isinstance(disease, int):
-            if not 0 <= disease < len(self.disease_classes):
-                raise ValueError(f"disease index {disease} out of range for classes {self.disease_classes}")
-            return disease
-        if disease not in self.disease_classes:
-            raise ValueError(f"disease {disease!r} is not one of the model's classes {self.disease_classes}")
-        return self.disease_classes.index(disease)
-
     @torch.no_grad()
-    def __call__(self, labels: torch.Tensor, disease: str | int | list = 0, *, guidance_scale: float = 1.0,
+    def __call__(self, labels: torch.Tensor | list, disease: str | int | list = 0, *, guidance_scale: float = 1.0,
                  num_inference_steps: int = 50, generator: torch.Generator | list | None = None,
                  progress: bool = True) -> MRIPipelineOutput:
         """
         Args:
-            labels: (b, x, y, z) integer masks in the common scheme, on the model grid.
+            labels: (b, x, y, z) integer masks in the common scheme on the model grid, or a list of
+                NIfTI paths of such masks on any grid (see `masks_from_files`).
             disease: one class (name or index) for all, or one per mask.
             guidance_scale: classifier-free guidance; 1 is plain conditional sampling.
             num_inference_steps: solver steps (1 to the training steps).
             generator: torch.Generator, or one per mask: then each volume depends only on its own
                 generator, not on what else is in the batch.
         """
-        if labels.ndim != 4:
-            raise ValueError(f"labels must be (batch, x, y, z), got shape {tuple(labels.shape)}")
-        limit = self.scheduler.config.num_train_timesteps
+        limit = self.max_steps
         if not 1 <= num_inference_steps <= limit:
             raise ValueError(f"num_inference_steps must be between 1 and {limit}, got {num_inference_steps}")
-        device = self._execution_device
+        labels, class_labels, geometry = self._prepare_masks(labels, disease)
+        device = labels.device
         b = labels.shape[0]
-        diseases = disease if isinstance(disease, (list, tuple)) else [disease] * b
-        class_labels = torch.tensor([self.class_index(d) for d in diseases], device=device)
-        mask = self.unet.one_hot(labels.to(device))
+        mask = self.unet.one_hot(labels)
         shape = (b, len(self.modalities), *labels.shape[1:])
         if isinstance(generator, list) and len(generator) != b:
             raise ValueError(f"{len(generator)} generators for {b} masks")
@@ -120,18 +176,52 @@ class MaskToMRIPipeline(DiffusionPipeline):
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             sample = self.scheduler.step(prediction, t, sample, generator=generator).prev_sample
         volumes = sample.float().clamp(-1.0, 1.0)
-        volumes = torch.where(labels.to(device)[:, None] == 0, torch.full_like(volumes, -1.0), volumes)
-        return MRIPipelineOutput(volumes=volumes)
+        volumes = torch.where(labels[:, None] == 0, torch.full_like(volumes, -1.0), volumes)
+        return MRIPipelineOutput(volumes=volumes, geometry=geometry)
 
 
-def load_pipeline(source: str | Path) -> MaskToMRIPipeline:
+class CGANPipeline(_MaskConditionedPipeline):
+    """The cGAN baseline behind the same interface: one generator pass per volume (no sampler;
+    `guidance_scale` and `num_inference_steps` are accepted and ignored)."""
+
+    def __init__(self, generator: CGANGenerator, preprocess: dict | None = None):
+        super().__init__()
+        self.register_modules(generator=generator)
+        self.register_to_config(preprocess=preprocess)
+
+    @property
+    def _model(self):
+        return self.generator
+
+    max_steps = None
+
+    def use_sampler(self, name: str) -> "CGANPipeline":
+        return self
+
+    @torch.no_grad()
+    def __call__(self, labels: torch.Tensor | list, disease: str | int | list = 0, *, guidance_scale: float = 1.0,
+                 num_inference_steps: int = 1, generator: torch.Generator | list | None = None,
+                 progress: bool = False) -> MRIPipelineOutput:
+        labels, class_labels, geometry = self._prepare_masks(labels, disease)
+        if isinstance(generator, list) and len(generator) != labels.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {labels.shape[0]} masks")
+        noise = randn_tensor((labels.shape[0], self.generator.config.noise_dim), generator=generator,
+                             device=labels.device, dtype=self.generator.dtype)
+        volumes = self.generator(noise, labels, class_labels, generator=generator).float().clamp(-1.0, 1.0)
+        return MRIPipelineOutput(volumes=volumes, geometry=geometry)
+
+
+def load_pipeline(source: str | Path) -> MaskToMRIPipeline | CGANPipeline:
     """A pipeline from a local folder or a hub id ("org/name"), with one-line errors."""
     text = str(source)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not Path(text).exists()
     if not looks_like_hub_id and not Path(text).is_dir():
         raise DataError(f"{source}: model folder not found")
     try:
-        return MaskToMRIPipeline.from_pretrained(text)
+        index = Path(text) / "model_index.json"
+        kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else "MaskToMRIPipeline"
+        pipe = (CGANPipeline if kind == "CGANPipeline" else MaskToMRIPipeline).from_pretrained(text)
     except (OSError, ValueError) as exc:  # missing files, offline hub, bad config
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{source}: cannot load the model ({reason})") from None
+    return pipe.to(dtype=torch.float32)  # whatever the shipped precision (the demo weights are fp16)

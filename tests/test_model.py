@@ -77,3 +77,26 @@ def test_pipeline_samplers_are_reproducible(tmp_path, sampler):
         pipe(labels, num_inference_steps=0)
     with pytest.raises(ValueError, match="not one of the model's classes"):
         pipe(labels, "meningioma", num_inference_steps=2)
+
+
+def test_pipeline_takes_mask_files_and_writes_back(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from diffusion_glioma.data.preprocess import write_on_source
+    from tests.helpers import write_nifti
+
+    labels = np.zeros((40, 36, 30), dtype=np.int16)
+    labels[5:35, 5:31, 4:26] = 1
+    labels[15:22, 12:20, 10:16] = 4
+    affine = np.array([[-1.5, 0, 0, 40], [0, -1.5, 0, 30], [0, 0, 2.0, -20], [0, 0, 0, 1]])
+    path = write_nifti(tmp_path / "mask.nii.gz", labels, affine, dtype=np.int16)
+    pipe = MaskToMRIPipeline(build_denoiser("tiny"), training_scheduler(),
+                             preprocess={"shape": [16, 16, 16], "spacing": [4.0, 4.0, 4.0]})
+    out = pipe([path], "glioblastoma", num_inference_steps=2, progress=False)
+    assert out.volumes.shape == (1, 4, 16, 16, 16) and len(out.geometry) == 1
+    written = write_on_source(tmp_path / "t1n.nii.gz", out.volumes[0, 0].numpy(), out.geometry[0])
+    img = nib.load(str(written))
+    assert img.shape == labels.shape and np.allclose(img.affine, affine)
+    with pytest.raises(Exception, match="no head label"):
+        pipe([write_nifti(tmp_path / "bad.nii.gz", (labels == 4) * 4, affine, dtype=np.int16)], num_inference_steps=2)

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..figures import FigureRow, to_ras, write_slices_figure
 from ..labels import COMMON_LABELS, HEAD, TUMOUR_LABELS
 from .layouts import discover_cases
 from .preprocess import LoadedCase, load_case
@@ -81,51 +81,12 @@ def inspect_dataset(root: str | Path, config: DataConfig, *, montage: str | Path
     return InspectReport(rows, problems)
 
 
-# One colour per common label (background and head stay clear).
-LABEL_COLOURS = {2: (1.0, 0.2, 0.2), 3: (0.2, 0.9, 0.2), 4: (1.0, 0.9, 0.1), 5: (0.3, 0.5, 1.0), 6: (0.9, 0.3, 1.0)}
-
-
 def write_montage(path: str | Path, cases: list[LoadedCase], modalities: tuple[str, ...]) -> Path:
     """Axial slices through each tumour's centre (RAS display), one row per case, mask overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    columns = len(modalities) + 1
-    fig, axes = plt.subplots(len(cases), columns, figsize=(2.2 * columns, 2.3 * len(cases)), squeeze=False)
-    for row, loaded in enumerate(cases):
+    rows = []
+    for loaded in cases:
         affine = next(iter(loaded.images.values())).affine
-        orientation = nib.orientations.io_orientation(affine)
-        canon = lambda a: nib.orientations.apply_orientation(a, orientation)  # noqa: E731
-        labels = canon(loaded.labels) if loaded.labels is not None else canon(loaded.head.astype(np.uint8))
-        tumour = np.isin(labels, TUMOUR_LABELS)
-        z = int(np.argwhere(tumour)[:, 2].mean()) if tumour.any() else labels.shape[2] // 2
-        for col, modality in enumerate(modalities):
-            image = canon(loaded.images[modality].array)[:, :, z].T
-            ax = axes[row, col]
-            ax.imshow(image, cmap="gray", origin="lower", vmin=np.percentile(image, 1), vmax=np.percentile(image, 99.5))
-            if row == 0:
-                ax.set_title(modality, fontsize=9)
-        overlay = np.zeros((*labels.shape[:2], 4))
-        for value, colour in LABEL_COLOURS.items():
-            overlay[labels[:, :, z] == value] = (*colour, 0.6)
-        ax = axes[row, -1]
-        ax.imshow(canon(loaded.images[modalities[-1]].array)[:, :, z].T, cmap="gray", origin="lower")
-        ax.imshow(overlay.transpose(1, 0, 2), origin="lower")
-        if row == 0:
-            ax.set_title("mask", fontsize=9)
-        axes[row, 0].set_ylabel(loaded.case.case_id, fontsize=7)
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LABEL_COLOURS.values()]
-    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=3, fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+        labels = loaded.labels if loaded.labels is not None else loaded.head.astype(np.uint8)
+        rows.append(FigureRow(loaded.case.case_id, {m: to_ras(loaded.images[m].array, affine) for m in modalities},
+                              to_ras(labels, affine)))
+    return write_slices_figure(path, rows, modalities)

@@ -20,6 +20,7 @@ from ..io import is_nifti, nifti_stem
 
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 SEG = "seg"
+HEAD = "head"  # optional binary head mask: the head label for a mask that has no images beside it
 
 # Names seen in the wild for each BraTS 2023 modality, matched case-insensitively.
 MODALITY_ALIASES: dict[str, tuple[str, ...]] = {
@@ -50,6 +51,7 @@ class Case:
     labels: str | dict  # label scheme name or {source value: common value}
     disease: str
     layout: str
+    head: Path | None = None
 
     def missing(self, modalities: tuple[str, ...] | list[str]) -> list[str]:
         return [m for m in modalities if m not in self.images]
@@ -89,8 +91,8 @@ class Layout:
         cases = []
         for cid in sorted(found):
             slots = {role: p for role, (_, p) in found[cid].items()}
-            seg = slots.pop(SEG, None)
-            cases.append(Case(cid, dict(sorted(slots.items())), seg, self.labels, self.disease, self.name))
+            seg, head = slots.pop(SEG, None), slots.pop(HEAD, None)
+            cases.append(Case(cid, dict(sorted(slots.items())), seg, self.labels, self.disease, self.name, head))
         return cases
 
 
@@ -103,7 +105,9 @@ def _nifti_files(root: Path) -> list[Path]:
 
 
 def _named_files(case_regex: str, separator: str, keys: dict[str, str], suffix: str = "") -> tuple:
-    """Rules for the common `<case><sep><key>` naming, in any folder below the root."""
+    """Rules for the common `<case><sep><key>` naming, in any folder below the root; every layout also
+    reads `<case><sep>head` (written by `augment-masks` beside masks that have no images)."""
+    keys = {**keys, HEAD: HEAD} if not suffix else keys
     return tuple(
         (re.compile(rf"(?:.*/)?(?P<case>{case_regex}){re.escape(separator)}{re.escape(key)}{suffix}"), role)
         for key, role in keys.items()
@@ -174,7 +178,7 @@ def load_layout_file(path: str | Path) -> Layout:
         raise DataError(f"{path}: unknown keys {sorted(unknown)} in layout file")
     rules = []
     for role, pattern in spec["files"].items():
-        role = SEG if role == SEG else canonical_modality(str(role))
+        role = role if role in (SEG, HEAD) else canonical_modality(str(role))
         if str(pattern).count("{case}") != 1:
             raise DataError(f"{path}: pattern for {role} needs exactly one {{case}} placeholder: {pattern!r}")
         rules.append((re.compile(_pattern_to_regex(str(pattern))), role))

@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch.utils.data import Sampler
@@ -48,9 +47,13 @@ class StepSampler(Sampler):
 
 
 def step_generator(device: torch.device, seed: int, micro_step: int, process: int) -> torch.Generator:
-    """The random stream of one micro-step on one process (noise, timesteps, class dropout)."""
+    """The random stream of one micro-step on one process (noise, timesteps, class dropout). Torch's
+    global generator (dropout layers) is reseeded from the same numbers, so that nothing random
+    depends on what happened before the step: a resumed run draws exactly what the first run drew."""
+    step_seed = (seed * 1_000_003 + micro_step) * 64 + process
+    torch.manual_seed(step_seed)
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + micro_step) * 64 + process)
+    generator.manual_seed(step_seed)
     return generator
 
 
@@ -105,40 +108,69 @@ def write_run_config(output_dir: Path, config, resume: bool) -> None:
         tmp.write_text(text)
 
 
-def mid_slices_figure(path: Path, volumes: torch.Tensor, labels: torch.Tensor, modalities: list[str],
-                      title: str = "") -> Path:
-    """Axial slices through the tumour of each sample, every modality beside the mask, as PNG."""
-    import matplotlib
+def start_run(config, resume: bool):
+    """The Accelerator, the run folder (refused without `resume` when it holds checkpoints), the
+    resolved config beside it, the seed, and the prepared data."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.optim.mixed_precision,
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        log_with=_tensorboard_or_none(),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    existing = checkpoints(output_dir / "checkpoints")
+    if existing and not resume:
+        raise TrainingError(f"{output_dir}: holds checkpoints up to step {existing[-1][0]}; pass --resume to "
+                            "continue the run, or choose another output_dir")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(output_dir, config, resume)
+    set_seed(config.seed)
+    prepare_data(config, accelerator)
+    return accelerator
 
-    from ..data.inspect import LABEL_COLOURS
 
-    volumes, labels = volumes.float().cpu().numpy(), labels.cpu().numpy()
-    rows, columns = volumes.shape[0], len(modalities) + 1
-    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2 * rows), squeeze=False)
-    for r in range(rows):
-        tumour = labels[r] >= 2
-        z = int(np.argwhere(tumour)[:, 2].mean()) if tumour.any() else labels.shape[-1] // 2
-        for c, name in enumerate(modalities):
-            axes[r, c].imshow(volumes[r, c, :, :, z].T, cmap="gray", origin="lower", vmin=-1, vmax=1)
-            if r == 0:
-                axes[r, c].set_title(name, fontsize=9)
-        overlay = np.zeros((*labels.shape[1:3], 4))
-        for value, colour in LABEL_COLOURS.items():
-            overlay[labels[r, :, :, z] == value] = (*colour, 1.0)
-        overlay[labels[r, :, :, z] == 1] = (0.5, 0.5, 0.5, 1.0)
-        axes[r, -1].imshow(overlay.transpose(1, 0, 2), origin="lower")
-        if r == 0:
-            axes[r, -1].set_title("mask", fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+def prepare_data(config, accelerator) -> None:
+    """Prepare `data.raw` into `data.cache` on the main process (resumable), others wait."""
+    if config.data.raw is not None and accelerator.is_main_process:
+        from ..config import DataConfig, load_config
+        from ..data.cache import prepare_dataset
+
+        data_config = load_config(DataConfig, config.data.config) if config.data.config else DataConfig()
+        prepare_dataset(config.data.raw, config.data.cache, data_config, progress=True)
+    accelerator.wait_for_everyone()
+
+
+
+def stop_if_diverged(accelerator, losses: dict, step: int, output_dir: Path) -> None:
+    """Stop on a NaN or infinite loss on any process, naming the last good checkpoint."""
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()]).float().min().reshape(1)
+    if accelerator.gather(finite).min() < 1:
+        kept = checkpoints(output_dir / "checkpoints")
+        last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+        values = ", ".join(f"{name} became {float(v.detach())}" for name, v in losses.items())
+        raise TrainingError(f"{values} at step {step + 1}; {last}. Lower the learning rate, or use bf16 "
+                            "rather than fp16")
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([i["image"] for i in items]),
+        "labels": torch.stack([i["labels"] for i in items]),
+        "disease": torch.stack([i["disease"] for i in items]),
+        "case_id": [i["case_id"] for i in items],
+    }
+
+
+def _tensorboard_or_none():
+    try:
+        import tensorboard  # noqa: F401
+
+        return "tensorboard"
+    except ImportError:
+        return None
+
+

@@ -71,6 +71,20 @@ class FinetuneSection(StrictModel):
                               "(EWC with a uniform Fisher, i.e. L2-SP); 0 disables it")
 
 
+class GanSection(StrictModel):
+    """The cGAN baseline (its presence selects the GAN loop; `model.preset` is then unused)."""
+
+    noise_dim: int = Field(64, ge=1)
+    base_channels: int = Field(32, ge=4)
+    levels: int = Field(3, ge=1, le=5)
+    dropout: float = Field(0.3, ge=0, lt=1, description="discriminator dropout")
+    generator_lr: float = Field(2e-4, gt=0)
+    discriminator_lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="real targets are 1 - this")
+    diversity_samples: int = Field(3, ge=2, description="samples of one mask whose spread is logged (mode collapse)")
+
+
 class TrainConfig(StrictModel):
     output_dir: Path
     seed: int = 0
@@ -83,6 +97,7 @@ class TrainConfig(StrictModel):
     checkpoints: CheckpointSection = CheckpointSection()
     log_every: int = Field(10, ge=1)
     finetune: FinetuneSection | None = None
+    gan: GanSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -90,6 +105,8 @@ class TrainConfig(StrictModel):
             raise ValueError("data.config is only used to prepare data.raw; give data.raw too")
         if self.model.disease_classes[:1] != ["none"]:
             raise ValueError("model.disease_classes must start with 'none'")
+        if self.gan is not None and (self.finetune is not None or self.optim.gradient_accumulation_steps != 1):
+            raise ValueError("the cGAN loop supports neither finetune nor gradient accumulation")
         return self
 
 

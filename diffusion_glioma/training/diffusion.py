@@ -17,30 +17,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import DataConfig, load_config
-from ..data.cache import prepare_dataset, read_index
+from ..data.cache import read_index
 from ..data.dataset import CachedCases
 from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
-from .common import (StepSampler, TrainingError, checkpoints, load_checkpoint, mid_slices_figure,
-                     save_checkpoint, step_generator, write_run_config)
+from ..figures import FigureRow, write_slices_figure
+from .common import (StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
+                     start_run, step_generator, stop_if_diverged)
 from .config import TrainConfig
-
-
-def prepare_data(config: TrainConfig, accelerator: Accelerator) -> None:
-    """Prepare `data.raw` into `data.cache` on the main process (resumable), others wait."""
-    if config.data.raw is not None and accelerator.is_main_process:
-        data_config = load_config(DataConfig, config.data.config) if config.data.config else DataConfig()
-        prepare_dataset(config.data.raw, config.data.cache, data_config, progress=True)
-    accelerator.wait_for_everyone()
 
 
 def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D, dict | None]:
@@ -104,21 +94,8 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Run (or resume) training; returns the saved pipeline folder."""
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=config.optim.mixed_precision,
-        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
-        log_with=_tensorboard_or_none(),
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = start_run(config, resume)
     existing = checkpoints(output_dir / "checkpoints")
-    if existing and not resume:
-        raise TrainingError(f"{output_dir}: holds checkpoints up to step {existing[-1][0]}; pass --resume to "
-                            "continue the run, or choose another output_dir")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(output_dir, config, resume)
-    set_seed(config.seed)
-    prepare_data(config, accelerator)
 
     # 1. Data and model.
     index = read_index(config.data.cache)
@@ -160,7 +137,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                           count=(config.optim.steps - step) * samples_per_step)
     loader = accelerator.prepare_data_loader(DataLoader(
         dataset, batch_size=config.optim.batch_size, sampler=sampler, num_workers=config.data.num_workers,
-        collate_fn=_collate), device_placement=True)
+        collate_fn=collate), device_placement=True)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config={"preset": config.model.preset, "steps": config.optim.steps,
@@ -168,7 +145,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     order_log = output_dir / "logs" / f"data_order_rank{accelerator.process_index}.jsonl"
     order_log.parent.mkdir(parents=True, exist_ok=True)
     metrics_log = output_dir / "logs" / "metrics.jsonl"
-    validation_batch = _collate([dataset[i] for i in range(min(2, len(dataset)))])
+    validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
 
     # 3. The loop.
     progress = tqdm(total=config.optim.steps, initial=step, desc="train", unit="step",
@@ -181,7 +158,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         micro_step += 1
         with accelerator.accumulate(model):
             loss = _diffusion_loss(model, noise_scheduler, batch, generator, config, source_weights)
-            _stop_if_diverged(accelerator, loss, step, output_dir)
+            stop_if_diverged(accelerator, {"loss": loss}, step, output_dir)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:
@@ -251,33 +228,6 @@ def _prefixed(weights: dict, params: dict) -> dict:
     return out
 
 
-def _stop_if_diverged(accelerator, loss, step: int, output_dir: Path) -> None:
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if accelerator.gather(finite).min() < 1:
-        kept = checkpoints(output_dir / "checkpoints")
-        last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
-        raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; {last}. Lower the learning "
-                            "rate, or use bf16 rather than fp16")
-
-
-def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([i["image"] for i in items]),
-        "labels": torch.stack([i["labels"] for i in items]),
-        "disease": torch.stack([i["disease"] for i in items]),
-        "case_id": [i["case_id"] for i in items],
-    }
-
-
-def _tensorboard_or_none():
-    try:
-        import tensorboard  # noqa: F401
-
-        return "tensorboard"
-    except ImportError:
-        return None
-
-
 def _ema_pipeline(model: DenoiserUNet3D, ema, scheduler, preprocess: dict | None) -> MaskToMRIPipeline:
     """A pipeline holding a copy of the model with the EMA weights (the training model is untouched)."""
     copy = DenoiserUNet3D.from_config(model.config)
@@ -297,9 +247,13 @@ def _validation_figure(accelerator, model, ema, noise_scheduler, batch, config: 
     generator = torch.Generator().manual_seed(config.seed)
     out = pipe(batch["labels"], [int(d) for d in batch["disease"]], guidance_scale=config.validation.guidance_scale,
                num_inference_steps=config.validation.num_inference_steps, generator=generator, progress=False)
-    figure = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
-    mid_slices_figure(figure, out.volumes, batch["labels"], list(model.config.modalities),
-                      title=f"step {step}: " + ", ".join(diseases[int(d)] for d in batch["disease"]))
+    modalities = list(model.config.modalities)
+    rows = [FigureRow(f"{case_id} ({diseases[int(d)]})", {m: volume[c] for c, m in enumerate(modalities)}, labels,
+                      value_range=(-1.0, 1.0))
+            for case_id, d, volume, labels in zip(batch["case_id"], batch["disease"], out.volumes.float().cpu().numpy(),
+                                                  batch["labels"].numpy())]
+    write_slices_figure(Path(config.output_dir) / "validation" / f"step-{step:07d}.png", rows, modalities,
+                        title=f"EMA samples at step {step}")
 
 
 def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, dataset: CachedCases,

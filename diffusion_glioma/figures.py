@@ -1,0 +1,76 @@
+"""PNG figures a person looks at: rows of axial slices, every modality beside the mask.
+
+Used by `inspect` (raw cases), training validation (samples on the model grid) and `generate`
+(a few written outputs). Arrays are given in RAS voxel order; the slice goes through the tumour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_path
+from .labels import COMMON_LABELS, TUMOUR_LABELS
+
+# One colour per common label; background and head stay clear in the overlay.
+LABEL_COLOURS = {2: (1.0, 0.2, 0.2), 3: (0.2, 0.9, 0.2), 4: (1.0, 0.9, 0.1), 5: (0.3, 0.5, 1.0), 6: (0.9, 0.3, 1.0)}
+
+
+@dataclass
+class FigureRow:
+    name: str
+    images: dict[str, np.ndarray]  # modality -> 3D array (RAS voxel order)
+    labels: np.ndarray  # 3D, common scheme
+    value_range: tuple[float, float] | None = None  # None: each slice's 1st-99.5th percentile
+
+
+def write_slices_figure(path: str | Path, rows: list[FigureRow], modalities: list[str] | tuple[str, ...],
+                        title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = len(modalities) + 1
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 2.2 * len(rows) + 0.4), squeeze=False)
+    for r, row in enumerate(rows):
+        tumour = np.isin(row.labels, TUMOUR_LABELS)
+        z = int(np.argwhere(tumour)[:, 2].mean()) if tumour.any() else row.labels.shape[2] // 2
+        for c, modality in enumerate(modalities):
+            image = row.images[modality][:, :, z].T
+            low, high = row.value_range or (np.percentile(image, 1), np.percentile(image, 99.5))
+            axes[r, c].imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high)
+            if r == 0:
+                axes[r, c].set_title(modality, fontsize=9)
+        overlay = np.zeros((*row.labels.shape[:2], 4))
+        for value, colour in LABEL_COLOURS.items():
+            overlay[row.labels[:, :, z] == value] = (*colour, 0.65)
+        background = row.images[modalities[-1]][:, :, z].T
+        axes[r, -1].imshow(background, cmap="gray", origin="lower", vmin=row.value_range[0] if row.value_range else None,
+                           vmax=row.value_range[1] if row.value_range else None)
+        axes[r, -1].imshow(overlay.transpose(1, 0, 2), origin="lower")
+        if r == 0:
+            axes[r, -1].set_title("mask", fontsize=9)
+        axes[r, 0].set_ylabel(row.name, fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LABEL_COLOURS.values()]
+    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=3, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder a volume's voxel axes to the closest RAS order (for display)."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(affine))

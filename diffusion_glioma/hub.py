@@ -1,0 +1,179 @@
+"""Model cards, slim exports and publishing pipeline folders to the Hugging Face Hub.
+
+The hub client is a parameter (an `HfApi` by default), so the upload path is tested without a
+network; loading by hub id is the same `from_pretrained` as for a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .errors import DiffusionGliomaError
+from .io import atomic_path
+from .labels import COMMON_LABELS
+
+WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+TAGS = ["medical-imaging", "mri", "diffusion", "3d", "brain-tumour", "synthetic-data", "diffusion_glioma"]
+
+
+class HubError(DiffusionGliomaError):
+    """Publishing failed (offline, no permission, missing files)."""
+
+
+def count_parameters(weights: Path) -> int:
+    """Parameters in a safetensors file, read from its header alone."""
+    with weights.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for size in info["shape"]:
+            count *= size
+        total += count
+    return total
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def model_card(folder: str | Path, *, report: str | Path | None = None, license: str = "apache-2.0",
+               trained_on_phantoms: bool | None = None) -> str:
+    """A README.md for a pipeline folder, written from what the folder knows."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    training = _read_json(folder / "training.json")
+    if not unet or not (folder / WEIGHTS).is_file():
+        raise HubError(f"{folder}: not a pipeline folder (no unet/config.json or {WEIGHTS})")
+    config = training.get("config", {})
+    cases = training.get("cases", [])
+    preprocess = index.get("preprocess") or {}
+    data_source = str((config.get("data") or {}).get("raw") or (config.get("data") or {}).get("cache") or "unknown")
+    if trained_on_phantoms is None:
+        trained_on_phantoms = "phantom" in data_source
+    params = count_parameters(folder / WEIGHTS)
+    metadata = {
+        "license": license,
+        "library_name": "diffusers",
+        "tags": TAGS + (["phantom"] if trained_on_phantoms else []),
+    }
+    numbers = _read_json(Path(report)) if report else {}
+    labels_seen = training.get("labels_seen") or sorted(COMMON_LABELS)
+    lines = [
+        "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
+        f"# {folder.name}: mask-conditioned 3D diffusion model for brain-tumour MRI", "",
+        "A `MaskToMRIPipeline` from [diffusion_glioma](https://pypi.org/project/diffusion_glioma/): given a label map "
+        "(tumour sub-regions and head) it samples co-registered multi-contrast MRI volumes.", "",
+    ]
+    if trained_on_phantoms:
+        lines += [
+            "> **Trained on synthetic phantoms only.** The training data is the package's phantom cohort: template "
+            "anatomy with procedurally drawn tumours and simulated contrasts. The model shows the package works end "
+            "to end; its samples are not realistic MRI and it must not be used to make data for real studies.", "",
+        ]
+    lines += [
+        "## Model", "",
+        f"- Architecture: `DenoiserUNet3D` (volumetric UNet; base width {unet.get('base_channels')}, multipliers "
+        f"{unet.get('channel_multipliers')}, {unet.get('layers_per_level')} residual blocks per level), "
+        f"{params / 1e6:.2f} M parameters.",
+        f"- Modalities produced, in order: {', '.join(unet.get('modalities', []))}.",
+        f"- Disease classes (index 0 = none, for classifier-free guidance): {', '.join(unet.get('disease_classes', []))}.",
+        f"- Grid: {preprocess.get('shape')} voxels of {preprocess.get('spacing')} mm, RAS voxel order; intensities "
+        f"clipped to percentiles {preprocess.get('clip_percentiles')} in the head and scaled to [-1, 1].",
+        f"- Noise schedule: {scheduler.get('_class_name', 'DDPMScheduler')} ({scheduler.get('beta_schedule')}, "
+        f"{scheduler.get('num_train_timesteps')} steps), predicting `{scheduler.get('prediction_type')}`.", "",
+        "## Conditioning labels (common scheme)", "",
+        "| value | meaning | seen in training |", "|---|---|---|",
+        *[f"| {v} | {name} | {'yes' if v in labels_seen else 'no'} |" for v, name in COMMON_LABELS.items()], "",
+        "## Training", "",
+        f"- Data: {len(cases)} cases from `{data_source}`.",
+        f"- Steps: {training.get('steps', (config.get('optim') or {}).get('steps', 'unknown'))}, batch size "
+        f"{(config.get('optim') or {}).get('batch_size', '?')} per process, learning rate "
+        f"{(config.get('optim') or {}).get('learning_rate', '?')}, EMA weights shipped.",
+        f"- Fine-tuned from: {(config.get('finetune') or {}).get('source', 'no (trained from scratch)')}.", "",
+        "## Use", "",
+        "```bash",
+        f"diffusion-glioma generate --model {folder.name} --masks MASKS --out OUT --format nnunet --sampler dpm++ --steps 25",
+        "```", "",
+        "Defaults: DPM-Solver++ with 25 steps, guidance scale 1 (raise it to 2-3 for stronger class features).", "",
+    ]
+    if numbers:
+        lines += ["## Evaluation", "", "```json", json.dumps(numbers, indent=2)[:4000], "```", ""]
+    lines += [
+        "## Intended use and limitations", "",
+        "Research use only: making synthetic training data for segmentation and classification models, and "
+        "studying data scarcity. Not for diagnosis or any clinical decision. Synthetic volumes can carry the biases "
+        "of the training data and may not show rare appearances; check the evaluation report before relying on them.",
+        "", f"Written by diffusion_glioma {__version__}.", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(folder: str | Path, **kwargs) -> Path:
+    path = Path(folder) / "README.md"
+    text = model_card(folder, **kwargs)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def export_slim(source: str | Path, target: str | Path, *, half: bool = True) -> Path:
+    """A small copy of a pipeline folder for shipping: the EMA weights only (fp16 if `half`), no
+    online weights, the scheduler and the facts files; loads with `from_pretrained` as usual."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    if not (source / WEIGHTS).is_file():
+        raise HubError(f"{source}: not a pipeline folder (no {WEIGHTS})")
+    tmp = target.with_name(f".{target.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for rel in ("model_index.json", "training.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        if (source / rel).is_file():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, tmp / rel)
+    tensors = load_file(str(source / WEIGHTS))
+    if half:
+        tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, report: str | Path | None = None,
+                client=None, commit_message: str | None = None) -> str:
+    """Create the repo (if needed) and upload the pipeline folder with a fresh model card."""
+    folder = Path(folder)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise HubError("HF_HUB_OFFLINE is set: cannot push to the hub (unset it, or copy the folder by hand)")
+    if "/" not in repo_id or repo_id.count("/") != 1:
+        raise HubError(f"repo id must be ORG/NAME, got {repo_id!r}")
+    write_card(folder, report=report)
+    if client is None:
+        from huggingface_hub import HfApi
+
+        client = HfApi()
+    try:
+        client.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        info = client.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                    commit_message=commit_message or f"Upload {folder.name} (diffusion_glioma {__version__})",
+                                    ignore_patterns=[".*", "**/.*"])
+    except Exception as exc:  # network, authentication and hub errors all end here
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise HubError(f"cannot push {folder} to {repo_id}: {reason}") from None
+    return str(getattr(info, "commit_url", info))

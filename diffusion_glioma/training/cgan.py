@@ -1,0 +1,171 @@
+"""The cGAN baseline's Accelerate loop: the same run folder, data order, checkpoints, resume, logs
+and validation figures as the diffusion loop (`training/common.py`), with alternating
+discriminator and generator steps (binary cross-entropy, Adam with beta1 0.5).
+
+    accelerate launch scripts/train.py --config configs/cgan.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.cache import read_index
+from ..data.dataset import CachedCases
+from ..figures import FigureRow, write_slices_figure
+from ..io import write_json
+from ..models.cgan import CGANDiscriminator, CGANGenerator
+from ..pipeline import CGANPipeline
+from .common import (StepSampler, checkpoints, collate, load_checkpoint, save_checkpoint, start_run, step_generator,
+                     stop_if_diverged)
+from .config import TrainConfig
+
+
+def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
+    gan = config.gan
+    output_dir = Path(config.output_dir)
+    accelerator = start_run(config, resume)
+    existing = checkpoints(output_dir / "checkpoints")
+
+    # 1. Data and the two networks, sized to the cache's grid.
+    index = read_index(config.data.cache)
+    modalities, shape = tuple(index["modalities"]), tuple(index["preprocess"]["shape"])
+    classes = tuple(config.model.disease_classes)
+    dataset = CachedCases(config.data.cache, diseases=list(classes), only_diseases=config.data.only_diseases,
+                          limit=config.data.limit_cases)
+    generator_net = CGANGenerator(modalities=modalities, disease_classes=classes, volume_shape=shape,
+                                  noise_dim=gan.noise_dim, base_channels=gan.base_channels, levels=gan.levels)
+    discriminator = CGANDiscriminator(modalities=modalities, disease_classes=classes, volume_shape=shape,
+                                      base_channels=gan.base_channels, levels=gan.levels, dropout=gan.dropout)
+    opt_g = torch.optim.Adam(generator_net.parameters(), lr=gan.generator_lr, betas=gan.betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=gan.discriminator_lr, betas=gan.betas)
+    ema = EMAModel(generator_net.parameters(), decay=config.ema.decay, use_ema_warmup=config.ema.warmup,
+                   model_cls=CGANGenerator, model_config=generator_net.config) if config.ema.enabled else None
+    generator_net, discriminator, opt_g, opt_d = accelerator.prepare(generator_net, discriminator, opt_g, opt_d)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    if resume and existing:
+        step, path = existing[-1]
+        load_checkpoint(accelerator, path)
+        accelerator.print(f"resumed from {path} (step {step})")
+    unwrapped = accelerator.unwrap_model(generator_net)
+    per_step = config.optim.batch_size * accelerator.num_processes
+    loader = accelerator.prepare_data_loader(DataLoader(
+        dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
+        sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_cgan", config={"steps": config.optim.steps})
+    metrics_log = output_dir / "logs" / "metrics.jsonl"
+    metrics_log.parent.mkdir(parents=True, exist_ok=True)
+    validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
+    real_target = 1.0 - gan.label_smoothing
+
+    # 2. Alternate: discriminator on real and generated, then generator against the discriminator.
+    progress = tqdm(total=config.optim.steps, initial=step, desc="train cgan", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    for batch in loader:
+        rng = step_generator(accelerator.device, config.seed, step, accelerator.process_index)
+        real, labels, diseases = batch["image"], batch["labels"], batch["disease"]
+        noise = torch.randn(real.shape[0], gan.noise_dim, generator=rng, device=real.device)
+        fake = generator_net(noise, labels, diseases, generator=rng)
+
+        d_real = discriminator(real, labels, diseases)
+        d_fake = discriminator(fake.detach(), labels, diseases)
+        loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, real_target))
+                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        opt_d.zero_grad(set_to_none=True)
+        accelerator.backward(loss_d)
+        opt_d.step()
+
+        d_on_fake = discriminator(fake, labels, diseases)
+        loss_g = F.binary_cross_entropy_with_logits(d_on_fake, torch.ones_like(d_on_fake))
+        opt_g.zero_grad(set_to_none=True)
+        accelerator.backward(loss_g)
+        opt_g.step()
+        stop_if_diverged(accelerator, {"discriminator loss": loss_d, "generator loss": loss_g}, step, output_dir)
+        if ema is not None:
+            ema.step(unwrapped.parameters())
+        step += 1
+        progress.update(1)
+
+        if step % config.log_every == 0 or step == config.optim.steps:
+            logs = {"loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach()),
+                    "d_real": float(torch.sigmoid(d_real.detach()).mean()),
+                    "d_fake": float(torch.sigmoid(d_fake.detach()).mean()),
+                    "sample_diversity": sample_diversity(unwrapped, validation_batch, gan.diversity_samples,
+                                                         accelerator.device),
+                    "steps_per_second": step / max(time.perf_counter() - started, 1e-9)}
+            accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                with metrics_log.open("a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            progress.set_postfix(d=f"{logs['loss_d']:.3f}", g=f"{logs['loss_g']:.3f}")
+        if step % config.checkpoints.every == 0 or step == config.optim.steps:
+            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
+        if (step % config.validation.every == 0 or step == config.optim.steps) and accelerator.is_main_process:
+            _validation_figure(_ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
+                               output_dir / "validation" / f"step-{step:07d}.png", config.seed)
+    progress.close()
+
+    # 3. The pipeline folder: the EMA generator, usable by `generate --model`.
+    folder = output_dir / "pipeline"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        CGANPipeline(_ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
+        unwrapped.save_pretrained(str(folder / "generator_online"))
+        accelerator.unwrap_model(discriminator).save_pretrained(str(output_dir / "discriminator"))
+        write_json(folder / "training.json", {
+            "config": config.model_dump(mode="json"), "label_scheme": index["labels"],
+            "labels_seen": sorted({v for e in dataset.entries for v in e.get("labels_present", [])}),
+            "cases": dataset.case_ids, "steps": config.optim.steps,
+        })
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return folder
+
+
+def _ema_copy(model: CGANGenerator, ema) -> CGANGenerator:
+    copy = CGANGenerator.from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    return copy.to(model.device).eval()
+
+
+@torch.no_grad()
+def sample_diversity(generator_net: CGANGenerator, batch: dict, samples: int, device) -> float:
+    """Mean absolute difference between samples of one mask for different noise, inside the head.
+    Falling towards 0 while the losses look fine is the sign of mode collapse."""
+    was_training = generator_net.training
+    generator_net.eval()
+    labels = batch["labels"][:1].to(device).expand(samples, -1, -1, -1)
+    diseases = batch["disease"][:1].to(device).expand(samples)
+    rng = torch.Generator(device=device).manual_seed(1234)
+    noise = torch.randn(samples, generator_net.config.noise_dim, generator=rng, device=device)
+    volumes = generator_net(noise, labels, diseases, generator=rng)
+    head = labels[0] > 0
+    pairs = [(volumes[i] - volumes[j]).abs()[:, head].mean() for i in range(samples) for j in range(i + 1, samples)]
+    generator_net.train(was_training)
+    return float(torch.stack(pairs).mean())
+
+
+@torch.no_grad()
+def _validation_figure(generator_net: CGANGenerator, batch: dict, diseases: list[str], modalities, path: Path,
+                       seed: int) -> None:
+    pipe = CGANPipeline(generator_net)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(batch["case_id"]))]
+    volumes = pipe(batch["labels"], [int(d) for d in batch["disease"]], generator=generators).volumes.cpu().numpy()
+    rows = [FigureRow(f"{cid} ({diseases[int(d)]})", {m: v[c] for c, m in enumerate(modalities)}, lab, (-1.0, 1.0))
+            for cid, d, v, lab in zip(batch["case_id"], batch["disease"], volumes, batch["labels"].numpy())]
+    write_slices_figure(path, rows, list(modalities), title=f"cGAN (EMA generator) at {path.stem}")
