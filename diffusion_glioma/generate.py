@@ -231,6 +231,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     modalities = pipeline.modalities
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
+    pipeline.to(state.device)  # each process samples on its own GPU under accelerate launch
     cases = find_masks(masks, layout, labels)
     if options.limit is not None:
         cases = cases[: options.limit]

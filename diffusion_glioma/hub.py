@@ -86,7 +86,7 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
     lines += [
         "## Model", "",
         f"- Architecture: `DenoiserUNet3D` (volumetric UNet; base width {unet.get('base_channels')}, multipliers "
-        f"{unet.get('channel_multipliers')}, {unet.get('layers_per_level')} residual blocks per level), "
+        f"{unet.get('channel_multipliers')}, residual blocks per level: {unet.get('layers_per_level')}), "
         f"{params / 1e6:.2f} M parameters.",
         f"- Modalities produced, in order: {', '.join(unet.get('modalities', []))}.",
         f"- Disease classes (index 0 = none, for classifier-free guidance): {', '.join(unet.get('disease_classes', []))}.",
@@ -105,7 +105,7 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
         f"- Fine-tuned from: {(config.get('finetune') or {}).get('source', 'no (trained from scratch)')}.", "",
         "## Use", "",
         "```bash",
-        f"diffusion-glioma generate --model {folder.name} --masks MASKS --out OUT --format nnunet --sampler dpm++ --steps 25",
+        f"diffusion-glioma generate --model {folder} --masks MASKS --out OUT --format nnunet --sampler dpm++ --steps 25",
         "```", "",
         "Defaults: DPM-Solver++ with 25 steps, guidance scale 1 (raise it to 2-3 for stronger class features).", "",
     ]

@@ -23,7 +23,7 @@ from ..figures import FigureRow, write_slices_figure
 from ..io import write_json
 from ..models.cgan import CGANDiscriminator, CGANGenerator
 from ..pipeline import CGANPipeline
-from .common import (StepSampler, checkpoints, collate, load_checkpoint, save_checkpoint, start_run, step_generator,
+from .common import (training_facts, StepSampler, checkpoints, collate, load_checkpoint, save_checkpoint, start_run, step_generator,
                      stop_if_diverged)
 from .config import TrainConfig
 
@@ -125,11 +125,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         CGANPipeline(_ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "generator_online"))
         accelerator.unwrap_model(discriminator).save_pretrained(str(output_dir / "discriminator"))
-        write_json(folder / "training.json", {
-            "config": config.model_dump(mode="json"), "label_scheme": index["labels"],
-            "labels_seen": sorted({v for e in dataset.entries for v in e.get("labels_present", [])}),
-            "cases": dataset.case_ids, "steps": config.optim.steps,
-        })
+        write_json(folder / "training.json", training_facts(config, index, dataset))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder

@@ -174,3 +174,12 @@ def _tensorboard_or_none():
         return None
 
 
+
+
+def training_facts(config, index: dict, dataset) -> dict:
+    """What a trained pipeline folder records about its training (`training.json`)."""
+    seen = {v for e in dataset.entries for v in e.get("labels_present", [])}
+    if not seen:  # a cache made before label lists were recorded: look at the cases
+        seen = {int(v) for i in range(len(dataset)) for v in dataset[i]["labels"].unique().tolist()}
+    return {"config": config.model_dump(mode="json"), "label_scheme": index["labels"], "labels_seen": sorted(seen),
+            "cases": dataset.case_ids, "steps": config.optim.steps}

@@ -28,7 +28,7 @@ from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
+from .common import (training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
                      start_run, step_generator, stop_if_diverged)
 from .config import TrainConfig
 
@@ -267,10 +267,6 @@ def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, datase
         pipe = _ema_pipeline(unwrapped, ema, noise_scheduler, index["preprocess"])
         pipe.save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "unet_online"))
-        write_json(folder / "training.json", {
-            "config": config.model_dump(mode="json"), "label_scheme": index["labels"],
-            "labels_seen": sorted({v for e in dataset.entries for v in e.get("labels_present", [])}),
-            "cases": dataset.case_ids, "steps": config.optim.steps,
-        })
+        write_json(folder / "training.json", training_facts(config, index, dataset))
     accelerator.wait_for_everyone()
     return folder
