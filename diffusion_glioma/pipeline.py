@@ -224,4 +224,7 @@ def load_pipeline(source: str | Path) -> MaskToMRIPipeline | CGANPipeline:
     except (OSError, ValueError) as exc:  # missing files, offline hub, bad config
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{source}: cannot load the model ({reason})") from None
-    return pipe.to(dtype=torch.float32)  # whatever the shipped precision (the demo weights are fp16)
+    model = pipe._model
+    if model.dtype != torch.float32:  # the demo weights ship as fp16; sampling on a CPU wants fp32
+        torch.nn.Module.to(model, torch.float32)  # plain cast; diffusers' `to` warns about keep-in-fp32 lists
+    return pipe

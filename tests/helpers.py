@@ -30,3 +30,18 @@ def toy_case(shape=(20, 22, 18), seed=0, background=0.0, tumour_values=(1, 2, 4)
         img = np.where(head, base + 0.05 * rng.standard_normal(shape) + 0.3 * (seg > 0), background)
         images[m] = img.astype(np.float32)
     return images, seg
+
+
+def interrupt_after_checkpoint(monkeypatch, loop_module, at_step: int):
+    """Make a training loop stop (as on Ctrl-C) right after it saves the checkpoint of `at_step`;
+    returns a function that undoes it."""
+    real_save = loop_module.save_checkpoint
+
+    def save_then_stop(accelerator, folder, step, limit):
+        path = real_save(accelerator, folder, step, limit)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
+    return lambda: monkeypatch.setattr(loop_module, "save_checkpoint", real_save)

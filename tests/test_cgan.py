@@ -13,6 +13,7 @@ from diffusion_glioma.models.cgan import CGANDiscriminator, CGANGenerator
 from diffusion_glioma.pipeline import CGANPipeline, load_pipeline
 from diffusion_glioma.training import cgan as loop
 from diffusion_glioma.training.config import load_train_config
+from tests.helpers import interrupt_after_checkpoint
 from tests.test_training import tiny_cache, write_config  # noqa: F401  (tiny_cache is a fixture)
 
 GAN = {"noise_dim": 8, "base_channels": 8, "levels": 2, "dropout": 0.2}
@@ -47,19 +48,11 @@ def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path
     assert metrics[-1]["sample_diversity"] > 1e-4  # samples of one mask differ
     assert (tmp_path / "straight" / "validation" / "step-0000012.png").is_file()
 
-    real_save = loop.save_checkpoint
-
-    def stop_after_step_8(accelerator, folder, step, limit):
-        path = real_save(accelerator, folder, step, limit)
-        if step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", stop_after_step_8)
+    restore = interrupt_after_checkpoint(monkeypatch, loop, at_step=8)
     interrupted = gan_config(tmp_path / "b.yaml", tiny_cache, tmp_path / "interrupted", validation={"every": 12})
     with pytest.raises(KeyboardInterrupt):
         loop.train_cgan(load_train_config(interrupted))
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    restore()
     loop.train_cgan(load_train_config(interrupted), resume=True)
     a = load_file(str(tmp_path / "straight" / "pipeline" / "generator_online" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "interrupted" / "pipeline" / "generator_online" / "diffusion_pytorch_model.safetensors"))

@@ -18,6 +18,7 @@ from diffusion_glioma.pipeline import MaskToMRIPipeline
 from diffusion_glioma.training import diffusion as loop
 from diffusion_glioma.training.common import TrainingError
 from diffusion_glioma.training.config import load_train_config
+from tests.helpers import interrupt_after_checkpoint
 from tests.conftest import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,19 +81,11 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp
     straight = write_config(tmp_path / "a.yaml", tiny_cache, tmp_path / "straight")
     loop.train(load_train_config(straight))
 
-    real_save = loop.save_checkpoint
-
-    def stop_after_step_8(accelerator, folder, step, limit):
-        path = real_save(accelerator, folder, step, limit)
-        if step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", stop_after_step_8)
+    restore = interrupt_after_checkpoint(monkeypatch, loop, at_step=8)
     interrupted = write_config(tmp_path / "b.yaml", tiny_cache, tmp_path / "interrupted")
     with pytest.raises(KeyboardInterrupt):
         loop.train(load_train_config(interrupted))
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    restore()
     assert not (tmp_path / "interrupted" / "pipeline").exists()
     with pytest.raises(TrainingError, match="pass --resume"):
         loop.train(load_train_config(interrupted))
