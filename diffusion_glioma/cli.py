@@ -146,6 +146,15 @@ def cmd_augment(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation.report import evaluate
+
+    evaluate(args.real, args.synthetic, args.out, names=args.names, features=args.features,
+             inception_weights=args.inception_weights, max_slices=args.max_slices, progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_to_hub
 
@@ -214,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label scheme of the masks, overriding the layout's")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("evaluate", help="score synthetic sets against real data: FID/KID, diversity, paired SSIM/PSNR")
+    p.add_argument("--real", required=True, help="real dataset folder (any supported layout)")
+    p.add_argument("--synthetic", required=True, nargs="+", help="one or more generated folders (compared side by side)")
+    p.add_argument("--names", nargs="+", help="a name per synthetic folder (default: folder names)")
+    p.add_argument("--out", required=True, help="report folder: report.md, report.json, PNG figures")
+    p.add_argument("--features", choices=["random", "inception"], default="random",
+                   help="2D feature extractor: seeded random CNN (offline default) or Inception via torch-fidelity")
+    p.add_argument("--inception-weights", help="local Inception weights file (with --features inception)")
+    p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     p.add_argument("--model", required=True, help="pipeline folder")

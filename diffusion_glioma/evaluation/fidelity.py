@@ -1,0 +1,153 @@
+"""Fidelity and diversity of synthetic volumes: FID and KID (2D slices and 3D), MS-SSIM diversity,
+paired SSIM and PSNR, and a memorisation check.
+
+Features come from a selectable extractor. The offline default is a fixed, seeded random
+convolutional network (2D for slices, 3D for volumes): random features are a known, reproducible
+choice for Fréchet distances when no pretrained network may be downloaded, and the report says so.
+Inception (through torch-fidelity, an optional extra) is used when it is installed and its weights
+are given as a local file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DiffusionGliomaError
+
+VOLUME_SIZE = (32, 32, 32)  # 3D features and diversity are computed at this size
+SLICE_SIZE = (64, 64)
+
+
+class RandomFeatures(nn.Module):
+    """A seeded random CNN (2D or 3D): the same weights on every machine for the same seed."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, seed: int = 0, widths=(16, 32, 64)):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        generator = torch.Generator().manual_seed(seed)
+        layers, channels = [], in_channels
+        for width in widths:
+            layer = conv(channels, width, 3, stride=2, padding=1)
+            with torch.no_grad():
+                fan_in = layer.weight[0].numel()
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                layer.bias.zero_()
+            layers.append(layer)
+            channels = width
+        self.layers = nn.ModuleList(layers)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, c, *size) in [0, 1] -> (n, sum(widths)) pooled features of every layer."""
+        features, h = [], x * 2 - 1
+        for layer in self.layers:
+            h = F.leaky_relu(layer(h), 0.2)
+            features.append(h.flatten(2).mean(dim=2))
+        return torch.cat(features, dim=1)
+
+
+class InceptionFeatures:
+    """Inception-v3 pool features through torch-fidelity, from a local weights file (no download)."""
+
+    def __init__(self, weights: str | Path | None):
+        if weights is None or not Path(weights).is_file():
+            raise DiffusionGliomaError(f"{weights}: Inception weights file not found; give the local "
+                                       "pt_inception-2015-12-05 weights with --inception-weights, or use "
+                                       "--features random (the offline default)")
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise DiffusionGliomaError("Inception features need torch-fidelity (pip install "
+                                       "'diffusion_glioma[fidelity]'); or use --features random") from None
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                 feature_extractor_weights_path=str(weights)).eval()
+
+    @torch.no_grad()
+    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
+        images = (slices.clamp(0, 1) * 255).to(torch.uint8).repeat(1, 3, 1, 1)
+        return self.model(F.interpolate(images.float(), size=(299, 299)).to(torch.uint8))[0]
+
+
+def frechet_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | None:
+    """FID between two feature sets (MONAI's FIDMetric); None when a set has fewer than 2 members."""
+    from monai.metrics import FIDMetric
+
+    if len(real) < 2 or len(synthetic) < 2:
+        return None
+    return float(FIDMetric()(synthetic.double(), real.double()))
+
+
+def kernel_inception_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | None:
+    """KID: unbiased squared MMD with the cubic polynomial kernel (Bińkowski et al. 2018)."""
+    n, m = len(real), len(synthetic)
+    if n < 2 or m < 2:
+        return None
+    x, y = real.double(), synthetic.double()
+    d = x.shape[1]
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    mmd = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+           - 2 * kxy.mean())
+    return float(mmd)
+
+
+def ms_ssim_diversity(volumes: torch.Tensor, max_pairs: int = 50, seed: int = 0) -> float | None:
+    """Mean MS-SSIM between distinct volumes of a set, per channel averaged (lower = more diverse).
+    Three scales with a 5-voxel kernel, so that it is defined at VOLUME_SIZE."""
+    from monai.metrics import MultiScaleSSIMMetric
+
+    n = len(volumes)
+    if n < 2:
+        return None
+    pairs = list(itertools.combinations(range(n), 2))
+    if len(pairs) > max_pairs:
+        rng = np.random.default_rng(seed)
+        pairs = [pairs[i] for i in rng.choice(len(pairs), max_pairs, replace=False)]
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=5, weights=(0.3, 0.4, 0.3))
+    a = torch.stack([volumes[i] for i, _ in pairs]).flatten(0, 1)[:, None]
+    b = torch.stack([volumes[j] for _, j in pairs]).flatten(0, 1)[:, None]
+    return float(metric(a, b).mean())
+
+
+def paired_similarity(real: np.ndarray, synthetic: np.ndarray) -> tuple[float, float]:
+    """SSIM and PSNR (scikit-image, data range 1) of two volumes on the same grid."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ssim = float(structural_similarity(real, synthetic, data_range=1.0))
+    if np.array_equal(real, synthetic):
+        return ssim, math.inf
+    return ssim, float(peak_signal_noise_ratio(real, synthetic, data_range=1.0))
+
+
+@dataclass
+class Memorisation:
+    """For each synthetic volume, its nearest real volume in 3D feature space, and how that distance
+    compares with the typical nearest-neighbour distance among the real volumes themselves."""
+
+    nearest: list[tuple[str, str, float]]  # (synthetic id, nearest real id, distance)
+    real_typical_distance: float | None
+    suspicious: list[str]  # synthetic ids closer to a real volume than a quarter of the typical distance
+
+
+def memorisation(real_ids: list[str], real_features: torch.Tensor, synthetic_ids: list[str],
+                 synthetic_features: torch.Tensor) -> Memorisation:
+    distances = torch.cdist(synthetic_features.double(), real_features.double())
+    nearest = [(sid, real_ids[int(distances[i].argmin())], float(distances[i].min()))
+               for i, sid in enumerate(synthetic_ids)]
+    typical = None
+    if len(real_ids) >= 2:
+        within = torch.cdist(real_features.double(), real_features.double())
+        within.fill_diagonal_(math.inf)
+        typical = float(within.min(dim=1).values.median())
+    threshold = 0.25 * typical if typical else 0.0
+    suspicious = [sid for sid, _, d in nearest if d <= threshold]
+    return Memorisation(nearest, typical, suspicious)

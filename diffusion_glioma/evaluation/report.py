@@ -1,0 +1,312 @@
+"""`evaluate`: score synthetic sets against a real one and write a report with figures.
+
+    diffusion-glioma evaluate --real REAL --synthetic SYN_A SYN_B --names diffusion cgan --out REPORT
+
+A synthetic folder written by `generate` is read through its manifest (any format); any other
+folder through the dataset layouts. Every volume is normalised the same way (percentiles inside the
+head -> [0, 1], background 0), so real and synthetic are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.layouts import MODALITIES, discover_cases
+from ..data.preprocess import find_head
+from ..errors import DataError
+from ..figures import FigureRow, to_ras, write_slices_figure
+from ..io import atomic_path, load_volume, write_json
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance,
+                       kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity)
+
+
+@dataclass
+class Item:
+    item_id: str
+    key: str  # the real case it pairs with (its source mask's case), if any
+    images: dict[str, Path]
+    mask: Path | None
+    labels: str | dict | None = None  # the mask's label scheme, when known
+
+
+def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
+    folder = Path(folder)
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        items = []
+        for line in manifest.read_text().splitlines():
+            record = json.loads(line)
+            files = record["files"]
+            missing = [m for m in modalities if m not in files]
+            if missing:
+                raise DataError(f"{manifest}: output {record['output']} has no {missing} (the sets' modalities differ)")
+            items.append(Item(record["output"], record["case_id"], {m: folder / files[m] for m in modalities},
+                              Path(record["source_mask"])))
+        return items
+    items = []
+    for case in discover_cases(folder):
+        missing = case.missing(modalities)
+        if missing:
+            raise DataError(f"{folder}: case {case.case_id} has no {missing} (the sets' modalities differ)")
+        items.append(Item(case.case_id, case.case_id, {m: case.images[m] for m in modalities}, case.seg, case.labels))
+    if not items:
+        raise DataError(f"{folder}: no volumes to evaluate")
+    return items
+
+
+def normalised(item: Item, modalities) -> tuple[np.ndarray, np.ndarray]:
+    """(modality, x, y, z) in [0, 1] on the item's own grid, and its affine."""
+    volumes = [load_volume(item.images[m]) for m in modalities]
+    for v in volumes[1:]:
+        if v.shape != volumes[0].shape:
+            raise DataError(f"{v.path}: shape {v.shape} differs from {volumes[0].path.name}")
+    arrays = [v.array for v in volumes]
+    head = find_head(arrays, 0.1)
+    out = []
+    for a in arrays:
+        low, high = np.percentile(a[head], (0.5, 99.5))
+        scaled = np.clip((a - low) / max(high - low, 1e-6), 0, 1)
+        scaled[~head] = 0
+        out.append(scaled.astype(np.float32))
+    return np.stack(out), volumes[0].affine
+
+
+def _to_ras_stack(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return np.stack([to_ras(c, affine) for c in volume])
+
+
+def _slices(volume_ras: np.ndarray, max_per_axis: int) -> torch.Tensor:
+    """Head-containing slices along each axis, resized: (n, modality, h, w)."""
+    out = []
+    head = volume_ras.max(axis=0) > 0
+    for axis in range(3):
+        filled = np.flatnonzero(head.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(filled):
+            continue
+        picks = np.linspace(filled[0], filled[-1], min(max_per_axis, len(filled))).round().astype(int)
+        for index in picks:
+            s = torch.from_numpy(np.take(volume_ras, index, axis=axis + 1).copy())
+            out.append(F.interpolate(s[None], size=SLICE_SIZE, mode="bilinear", align_corners=False)[0])
+    return torch.stack(out)
+
+
+def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, names: list[str] | None = None,
+             modalities: tuple[str, ...] = MODALITIES, features: str = "random", inception_weights=None,
+             max_slices: int = 8, seed: int = 0, progress: bool = True) -> dict:
+    out = Path(out)
+    names = names or [Path(s).name for s in synthetic]
+    if len(names) != len(synthetic):
+        raise DataError(f"{len(names)} names for {len(synthetic)} synthetic folders")
+    sets = {"real": read_set(real, modalities), **{n: read_set(s, modalities) for n, s in zip(names, synthetic)}}
+    extractor_2d = InceptionFeatures(inception_weights) if features == "inception" else None
+    random_2d = {m: RandomFeatures(2, 1, seed) for m in modalities}
+    random_3d = {m: RandomFeatures(3, 1, seed) for m in modalities}
+    random_3d_all = RandomFeatures(3, len(modalities), seed)
+
+    # 1. One pass over every volume: features, the small volume, and what the paired metrics need.
+    data: dict[str, dict] = {}
+    for set_name, items in sets.items():
+        per = {"ids": [], "keys": [], "f3d": {m: [] for m in modalities}, "f3d_all": [], "f2d": {m: [] for m in modalities},
+               "small": [], "full": {}, "hist": {m: [] for m in modalities}}
+        for item in tqdm(items, desc=f"evaluate {set_name}", unit="volume", disable=not progress):
+            volume, affine = normalised(item, modalities)
+            ras = _to_ras_stack(volume, affine)
+            small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
+            slices = _slices(ras, max_slices)
+            per["ids"].append(item.item_id)
+            per["keys"].append(item.key)
+            per["small"].append(small)
+            per["f3d_all"].append(random_3d_all(small[None])[0])
+            for c, m in enumerate(modalities):
+                per["f3d"][m].append(random_3d[m](small[None, c:c + 1])[0])
+                one = slices[:, c:c + 1]
+                per["f2d"][m].append(extractor_2d(one) if extractor_2d else random_2d[m](one))
+                values = volume[c][volume[c] > 0]
+                per["hist"][m].append(np.histogram(values, bins=50, range=(0, 1))[0])
+            if set_name == "real" or len(per["full"]) < 64:
+                per["full"][item.item_id] = (volume, affine, item)
+        data[set_name] = per
+
+    # 2. Metrics per synthetic set, per modality and overall.
+    real = data["real"]
+    results: dict = {"feature_extractor": {"2d": "inception-v3 (torch-fidelity)" if extractor_2d else
+                                           f"seeded random 2D CNN (seed {seed})",
+                                           "3d": f"seeded random 3D CNN (seed {seed}) at {list(VOLUME_SIZE)}"},
+                     "counts": {n: len(d["ids"]) for n, d in data.items()}, "sets": {}}
+    notes = []
+    results["real_diversity_ms_ssim"] = ms_ssim_diversity(torch.stack(real["small"]))
+    for name in names:
+        syn = data[name]
+        entry: dict = {"per_modality": {}}
+        for m in modalities:
+            r2d, s2d = torch.cat(real["f2d"][m]), torch.cat(syn["f2d"][m])
+            r3d, s3d = torch.stack(real["f3d"][m]), torch.stack(syn["f3d"][m])
+            entry["per_modality"][m] = {
+                "fid_2d": frechet_distance(r2d, s2d), "kid_2d": kernel_inception_distance(r2d, s2d),
+                "fid_3d": frechet_distance(r3d, s3d), "kid_3d": kernel_inception_distance(r3d, s3d),
+            }
+        r_all, s_all = torch.stack(real["f3d_all"]), torch.stack(syn["f3d_all"])
+        entry["fid_3d"] = frechet_distance(r_all, s_all)
+        entry["kid_3d"] = kernel_inception_distance(r_all, s_all)
+        entry["diversity_ms_ssim"] = ms_ssim_diversity(torch.stack(syn["small"]))
+        entry["paired"] = _paired(real["full"], syn, modalities)
+        mem = memorisation(real["ids"], r_all, syn["ids"], s_all)
+        entry["memorisation"] = {"real_typical_nn_distance": mem.real_typical_distance, "suspicious": mem.suspicious,
+                                 "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
+        results["sets"][name] = entry
+    if min(results["counts"].values()) < 2:
+        notes.append("Fewer than 2 volumes in a set: FID, KID and diversity are not defined and are shown as n/a.")
+    results["notes"] = notes
+
+    # 3. Report and figures.
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", _finite(results))
+    _histograms(out / "histograms.png", data, names, modalities)
+    _metric_bars(out / "metrics.png", results, names)
+    _samples(out / "samples.png", data, names, modalities)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(_markdown(results, names, modalities))
+    return results
+
+
+def _paired(real_full: dict, syn: dict, modalities) -> dict:
+    """SSIM/PSNR of each synthetic volume against the real volume of its mask (same grid)."""
+    scores = {m: {"ssim": [], "psnr": []} for m in modalities}
+    pairs = 0
+    for item_id, (volume, affine, item) in syn["full"].items():
+        if item.key not in real_full:
+            continue
+        real_volume, real_affine, real_item = real_full[item.key]
+        if real_volume.shape != volume.shape or not np.allclose(real_affine, affine, atol=1e-3):
+            raise DataError(f"{item.images[modalities[0]]}: grid differs from its real volume "
+                            f"{real_item.images[modalities[0]]}; paired metrics need the same grid")
+        pairs += 1
+        for c, m in enumerate(modalities):
+            ssim, psnr = paired_similarity(real_volume[c], volume[c])
+            scores[m]["ssim"].append(ssim)
+            scores[m]["psnr"].append(psnr)
+    return {"pairs": pairs, **{m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()}
+                               for m, s in scores.items()}}
+
+
+def _finite(obj):
+    """JSON has no infinity or NaN: write them as strings a reader cannot mistake."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _markdown(results: dict, names: list[str], modalities) -> str:
+    lines = ["# Evaluation report", "",
+             f"Volumes: {', '.join(f'{k} {v}' for k, v in results['counts'].items())}.",
+             f"Features: 2D {results['feature_extractor']['2d']}; 3D {results['feature_extractor']['3d']}.",
+             "FID and KID compare each synthetic set with the real set (lower is closer); diversity is the mean "
+             "MS-SSIM between volumes of one set (lower is more diverse; the real set's is given for reference); "
+             "paired SSIM/PSNR compare a synthetic volume with the real volume of the same mask.", "",
+             "## Overall", "", "| set | FID 3D | KID 3D | diversity (MS-SSIM) | pairs | memorisation suspects |",
+             "|---|---|---|---|---|---|"]
+    lines.append(f"| real | - | - | {_fmt(results['real_diversity_ms_ssim'])} | - | - |")
+    for n in names:
+        s = results["sets"][n]
+        lines.append(f"| {n} | {_fmt(s['fid_3d'])} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
+                     f"{s['paired']['pairs']} | {len(s['memorisation']['suspicious'])} |")
+    lines += ["", "## Per modality", "", "| set | modality | FID 2D | KID 2D | FID 3D | KID 3D | SSIM | PSNR dB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = results["sets"][n]
+        for m in modalities:
+            pm, pair = s["per_modality"][m], s["paired"][m]
+            lines.append(f"| {n} | {m} | {_fmt(pm['fid_2d'])} | {_fmt(pm['kid_2d'])} | {_fmt(pm['fid_3d'])} | "
+                         f"{_fmt(pm['kid_3d'])} | {_fmt(pair['ssim'])} | {_fmt(pair['psnr'])} |")
+    lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
+              "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
+    lines += [f"Note: {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _histograms(path: Path, data: dict, names: list[str], modalities) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modalities), figsize=(3.5 * len(modalities), 3), squeeze=False)
+    centres = (np.arange(50) + 0.5) / 50
+    for ax, m in zip(axes[0], modalities):
+        for name in ["real", *names]:
+            counts = np.sum(data[name]["hist"][m], axis=0).astype(float)
+            ax.plot(centres, counts / max(counts.sum(), 1), label=name)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("normalised intensity in the head", fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _metric_bars(path: Path, results: dict, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, (key, title) in zip(axes, [("fid_3d", "FID 3D (lower is closer)"), ("kid_3d", "KID 3D"),
+                                       ("diversity_ms_ssim", "MS-SSIM within set (lower = more diverse)")]):
+        values = [results["sets"][n][key] for n in names]
+        ax.bar(names, [v if v is not None else 0 for v in values], color="tab:orange")
+        if key == "diversity_ms_ssim" and results["real_diversity_ms_ssim"] is not None:
+            ax.axhline(results["real_diversity_ms_ssim"], color="tab:blue", label="real")
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _samples(path: Path, data: dict, names: list[str], modalities, rows: int = 3) -> None:
+    """Real and synthetic volumes of the same masks, every modality."""
+    from ..labels import get_scheme
+
+    figure_rows = []
+    real_full = data["real"]["full"]
+    for name in names:
+        for item_id, (volume, affine, item) in list(data[name]["full"].items()):
+            if len(figure_rows) >= 2 * rows * len(names) or item.key not in real_full:
+                continue
+            real_volume, real_affine, real_item = real_full[item.key]
+            labels = np.zeros(volume.shape[1:], dtype=np.uint8)
+            if real_item.mask is not None and real_item.labels is not None:
+                labels = get_scheme(real_item.labels).to_common(load_volume(real_item.mask, kind="label").array)
+            figure_rows.append(FigureRow(f"real {item.key}", {m: to_ras(real_volume[c], real_affine)
+                                                              for c, m in enumerate(modalities)},
+                                         to_ras(labels, real_affine), (0.0, 1.0)))
+            figure_rows.append(FigureRow(f"{name} {item_id}", {m: to_ras(volume[c], affine)
+                                                               for c, m in enumerate(modalities)},
+                                         to_ras(labels, affine), (0.0, 1.0)))
+            if sum(1 for r in figure_rows if r.name.startswith(name)) >= rows:
+                break
+    if figure_rows:
+        write_slices_figure(path, figure_rows, list(modalities), title="real vs synthetic, same mask")

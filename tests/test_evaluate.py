@@ -1,0 +1,93 @@
+"""Evaluation metrics on sets with known answers, and the report end to end."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from diffusion_glioma.cli import main
+from diffusion_glioma.errors import DiffusionGliomaError
+from diffusion_glioma.evaluation.fidelity import (RandomFeatures, frechet_distance, kernel_inception_distance,
+                                                  memorisation, ms_ssim_diversity, paired_similarity)
+from diffusion_glioma.evaluation.report import evaluate
+
+
+def test_distances_have_the_known_answers():
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 8, generator=rng)
+    b = torch.randn(200, 8, generator=rng)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = [frechet_distance(a, b + s) for s in (0.0, 0.5, 1.0)]
+    assert shifted[0] < shifted[1] < shifted[2]
+    assert shifted[2] == pytest.approx(8.0, rel=0.25)  # a mean shift of 1 in 8 dims adds 8 to the FID
+    # Same distribution: KID (unbiased) is near 0, far below a shifted one.
+    assert kernel_inception_distance(a, b + 1.0) > 10 * abs(kernel_inception_distance(a, b))
+    assert frechet_distance(a[:1], b) is None and kernel_inception_distance(a, b[:1]) is None
+
+
+def test_similarity_diversity_and_memorisation_known_answers():
+    rng = np.random.default_rng(0)
+    volume = rng.random((24, 24, 24)).astype(np.float32)
+    assert paired_similarity(volume, volume) == (pytest.approx(1.0), float("inf"))
+    ssim_small, psnr_small = paired_similarity(volume, np.clip(volume + 0.05 * rng.standard_normal(volume.shape), 0, 1))
+    ssim_big, psnr_big = paired_similarity(volume, np.clip(volume + 0.3 * rng.standard_normal(volume.shape), 0, 1))
+    assert 1 > ssim_small > ssim_big and psnr_small > psnr_big
+    base = torch.rand(1, 1, 32, 32, 32)
+    copies = base.repeat(4, 1, 1, 1, 1)
+    varied = torch.rand(4, 1, 32, 32, 32)
+    assert ms_ssim_diversity(copies) == pytest.approx(1.0, abs=1e-4)
+    assert ms_ssim_diversity(varied) < 0.5 and ms_ssim_diversity(copies[:1]) is None
+    net = RandomFeatures(3, 1, seed=0)
+    assert torch.equal(net(base), RandomFeatures(3, 1, seed=0)(base))  # the same extractor everywhere
+    real_features = net(torch.rand(5, 1, 32, 32, 32))
+    result = memorisation([f"r{i}" for i in range(5)], real_features, ["copy", "new"],
+                          torch.stack([real_features[2], net(torch.rand(1, 1, 32, 32, 32))[0]]))
+    assert result.nearest[0][:2] == ("copy", "r2") and result.nearest[0][2] == pytest.approx(0.0, abs=1e-9)
+    assert result.suspicious == ["copy"]
+
+
+def _perturbed_copy(source, target, noise: float, seed: int = 0):
+    shutil.copytree(source, target)
+    rng = np.random.default_rng(seed)
+    for path in target.rglob("*-t*.nii.gz"):
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj).astype(np.float32)
+        head = data > 0
+        data[head] += noise * data[head].std() * rng.standard_normal(head.sum())
+        nib.save(nib.Nifti1Image(np.clip(data, 1, None) * head, img.affine), str(path))
+
+
+def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tmp_path, capsys):
+    _perturbed_copy(phantom_dir, tmp_path / "slightly", noise=0.1)
+    _perturbed_copy(phantom_dir, tmp_path / "very", noise=1.0)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--real", str(phantom_dir), "--synthetic", str(phantom_dir), str(tmp_path / "slightly"),
+                 str(tmp_path / "very"), "--names", "identical", "slightly", "very", "--out", str(out),
+                 "--max-slices", "4", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    sets = report["sets"]
+    assert sets["identical"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
+    assert sets["identical"]["paired"]["t1n"]["ssim"] == pytest.approx(1.0)
+    assert sets["identical"]["paired"]["t1n"]["psnr"] == "inf"
+    assert sets["identical"]["fid_3d"] < sets["slightly"]["fid_3d"] < sets["very"]["fid_3d"]
+    assert sets["slightly"]["paired"]["t2f"]["ssim"] > sets["very"]["paired"]["t2f"]["ssim"]
+    assert sets["slightly"]["per_modality"]["t1c"]["fid_2d"] < sets["very"]["per_modality"]["t1c"]["fid_2d"]
+    assert len(sets["identical"]["memorisation"]["suspicious"]) == 5  # exact copies are flagged
+    assert sets["identical"]["paired"]["pairs"] == 5
+    for figure in ("samples.png", "histograms.png", "metrics.png"):
+        assert (out / figure).stat().st_size > 5000
+    assert "| identical |" in capsys.readouterr().out
+
+
+def test_evaluate_bad_input(phantom_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(phantom_dir, other)
+    for path in other.rglob("*-t2f.nii.gz"):
+        path.unlink()
+    with pytest.raises(DiffusionGliomaError, match=r"has no \['t2f'\]"):
+        evaluate(phantom_dir, [other], tmp_path / "r1", progress=False)
+    with pytest.raises(DiffusionGliomaError, match="Inception weights file not found"):
+        evaluate(phantom_dir, [phantom_dir], tmp_path / "r2", features="inception", progress=False)
