@@ -345,7 +345,16 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, 
 
 
 def _claim_output_folder(out: Path, identity: dict, state, dry_run: bool) -> None:
-    """An output folder holds one dataset: refuse one made with other settings or holding other files."""
+    """An output folder holds one dataset: refuse one made with other settings or holding other files.
+    The main process checks and writes the marker; the others check it after a barrier (no race)."""
+    if state.is_main_process:
+        _check_or_claim(out, identity, write=not dry_run)
+    state.wait_for_everyone()
+    if not state.is_main_process and not dry_run:
+        _check_or_claim(out, identity, write=False)
+
+
+def _check_or_claim(out: Path, identity: dict, write: bool) -> None:
     marker = out / "generation.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
@@ -356,9 +365,8 @@ def _claim_output_folder(out: Path, identity: dict, state, dry_run: bool) -> Non
         return
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: folder is not empty and holds no diffusion_glioma dataset; choose another --out")
-    if not dry_run and state.is_main_process:
+    if write:
         write_json(marker, identity)
-    state.wait_for_everyone()
 
 
 def _labels_seen(model_dir: Path) -> list[int]:
