@@ -18,6 +18,25 @@ from .labels import COMMON_LABELS, TUMOUR_LABELS
 LABEL_COLOURS = {2: (1.0, 0.2, 0.2), 3: (0.2, 0.9, 0.2), 4: (1.0, 0.9, 0.1), 5: (0.3, 0.5, 1.0), 6: (0.9, 0.3, 1.0)}
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on clusters and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str | Path, dpi: int = 80) -> Path:
+    """Write a figure atomically and free it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
+    return path
+
+
 @dataclass
 class FigureRow:
     name: str
@@ -28,11 +47,7 @@ class FigureRow:
 
 def write_slices_figure(path: str | Path, rows: list[FigureRow], modalities: list[str] | tuple[str, ...],
                         title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = len(modalities) + 1
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 2.2 * len(rows) + 0.4), squeeze=False)
     for r, row in enumerate(rows):
@@ -62,11 +77,7 @@ def write_slices_figure(path: str | Path, rows: list[FigureRow], modalities: lis
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90)
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -66,3 +66,9 @@ def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path
                                    GenerateOptions(format=fmt, per_mask=2, limit=2), progress=False)
         assert len(records) == 4 and records[0]["sampler"] == "gan" and records[0]["steps"] == 1
     assert (tmp_path / "nnunet" / "Dataset501_SyntheticGlioma" / "dataset.json").is_file()
+    # The same evaluation command scores the cGAN's output.
+    from diffusion_glioma.evaluation.report import evaluate
+
+    report = evaluate(phantom_dir, [tmp_path / "pairs"], tmp_path / "report", names=["cgan"], max_slices=2,
+                      progress=False)
+    assert report["sets"]["cgan"]["paired"]["pairs"] == 4 and report["sets"]["cgan"]["fid_3d"] > 0

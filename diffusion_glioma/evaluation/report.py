@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..data.layouts import MODALITIES, discover_cases
 from ..data.preprocess import find_head
 from ..errors import DataError
-from ..figures import FigureRow, to_ras, write_slices_figure
+from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import atomic_path, load_volume, write_json
 from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance,
                        kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity)
@@ -245,10 +245,7 @@ def _markdown(results: dict, names: list[str], modalities) -> str:
 
 
 def _histograms(path: Path, data: dict, names: list[str], modalities) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(modalities), figsize=(3.5 * len(modalities), 3), squeeze=False)
     centres = (np.arange(50) + 0.5) / 50
@@ -260,16 +257,11 @@ def _histograms(path: Path, data: dict, names: list[str], modalities) -> None:
         ax.set_xlabel("normalised intensity in the head", fontsize=8)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _metric_bars(path: Path, results: dict, names: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3))
     for ax, (key, title) in zip(axes, [("fid_3d", "FID 3D (lower is closer)"), ("kid_3d", "KID 3D"),
@@ -281,9 +273,7 @@ def _metric_bars(path: Path, results: dict, names: list[str]) -> None:
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _samples(path: Path, data: dict, names: list[str], modalities, rows: int = 3) -> None:

@@ -29,6 +29,7 @@ from ..errors import ConfigError, DataError
 from ..io import Volume, atomic_path, load_volume, save_volume, write_json
 from ..labels import (BACKGROUND, BRATS_REGIONS, CAVITY, CORE, CYST, ENHANCING, HEAD, OEDEMA, TUMOUR_LABELS,
                       add_head, get_scheme)
+from ..figures import pyplot, save_png
 from .checks import CheckSettings, check_layout, core_exposure, remove_fragments
 
 OPERATIONS = ("spatial", "transplant", "grow_shrink")
@@ -391,10 +392,7 @@ def layout_stats(labels: np.ndarray, mask: InputMask) -> dict:
 
 def distribution_figure(path: Path, inputs: list[dict], outputs: list[dict]) -> Path:
     """Inputs vs outputs: tumour volume, centroid position and sub-region fractions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("whole-tumour volume (mL)", lambda s: s["volume_ml"]),
               ("centroid |x| from midline (fraction)", lambda s: s["centroid_rel"][0]),
@@ -413,7 +411,4 @@ def distribution_figure(path: Path, inputs: list[dict], outputs: list[dict]) -> 
         ax.set_title(title, fontsize=9)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
