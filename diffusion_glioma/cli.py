@@ -150,7 +150,8 @@ def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate
 
     evaluate(args.real, args.synthetic, args.out, names=args.names, features=args.features,
-             inception_weights=args.inception_weights, max_slices=args.max_slices, progress=not args.quiet)
+             inception_weights=args.inception_weights, max_slices=args.max_slices,
+             segmentation_steps=args.segmentation_steps, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2D feature extractor: seeded random CNN (offline default) or Inception via torch-fidelity")
     p.add_argument("--inception-weights", help="local Inception weights file (with --features inception)")
     p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
+    p.add_argument("--segmentation-steps", type=int, default=200,
+                   help="training steps of the in-package segmenter for mask consistency and utility (0: skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

@@ -337,6 +337,7 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, 
                 qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
     return {
         "output": oid, "index": index, "source_mask": str(job.case.seg), "case_id": job.case.case_id, "k": k,
+        "label_scheme": job.case.labels,
         "disease": job.disease, "seed": output_seed(options.seed, job.case.case_id, k),
         "model": identity["model"], "model_hash": identity["model_hash"], "sampler": options.sampler,
         "steps": options.steps, "guidance_scale": options.guidance_scale, "seconds": round(seconds, 3),

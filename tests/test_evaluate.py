@@ -66,7 +66,7 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
     out = tmp_path / "report"
     assert main(["evaluate", "--real", str(phantom_dir), "--synthetic", str(phantom_dir), str(tmp_path / "slightly"),
                  str(tmp_path / "very"), "--names", "identical", "slightly", "very", "--out", str(out),
-                 "--max-slices", "4", "--quiet"]) == 0
+                 "--max-slices", "4", "--segmentation-steps", "0", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     sets = report["sets"]
     assert sets["identical"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
@@ -88,6 +88,40 @@ def test_evaluate_bad_input(phantom_dir, tmp_path):
     for path in other.rglob("*-t2f.nii.gz"):
         path.unlink()
     with pytest.raises(DiffusionGliomaError, match=r"has no \['t2f'\]"):
-        evaluate(phantom_dir, [other], tmp_path / "r1", progress=False)
+        evaluate(phantom_dir, [other], tmp_path / "r1", segmentation_steps=0, progress=False)
     with pytest.raises(DiffusionGliomaError, match="Inception weights file not found"):
-        evaluate(phantom_dir, [phantom_dir], tmp_path / "r2", features="inception", progress=False)
+        evaluate(phantom_dir, [phantom_dir], tmp_path / "r2", features="inception", segmentation_steps=0,
+                 progress=False)
+
+
+def test_dice_and_hd95_known_answers():
+    from diffusion_glioma.evaluation.segmentation import dice_and_hd95
+
+    target = torch.zeros(1, 3, 16, 16, 16)
+    target[:, :, 4:10, 4:10, 4:10] = 1
+    target[:, 2] = 0  # no enhancing tumour in this case
+    perfect = dice_and_hd95(target.clone(), target, (2.0, 2.0, 2.0))
+    assert perfect["WT"] == {"dice": pytest.approx(1.0), "hd95": pytest.approx(0.0), "n": 1, "empty_predictions": 0}
+    assert perfect["ET"] == {"dice": None, "hd95": None, "n": 0}
+    shifted = torch.roll(target, shifts=2, dims=2)  # 2 voxels of 2 mm
+    result = dice_and_hd95(shifted, target, (2.0, 2.0, 2.0))
+    assert result["WT"]["dice"] == pytest.approx(2 * 4 / 12)
+    assert result["WT"]["hd95"] == pytest.approx(4.0)
+    empty = dice_and_hd95(torch.zeros_like(target), target, (2.0, 2.0, 2.0))
+    assert empty["WT"]["dice"] == 0.0 and empty["WT"]["hd95"] is None and empty["WT"]["empty_predictions"] == 1
+
+
+def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
+    # A synthetic set that is a copy of the real one.
+    report = evaluate(phantom_dir, [phantom_dir], tmp_path / "r", names=["copy"], max_slices=2,
+                      segmentation_steps=150, progress=False)
+    seg = report["sets"]["copy"]["segmentation"]
+    assert seg["train_real"] == 4 and seg["train_synthetic"] == 4  # the held-out case's copy is not trained on
+    assert set(seg["utility"]) == {"real", "synthetic", "real+synthetic", "half real+synthetic"}
+    wt = [seg["utility"][k]["WT"]["dice"] for k in seg["utility"]]
+    assert all(0 <= d <= 1 for d in wt)
+    # Trained on the same four volumes (in another order), both find most of the tumour.
+    assert seg["utility"]["real"]["WT"]["dice"] > 0.4 and seg["utility"]["synthetic"]["WT"]["dice"] > 0.4
+    assert 0 <= seg["mask_consistency"]["WT"]["dice"] <= 1 and seg["mask_consistency"]["WT"]["n"] == 5
+    assert (tmp_path / "r" / "segmentation.png").stat().st_size > 5000
+    assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
