@@ -124,4 +124,9 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     assert seg["utility"]["real"]["WT"]["dice"] > 0.4 and seg["utility"]["synthetic"]["WT"]["dice"] > 0.4
     assert 0 <= seg["mask_consistency"]["WT"]["dice"] <= 1 and seg["mask_consistency"]["WT"]["n"] == 5
     assert (tmp_path / "r" / "segmentation.png").stat().st_size > 5000
+    cls = seg["classification"]
+    assert cls["classes"] == ["glioblastoma", "pediatric_diffuse_glioma"]
+    for trained_on in ("real", "synthetic"):
+        if cls[trained_on] is not None:  # None when the training split lacks one of the diseases
+            assert 0 <= cls[trained_on]["balanced_accuracy"] <= 1 and cls[trained_on]["n"] == 1
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()

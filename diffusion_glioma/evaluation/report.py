@@ -267,6 +267,17 @@ def _markdown(results: dict, names: list[str], modalities) -> str:
             for regime, scores in rows:
                 cells = [f"{_fmt(scores[r]['dice'])} ({_fmt(scores[r]['hd95'])})" if scores else "n/a" for r in REGIONS]
                 lines.append(f"| {n} | {regime} | " + " | ".join(cells) + " |")
+        lines += ["", "Disease classifier (MONAI Classifier) tested on the held-out real cases:", "",
+                  "| set | trained on | accuracy | balanced accuracy |", "|---|---|---|---|"]
+        for n in names:
+            cls = results["sets"][n]["segmentation"].get("classification", {})
+            if "note" in cls:
+                lines.append(f"| {n} | {cls['note']} | | |")
+                continue
+            for trained_on in ("real", "synthetic"):
+                scores = cls.get(trained_on)
+                lines.append(f"| {n} | {trained_on} | {_fmt(scores['accuracy']) if scores else 'n/a'} | "
+                             f"{_fmt(scores['balanced_accuracy']) if scores else 'n/a'} |")
     lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
               "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
     lines += [f"Note: {note}" for note in results["notes"]]
