@@ -200,3 +200,24 @@ def test_two_processes_split_the_cases(tiny_cache, tmp_path):
     for a, b in zip(*orders):
         assert a != b  # each micro-step, the two processes train on different cases
     assert (tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_transfer_study_runs_at_cpu_scale(tiny_cache, tmp_path):
+    """Scratch vs fine-tuned for 1 pediatric case, scored on the other one, plotted."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import transfer_study
+
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "unused", diffusion={"prediction_type": "epsilon"})
+    assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "study"), "--counts", "1",
+                                "--source-steps", "4", "--target-steps", "3", "--test-cases", "1",
+                                "--sample-steps", "2"]) == 0
+    results = json.loads((tmp_path / "study" / "transfer.json").read_text())
+    assert results["held_out"] == ["BraTS-PED-00001-000"]
+    for mode in ("scratch", "finetuned"):
+        scores = results[mode]["1"]
+        assert -1 <= scores["ssim"] <= 1 and scores["fid_3d"] is None  # one held-out case: no FID
+    assert (tmp_path / "study" / "transfer.png").stat().st_size > 5000
+    assert (tmp_path / "study" / "finetuned_1" / "pipeline" / "training.json").is_file()
+    # Asking for more cases than there are is refused before any training.
+    assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "s2"), "--counts", "5",
+                                "--test-cases", "1"]) == 2

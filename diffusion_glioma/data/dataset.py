@@ -16,18 +16,22 @@ class CachedCases(Dataset):
 
     `image` is float32 (modality, x, y, z) in [-1, 1]; `labels` is int64 (x, y, z) in the common
     scheme; `disease` is the disease's index in `diseases` (so index 0 can stay "none" for
-    classifier-free guidance). `limit` keeps the first N cases after filtering (few-shot runs).
+    classifier-free guidance). `limit` keeps the first N cases after filtering (few-shot runs);
+    `case_ids` keeps only the cases named.
     Small caches are held in memory after the first read.
     """
 
     def __init__(self, cache: str | Path, *, diseases: list[str] | None = None, require_seg: bool = True,
-                 only_diseases: list[str] | None = None, limit: int | None = None, in_memory: bool = True):
+                 only_diseases: list[str] | None = None, limit: int | None = None, case_ids: list[str] | None = None,
+                 in_memory: bool = True):
         self.cache = Path(cache)
         index = read_index(self.cache)
         self.modalities: list[str] = index["modalities"]
         entries = [e for e in index["cases"] if e["has_seg"] or not require_seg]
         if only_diseases is not None:
             entries = [e for e in entries if e["disease"] in only_diseases]
+        if case_ids is not None:
+            entries = [e for e in entries if e["case_id"] in set(case_ids)]
         if limit is not None:
             entries = entries[:limit]
         if not entries:
