@@ -151,7 +151,7 @@ def cmd_evaluate(args) -> int:
 
     evaluate(args.real, args.synthetic, args.out, names=args.names, features=args.features,
              inception_weights=args.inception_weights, max_slices=args.max_slices,
-             segmentation_steps=args.segmentation_steps, progress=not args.quiet)
+             segmentation_steps=args.segmentation_steps, features_3d=args.features_3d, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=["random", "inception"], default="random",
                    help="2D feature extractor: seeded random CNN (offline default) or Inception via torch-fidelity")
     p.add_argument("--inception-weights", help="local Inception weights file (with --features inception)")
+    p.add_argument("--features-3d", help="safetensors weights for the 3D feature network (default: seeded random)")
     p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
     p.add_argument("--segmentation-steps", type=int, default=200,
                    help="training steps of the in-package segmenter for mask consistency and utility (0: skip)")

@@ -75,6 +75,9 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
     assert sets["identical"]["fid_3d"] < sets["slightly"]["fid_3d"] < sets["very"]["fid_3d"]
     assert sets["slightly"]["paired"]["t2f"]["ssim"] > sets["very"]["paired"]["t2f"]["ssim"]
     assert sets["slightly"]["per_modality"]["t1c"]["fid_2d"] < sets["very"]["per_modality"]["t1c"]["fid_2d"]
+    by_slices = sets["very"]["per_modality"]["t2f"]["by_slices"]
+    assert {"axial/all", "axial/tumour", "coronal/tumour", "sagittal/all"} <= set(by_slices)
+    assert by_slices["axial/tumour"]["slices"] == [20, 20] and by_slices["axial/tumour"]["fid"] > 0
     assert len(sets["identical"]["memorisation"]["suspicious"]) == 5  # exact copies are flagged
     assert sets["identical"]["paired"]["pairs"] == 5
     for figure in ("samples.png", "histograms.png", "metrics.png"):
@@ -130,3 +133,19 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
         if cls[trained_on] is not None:  # None when the training split lacks one of the diseases
             assert 0 <= cls[trained_on]["balanced_accuracy"] <= 1 and cls[trained_on]["n"] == 1
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_3d_features_from_a_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffusion_glioma.evaluation.fidelity import load_features_3d
+
+    trained = RandomFeatures(3, 4, seed=5)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "f.safetensors"))
+    loaded = load_features_3d(tmp_path / "f.safetensors", 4)
+    x = torch.rand(2, 4, 32, 32, 32)
+    assert torch.equal(loaded(x), trained(x)) and not torch.equal(loaded(x), RandomFeatures(3, 4, seed=0)(x))
+    with pytest.raises(DiffusionGliomaError, match="not weights for the 3D feature network with 1 input"):
+        load_features_3d(tmp_path / "f.safetensors", 1)
+    with pytest.raises(DiffusionGliomaError, match="weights file not found"):
+        load_features_3d(tmp_path / "none.safetensors", 4)

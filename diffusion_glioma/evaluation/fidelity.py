@@ -55,6 +55,25 @@ class RandomFeatures(nn.Module):
         return torch.cat(features, dim=1)
 
 
+def load_features_3d(path: str | Path, in_channels: int) -> RandomFeatures:
+    """A 3D feature network of `RandomFeatures`' shape with weights from a local safetensors file (for
+    instance one trained on real scans), instead of random ones."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiffusionGliomaError(f"{path}: 3D feature weights file not found; omit --features-3d to use "
+                                   "the seeded random network (the offline default)")
+    network = RandomFeatures(3, in_channels)
+    try:
+        network.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # wrong shapes or names, damaged file
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise DiffusionGliomaError(f"{path}: not weights for the 3D feature network with {in_channels} input "
+                                   f"channels ({reason})") from None
+    return network.eval()
+
+
 class InceptionFeatures:
     """Inception-v3 pool features through torch-fidelity, from a local weights file (no download)."""
 

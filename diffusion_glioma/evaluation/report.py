@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import atomic_path, load_volume, write_json
 from .segmentation import REGIONS
-from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance,
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance, load_features_3d,
                        kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity)
 
 
@@ -86,24 +86,42 @@ def _to_ras_stack(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.stack([to_ras(c, affine) for c in volume])
 
 
-def _slices(volume_ras: np.ndarray, max_per_axis: int) -> torch.Tensor:
-    """Head-containing slices along each axis, resized: (n, modality, h, w)."""
-    out = []
+AXES = ("sagittal", "coronal", "axial")  # RAS voxel axes 0, 1, 2
+
+
+def _slices(volume_ras: np.ndarray, max_per_axis: int, tumour_ras: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """Slices along each axis, resized, as `{"axial/all": (n, modality, h, w), "axial/tumour": …}`:
+    evenly spread over the head, and (when the mask is known) over the tumour."""
+    out = {}
     head = volume_ras.max(axis=0) > 0
-    for axis in range(3):
-        filled = np.flatnonzero(head.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(filled):
-            continue
-        picks = np.linspace(filled[0], filled[-1], min(max_per_axis, len(filled))).round().astype(int)
-        for index in picks:
-            s = torch.from_numpy(np.take(volume_ras, index, axis=axis + 1).copy())
-            out.append(F.interpolate(s[None], size=SLICE_SIZE, mode="bilinear", align_corners=False)[0])
-    return torch.stack(out)
+    for axis, axis_name in enumerate(AXES):
+        others = tuple(a for a in range(3) if a != axis)
+        for subset, region in (("all", head), ("tumour", tumour_ras)):
+            if region is None:
+                continue
+            filled = np.flatnonzero(region.any(axis=others))
+            if not len(filled):
+                continue
+            picks = np.linspace(filled[0], filled[-1], min(max_per_axis, len(filled))).round().astype(int)
+            slices = [torch.from_numpy(np.take(volume_ras, i, axis=axis + 1).copy()) for i in picks]
+            out[f"{axis_name}/{subset}"] = F.interpolate(torch.stack(slices), size=SLICE_SIZE, mode="bilinear",
+                                                         align_corners=False)
+    return out
+
+
+def _tumour_ras(item: Item, affine: np.ndarray) -> np.ndarray | None:
+    from ..labels import TUMOUR_LABELS, get_scheme
+
+    if item.mask is None or item.labels is None:
+        return None
+    common = get_scheme(item.labels).to_common(load_volume(item.mask, kind="label").array, item.mask)
+    return to_ras(np.isin(common, TUMOUR_LABELS), affine)
 
 
 def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, names: list[str] | None = None,
              modalities: tuple[str, ...] = MODALITIES, features: str = "random", inception_weights=None,
-             max_slices: int = 8, segmentation_steps: int = 200, seed: int = 0, progress: bool = True) -> dict:
+             max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
+             progress: bool = True) -> dict:
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
     if len(names) != len(synthetic):
@@ -111,27 +129,32 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     sets = {"real": read_set(real, modalities), **{n: read_set(s, modalities) for n, s in zip(names, synthetic)}}
     extractor_2d = InceptionFeatures(inception_weights) if features == "inception" else None
     random_2d = {m: RandomFeatures(2, 1, seed) for m in modalities}
+    if features_3d is not None:  # one network for all modalities together; per modality stays random
+        random_3d_all = load_features_3d(features_3d, len(modalities))
+    else:
+        random_3d_all = RandomFeatures(3, len(modalities), seed)
     random_3d = {m: RandomFeatures(3, 1, seed) for m in modalities}
-    random_3d_all = RandomFeatures(3, len(modalities), seed)
 
     # 1. One pass over every volume: features, the small volume, and what the paired metrics need.
     data: dict[str, dict] = {}
     for set_name, items in sets.items():
-        per = {"ids": [], "keys": [], "f3d": {m: [] for m in modalities}, "f3d_all": [], "f2d": {m: [] for m in modalities},
+        per = {"ids": [], "keys": [], "f3d": {m: [] for m in modalities}, "f3d_all": [],
+               "f2d": {m: {} for m in modalities},
                "small": [], "full": {}, "hist": {m: [] for m in modalities}}
         for item in tqdm(items, desc=f"evaluate {set_name}", unit="volume", disable=not progress):
             volume, affine = normalised(item, modalities)
             ras = _to_ras_stack(volume, affine)
             small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
-            slices = _slices(ras, max_slices)
+            slices = _slices(ras, max_slices, _tumour_ras(item, affine))
             per["ids"].append(item.item_id)
             per["keys"].append(item.key)
             per["small"].append(small)
             per["f3d_all"].append(random_3d_all(small[None])[0])
             for c, m in enumerate(modalities):
                 per["f3d"][m].append(random_3d[m](small[None, c:c + 1])[0])
-                one = slices[:, c:c + 1]
-                per["f2d"][m].append(extractor_2d(one) if extractor_2d else random_2d[m](one))
+                for key, stack in slices.items():
+                    one = stack[:, c:c + 1]
+                    per["f2d"][m].setdefault(key, []).append(extractor_2d(one) if extractor_2d else random_2d[m](one))
                 values = volume[c][volume[c] > 0]
                 per["hist"][m].append(np.histogram(values, bins=50, range=(0, 1))[0])
             if set_name == "real" or len(per["full"]) < 64:
@@ -142,7 +165,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     real = data["real"]
     results: dict = {"feature_extractor": {"2d": "inception-v3 (torch-fidelity)" if extractor_2d else
                                            f"seeded random 2D CNN (seed {seed})",
-                                           "3d": f"seeded random 3D CNN (seed {seed}) at {list(VOLUME_SIZE)}"},
+                                           "3d": (f"3D CNN from {features_3d}" if features_3d else
+                                                  f"seeded random 3D CNN (seed {seed})") + f" at {list(VOLUME_SIZE)}"},
                      "counts": {n: len(d["ids"]) for n, d in data.items()}, "sets": {}}
     notes = []
     results["real_diversity_ms_ssim"] = ms_ssim_diversity(torch.stack(real["small"]))
@@ -150,11 +174,18 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         syn = data[name]
         entry: dict = {"per_modality": {}}
         for m in modalities:
-            r2d, s2d = torch.cat(real["f2d"][m]), torch.cat(syn["f2d"][m])
+            pooled = lambda d: torch.cat([f for k, fs in d.items() if k.endswith("/all") for f in fs])  # noqa: E731
+            r2d, s2d = pooled(real["f2d"][m]), pooled(syn["f2d"][m])
             r3d, s3d = torch.stack(real["f3d"][m]), torch.stack(syn["f3d"][m])
+            by_slices = {}
+            for key in sorted(set(real["f2d"][m]) & set(syn["f2d"][m])):
+                rk, sk = torch.cat(real["f2d"][m][key]), torch.cat(syn["f2d"][m][key])
+                by_slices[key] = {"fid": frechet_distance(rk, sk), "kid": kernel_inception_distance(rk, sk),
+                                  "slices": [len(rk), len(sk)]}
             entry["per_modality"][m] = {
                 "fid_2d": frechet_distance(r2d, s2d), "kid_2d": kernel_inception_distance(r2d, s2d),
                 "fid_3d": frechet_distance(r3d, s3d), "kid_3d": kernel_inception_distance(r3d, s3d),
+                "by_slices": by_slices,
             }
         r_all, s_all = torch.stack(real["f3d_all"]), torch.stack(syn["f3d_all"])
         entry["fid_3d"] = frechet_distance(r_all, s_all)

@@ -79,8 +79,9 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
     for count in counts:
         scratch = _run(base, out / f"scratch_{count}", target_steps, [target], count)
         finetuned = _run(base, out / f"finetuned_{count}", target_steps, [target], count, source=source_model)
-        results["scratch"][count] = score(scratch, held_out, target, sample_steps, seed)
-        results["finetuned"][count] = score(finetuned, held_out, target, sample_steps, seed)
+        # String keys: the same in memory as in transfer.json.
+        results["scratch"][str(count)] = score(scratch, held_out, target, sample_steps, seed)
+        results["finetuned"][str(count)] = score(finetuned, held_out, target, sample_steps, seed)
     write_json(out / "transfer.json", results)
     _plot(out / "transfer.png", results)
     return results
@@ -96,9 +97,11 @@ def _plot(path: Path, results: dict) -> None:
                                                                   "paired PSNR dB (higher is better)",
                                                                   "FID 3D (lower is better)")):
         for mode, marker in (("scratch", "o"), ("finetuned", "s")):
-            values = [results[mode][c][key] for c in counts]
+            values = [results[mode][str(c)][key] for c in counts]
             ax.plot(counts, [v if v is not None else np.nan for v in values], marker=marker,
                     label="fine-tuned from " + results["source"] if mode == "finetuned" else "from scratch")
+        if all(results[m][str(c)][key] is None for m in ("scratch", "finetuned") for c in counts):
+            ax.text(0.5, 0.5, "n/a: needs at least 2 held-out cases", ha="center", transform=ax.transAxes)
         ax.set_xlabel(f"{results['target']} training cases")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
