@@ -62,6 +62,12 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
                        source_steps: int, target_steps: int, test_cases: int = 2, sample_steps: int = 25,
                        seed: int = 0) -> dict:
     out = Path(out)
+    if base.data.raw is not None:  # as the training loop does: prepare the raw folder first (resumable)
+        from ..config import DataConfig, load_config
+        from ..data.cache import prepare_dataset
+
+        data_config = load_config(DataConfig, base.data.config) if base.data.config else DataConfig()
+        prepare_dataset(base.data.raw, base.data.cache, data_config, progress=False)
     index = read_index(base.data.cache)
     target_ids = [e["case_id"] for e in index["cases"] if e["disease"] == target and e["has_seg"]]
     if len(target_ids) < test_cases + max(counts):
