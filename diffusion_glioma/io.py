@@ -96,16 +96,6 @@ def load_volume(path: str | Path, *, kind: str = "image") -> Volume:
     return Volume(data, affine, path, qform_code=qcode or 1, sform_code=scode or 1)
 
 
-def read_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine without reading the voxels (for fast listings)."""
-    path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable NIfTI file ({_reason(exc)})") from None
-    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-
-
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]

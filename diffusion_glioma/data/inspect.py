@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from ..errors import DataError
 from ..figures import FigureRow, to_ras, write_slices_figure
-from ..labels import COMMON_LABELS, HEAD, TUMOUR_LABELS
+from ..labels import COMMON_LABELS, HEAD, TUMOUR_LABELS, label_volumes_ml
 from .layouts import discover_cases
 from .preprocess import LoadedCase, load_case
 
@@ -70,10 +70,8 @@ def inspect_dataset(root: str | Path, config: DataConfig, *, montage: str | Path
             continue
         reference = next(iter(loaded.images.values()))
         row.shape, row.spacing = reference.shape, tuple(round(s, 3) for s in reference.spacing)
-        voxel_ml = abs(np.linalg.det(reference.affine[:3, :3])) / 1000.0
         labels = loaded.labels if loaded.labels is not None else loaded.head.astype(np.uint8)
-        counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(COMMON_LABELS))
-        row.volumes_ml = {COMMON_LABELS[i]: float(counts[i] * voxel_ml) for i in COMMON_LABELS}
+        row.volumes_ml = label_volumes_ml(labels, abs(np.linalg.det(reference.affine[:3, :3])))
         if len(shown) < montage_cases:
             shown.append(loaded)
     if montage is not None and shown:

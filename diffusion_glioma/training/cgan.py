@@ -23,7 +23,7 @@ from ..figures import FigureRow, write_slices_figure
 from ..io import write_json
 from ..models.cgan import CGANDiscriminator, CGANGenerator
 from ..pipeline import CGANPipeline
-from .common import (training_facts, StepSampler, checkpoints, collate, load_checkpoint, save_checkpoint, start_run, step_generator,
+from .common import (ema_copy, training_facts, StepSampler, checkpoints, collate, load_checkpoint, save_checkpoint, start_run, step_generator,
                      stop_if_diverged)
 from .config import TrainConfig
 
@@ -114,7 +114,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         if step % config.checkpoints.every == 0 or step == config.optim.steps:
             save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
         if (step % config.validation.every == 0 or step == config.optim.steps) and accelerator.is_main_process:
-            _validation_figure(_ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
+            _validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
                                output_dir / "validation" / f"step-{step:07d}.png", config.seed)
     progress.close()
 
@@ -122,21 +122,13 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
     folder = output_dir / "pipeline"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        CGANPipeline(_ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
+        CGANPipeline(ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "generator_online"))
         accelerator.unwrap_model(discriminator).save_pretrained(str(output_dir / "discriminator"))
         write_json(folder / "training.json", training_facts(config, index, dataset))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder
-
-
-def _ema_copy(model: CGANGenerator, ema) -> CGANGenerator:
-    copy = CGANGenerator.from_config(model.config)
-    copy.load_state_dict(model.state_dict())
-    if ema is not None:
-        ema.copy_to(copy.parameters())
-    return copy.to(model.device).eval()
 
 
 @torch.no_grad()

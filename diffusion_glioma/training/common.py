@@ -183,3 +183,12 @@ def training_facts(config, index: dict, dataset) -> dict:
         seen = {int(v) for i in range(len(dataset)) for v in dataset[i]["labels"].unique().tolist()}
     return {"config": config.model_dump(mode="json"), "label_scheme": index["labels"], "labels_seen": sorted(seen),
             "cases": dataset.case_ids, "steps": config.optim.steps}
+
+
+def ema_copy(model, ema):
+    """A copy of a (diffusers) model carrying the EMA weights; the training model is untouched."""
+    copy = type(model).from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    return copy.to(model.device).eval()

@@ -28,7 +28,7 @@ from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
+from .common import (ema_copy, training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
                      start_run, step_generator, stop_if_diverged)
 from .config import TrainConfig
 
@@ -230,12 +230,7 @@ def _prefixed(weights: dict, params: dict) -> dict:
 
 def _ema_pipeline(model: DenoiserUNet3D, ema, scheduler, preprocess: dict | None) -> MaskToMRIPipeline:
     """A pipeline holding a copy of the model with the EMA weights (the training model is untouched)."""
-    copy = DenoiserUNet3D.from_config(model.config)
-    copy.load_state_dict(model.state_dict())
-    if ema is not None:
-        ema.copy_to(copy.parameters())
-    copy.to(model.device).eval()
-    return MaskToMRIPipeline(copy, scheduler, preprocess=preprocess)
+    return MaskToMRIPipeline(ema_copy(model, ema), scheduler, preprocess=preprocess)
 
 
 @torch.no_grad()
