@@ -42,7 +42,7 @@ def cmd_prepare(args) -> int:
     from .data.cache import prepare_dataset
 
     summary = prepare_dataset(args.raw, args.out, _data_config(args), skip_bad=args.skip_bad, limit=args.limit,
-                              overwrite=args.overwrite, progress=not args.quiet)
+                              overwrite=args.overwrite, progress=not args.quiet, workers=args.workers)
     print("\n".join(summary.lines()))
     print(f"cache: {args.out}")
     return 0
@@ -107,6 +107,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="label scheme of the masks, overriding the layout's (e.g. common)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="volumes sampled together")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="number format of the model (auto: bf16 where the hardware has it, else fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the process's GPU under accelerate, else cpu)")
     p.add_argument("--limit", type=int, help="use the first N masks only")
     p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset number (nnunet format)")
     p.add_argument("--dataset-name", default="SyntheticGlioma", help="nnU-Net dataset name (nnunet format)")
@@ -120,7 +123,8 @@ def cmd_generate(args) -> int:
     options = GenerateOptions(
         format=args.format, per_mask=args.per_mask, sampler=args.sampler, steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, disease=args.disease,
-        limit=args.limit, dataset_id=args.dataset_id, dataset_name=args.dataset_name)
+        limit=args.limit, dataset_id=args.dataset_id, dataset_name=args.dataset_name, precision=args.precision,
+        device=args.device)
     records = generate_dataset(args.model, args.masks, args.out, options, layout=args.layout, labels=args.labels,
                                dry_run=args.dry_run, progress=not args.quiet)
     if not args.dry_run:
@@ -193,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip cases that fail the checks and list them")
     p.add_argument("--limit", type=int, help="prepare only the first N cases")
     p.add_argument("--overwrite", action="store_true", help="redo cached cases (needed after changing settings)")
+    p.add_argument("--workers", type=int, default=None, help="processes preparing cases (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 

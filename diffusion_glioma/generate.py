@@ -31,6 +31,7 @@ from .errors import DataError, DiffusionGliomaError
 from .figures import FigureRow, to_ras, write_slices_figure
 from .io import atomic_path, load_volume, save_volume, write_json
 from .pipeline import load_pipeline
+from .precision import resolve_dtype
 from .labels import (BACKGROUND, BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYST, ENHANCING, HEAD, OEDEMA, SCHEMES,
                      add_head, get_scheme)
 
@@ -65,6 +66,8 @@ class GenerateOptions:
     limit: int | None = None
     dataset_id: int = 501
     dataset_name: str = "SyntheticGlioma"
+    precision: str = "auto"  # bf16 where the hardware has it (precision.resolve_dtype)
+    device: str | None = None  # default: this process's accelerator device, else the CPU
 
 
 def find_masks(folder: str | Path, layout: str | Path | None = "auto", labels: str | dict | None = None) -> list[Case]:
@@ -231,7 +234,10 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     modalities = pipeline.modalities
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
-    pipeline.to(state.device)  # each process samples on its own GPU under accelerate launch
+    device = torch.device(options.device) if options.device else state.device  # own GPU per process
+    pipeline.to(device)
+    # A plain cast (diffusers' `to(dtype)` warns about keep-in-fp32 lists these models do not have).
+    torch.nn.Module.to(pipeline._model, resolve_dtype(options.precision, device))
     cases = find_masks(masks, layout, labels)
     if options.limit is not None:
         cases = cases[: options.limit]
@@ -241,7 +247,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         "generator": f"diffusion_glioma {__version__}", "model": str(model_dir), "model_hash": model_fingerprint(model_dir),
         "masks": str(Path(masks).resolve()), "format": options.format, "sampler": options.sampler,
         "steps": options.steps, "guidance_scale": options.guidance_scale, "seed": options.seed,
-        "per_mask": options.per_mask,
+        "per_mask": options.per_mask, "precision": str(pipeline._model.dtype).removeprefix("torch."),
     }
     _claim_output_folder(out, identity, state, dry_run)
 

@@ -18,25 +18,40 @@ from .models.cgan import CGANGenerator
 from .models.unet3d import DenoiserUNet3D
 
 # Sampler name -> (scheduler class, extra config). DPM-Solver++ has no get_velocity, so training
-# always uses DDPMScheduler and sampling swaps with from_config.
+# always uses DDPMScheduler and sampling swaps with from_config. "trailing" spacing starts reduced-step
+# sampling at the last training step (pure noise), where "leading" would start at t = T - T/steps.
 SAMPLERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing"}),
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                            "timestep_spacing": "trailing"}),
 }
 
 
 def make_scheduler(name: str, config) -> object:
+    """A sampler from a training scheduler's config. Every sampler clips its x0 estimate to the data
+    range: DDPM and DDIM through `clip_sample`, DPM-Solver++ through diffusers' thresholding with a
+    fixed maximum (a plain clip). Without it, epsilon prediction on the capped cosine schedule
+    amplifies the network's error about 2e4-fold at the first step and the solver diverges."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
-    return cls.from_config(config, **extra)
+    if cls is not DPMSolverMultistepScheduler:
+        return cls.from_config(config, **extra)
+    limit = config.get("clip_sample_range", 1.0)
+    scheduler = cls.from_config(config, **extra, thresholding=True, sample_max_value=limit)
+    # diffusers' dynamic thresholding takes a quantile (which torch refuses above 16 M voxels, i.e. any
+    # research-size volume) and rescales by it; a fixed clip is what the data range asks for.
+    scheduler._threshold_sample = lambda x0: x0.clamp(-limit, limit)
+    return scheduler
 
 
-def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """Cosine noise schedule; `clip_sample` keeps x0 estimates in the data range [-1, 1]."""
+def training_scheduler(prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,
+                       value_range: float = 1.0) -> DDPMScheduler:
+    """Cosine noise schedule; `clip_sample` keeps x0 estimates in the data range (`value_range`:
+    1 for volumes in [-1, 1], the model's `value_range` for wavelet coefficients)."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0)
+                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=value_range)
 
 
 @dataclass
@@ -155,11 +170,16 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         labels, class_labels, geometry = self._prepare_masks(labels, disease)
         device = labels.device
         b = labels.shape[0]
-        mask = self.unet.one_hot(labels)
-        shape = (b, len(self.modalities), *labels.shape[1:])
+        if any(s % self.unet.downsampling_factor for s in labels.shape[1:]):
+            raise ValueError(f"mask grid {tuple(labels.shape[1:])} must be divisible by "
+                             f"{self.unet.downsampling_factor} for this model")
+        mask = self.unet.condition(labels)  # once, not at every step
+        shape = self.unet.sample_shape(b, tuple(labels.shape[1:]))
         if isinstance(generator, list) and len(generator) != b:
             raise ValueError(f"{len(generator)} generators for {b} masks")
-        sample = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        # The solver's state stays fp32 whatever the network computes in: bf16 steps would accumulate
+        # rounding over the trajectory.
+        sample = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         sample = sample * self.scheduler.init_noise_sigma
 
         guided = guidance_scale != 1.0
@@ -170,12 +190,12 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = torch.cat([sample, sample]) if guided else sample
             model_input = self.scheduler.scale_model_input(model_input, t)
-            prediction = self.unet(model_input, t, mask, class_labels).sample
+            prediction = self.unet(model_input, t, mask, class_labels).sample.float()
             if guided:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             sample = self.scheduler.step(prediction, t, sample, generator=generator).prev_sample
-        volumes = sample.float().clamp(-1.0, 1.0)
+        volumes = self.unet.decode(sample.float()).clamp(-1.0, 1.0)
         volumes = torch.where(labels[:, None] == 0, torch.full_like(volumes, -1.0), volumes)
         return MRIPipelineOutput(volumes=volumes, geometry=geometry)
 

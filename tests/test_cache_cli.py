@@ -57,15 +57,17 @@ def test_prepare_resumes_after_an_interruption(phantom_dir, tmp_path, small_conf
         return real(case, config)
 
     monkeypatch.setattr(cache_module, "prepare_case", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(phantom_dir, tmp_path / "cache", small_config, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # one worker: the patched function runs in this process
+        prepare_dataset(phantom_dir, tmp_path / "cache", small_config, progress=False, workers=1)
     assert len(read_index(tmp_path / "cache")["cases"]) == 2
     assert not list((tmp_path / "cache").rglob(".*"))  # no half-written file
     monkeypatch.setattr(cache_module, "prepare_case", real)
     summary = prepare_dataset(phantom_dir, tmp_path / "cache", small_config, progress=False)
     assert len(summary.reused) == 2 and len(summary.prepared) == 3
-    uninterrupted = prepare_dataset(phantom_dir, tmp_path / "fresh", small_config, progress=False)
+    # Two worker processes write the same cache as one process does.
+    uninterrupted = prepare_dataset(phantom_dir, tmp_path / "fresh", small_config, progress=False, workers=2)
     assert len(uninterrupted.prepared) == 5
+    assert read_index(tmp_path / "fresh")["cases"] == read_index(tmp_path / "cache")["cases"]
     for cid in uninterrupted.prepared:
         a = read_case(tmp_path / "cache" / "cases" / f"{cid}.safetensors")
         b = read_case(tmp_path / "fresh" / "cases" / f"{cid}.safetensors")

@@ -21,7 +21,7 @@ from diffusion_glioma.pipeline import MaskToMRIPipeline, training_scheduler
 from tests.helpers import write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(steps=2, sampler="ddim")
+FAST = dict(steps=2, sampler="ddim", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     unet = build_denoiser("tiny")
     torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
-    pipe = MaskToMRIPipeline(unet, training_scheduler("epsilon"),
+    pipe = MaskToMRIPipeline(unet, training_scheduler("v_prediction"),
                              preprocess={"modalities": ["t1n", "t1c", "t2w", "t2f"], "shape": [16, 16, 16],
                                          "spacing": [12.0, 12.0, 12.0]})
     pipe.save_pretrained(folder)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion_glioma.models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
+from diffusion_glioma.models.unet3d import PRESETS, DenoiserOutput, DenoiserUNet3D, build_denoiser
 from diffusion_glioma.pipeline import MaskToMRIPipeline, training_scheduler
 
 
@@ -55,10 +55,31 @@ def test_constructor_checks_with_values():
         build_denoiser("huge")
 
 
-def test_medddpm_preset_matches_the_published_network():
-    assert PRESETS["medddpm"]["base_channels"] == 64
-    assert PRESETS["medddpm"]["channel_multipliers"] == (1, 1, 2, 3, 4)
-    assert PRESETS["medddpm"]["layers_per_level"] == 2
+def test_medddpm_preset_is_the_published_network():
+    """Med-DDPM's BraTS network: base 64, multipliers 1,1,2,3,4, two residual blocks, attention only
+    in the middle block, 57.6 M parameters (ours has 7 mask channels in, theirs fewer)."""
+    model = build_denoiser("medddpm")
+    assert model.config.base_channels == 64 and tuple(model.config.channel_multipliers) == (1, 1, 2, 3, 4)
+    assert model.config.layers_per_level == 2 and not any(model.config.attention_levels)
+    attention = [name for name, m in model.named_modules() if type(m).__name__ == "Attention3D"]
+    assert attention == ["mid_attention"]
+    parameters = sum(p.numel() for p in model.parameters())
+    assert abs(parameters / 57.6e6 - 1) < 0.02, parameters
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_on_the_flash_kernel_alone(preset):
+    """Fused attention needs q/k/v with a contiguous head dimension; with the math kernel
+    forbidden, a layout it refuses is an error instead of a silent slow path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = build_denoiser(preset, **({"base_channels": 8, "norm_groups": 4} if preset in ("medddpm", "wavelet", "base")
+                                      else {}))
+    side = 2 * model.downsampling_factor
+    sample = torch.randn(model.sample_shape(1, (side,) * 3))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad():
+        out = model(sample, 5, torch.randint(0, 7, (1, side, side, side)))
+    assert out.sample.shape == sample.shape
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
@@ -100,3 +121,51 @@ def test_pipeline_takes_mask_files_and_writes_back(tmp_path):
     assert img.shape == labels.shape and np.allclose(img.affine, affine)
     with pytest.raises(Exception, match="no head label"):
         pipe([write_nifti(tmp_path / "bad.nii.gz", (labels == 4) * 4, affine, dtype=np.int16)], num_inference_steps=2)
+
+
+class _Oracle(DenoiserUNet3D):
+    """A perfect denoiser: it knows x0 and answers with the exact target of its prediction type.
+    `error` adds a fixed bias to the noise it reports, like a network's small mistakes."""
+
+    def set_truth(self, x0: torch.Tensor, scheduler, prediction_type: str, error: float = 0.0):
+        self.truth, self.alphas, self.kind, self.error = x0, scheduler.alphas_cumprod, prediction_type, error
+
+    def forward(self, sample, timestep, labels, class_labels=None, return_dict=True):
+        a = self.alphas[int(timestep)].to(sample.dtype)
+        eps = (sample - a.sqrt() * self.truth) / (1 - a).sqrt() + self.error
+        x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
+        out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.kind]
+        return DenoiserOutput(sample=out)
+
+
+@pytest.mark.parametrize("wavelet", [False, True])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_a_perfect_denoiser_recovers_the_volume(prediction_type, sampler, wavelet):
+    torch.manual_seed(0)
+    oracle = _Oracle(**{**PRESETS["tiny"], "wavelet": wavelet})
+    labels = torch.ones(1, 16, 16, 16, dtype=torch.long)
+    volume = (torch.rand(1, 4, 16, 16, 16) * 1.6 - 0.8)
+    scheduler = training_scheduler(prediction_type, value_range=oracle.value_range)
+    pipe = MaskToMRIPipeline(oracle, scheduler).use_sampler(sampler)
+    oracle.set_truth(oracle.encode(volume), scheduler, prediction_type)
+    for steps in (10, 25):
+        out = pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(1), progress=False)
+        torch.testing.assert_close(out.volumes, volume, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_epsilon_errors_are_not_amplified_at_the_first_step(sampler):
+    """At t = 999 of the capped cosine schedule x0 = (x - sigma eps) / alpha magnifies an error in eps
+    about 2e4-fold. Every sampler clips its x0 estimate to the data range, so the first step of a
+    network that is off by 0.01 stays near the noise it started from."""
+    from diffusion_glioma.pipeline import make_scheduler
+
+    scheduler = make_scheduler(sampler, training_scheduler("epsilon").config)
+    scheduler.set_timesteps(25)
+    t = scheduler.timesteps[0]
+    assert int(t) == 999  # trailing spacing starts from pure noise
+    noise = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    slightly_wrong = noise + 0.01
+    after = scheduler.step(slightly_wrong, t, noise, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert after.abs().max() < 6, after.abs().max()

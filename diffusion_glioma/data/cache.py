@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +54,13 @@ class PrepareSummary:
 
 
 def prepare_dataset(raw: str | Path, cache: str | Path, config: DataConfig, *, skip_bad: bool = False,
-                    limit: int | None = None, overwrite: bool = False, progress: bool = True) -> PrepareSummary:
-    """Preprocess every case of `raw` into `cache`. A bad case stops the run unless `skip_bad`."""
+                    limit: int | None = None, overwrite: bool = False, progress: bool = True,
+                    workers: int | None = None) -> PrepareSummary:
+    """Preprocess every case of `raw` into `cache`. A bad case stops the run unless `skip_bad`.
+
+    `workers` processes (default: every core) prepare cases in parallel; each case is written once,
+    atomically, by the process that prepared it, and the index is updated by this one as cases finish.
+    """
     cache = Path(cache)
     cases = discover_cases(raw, config.layout, labels=config.labels, disease=config.disease)
     if limit is not None:
@@ -69,31 +77,61 @@ def prepare_dataset(raw: str | Path, cache: str | Path, config: DataConfig, *, s
             entries = {e["case_id"]: e for e in index["cases"]}
     (cache / "cases").mkdir(parents=True, exist_ok=True)
     summary = PrepareSummary()
-    for case in tqdm(cases, desc="prepare", unit="case", disable=not progress):
-        target = case_path(cache, case.case_id)
-        if case.case_id in entries and target.is_file() and not overwrite:
+    todo = []
+    for case in cases:
+        if case.case_id in entries and case_path(cache, case.case_id).is_file() and not overwrite:
             summary.reused.append(case.case_id)
-            continue
-        try:
-            prepared = prepare_case(case, config.preprocess)
-        except DataError as exc:
+        else:
+            todo.append(case)
+    workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    bar = tqdm(total=len(cases), initial=len(summary.reused), desc="prepare", unit="case", disable=not progress)
+    for case, entry, error in _prepared(todo, config.preprocess, cache, workers):
+        bar.update(1)
+        if error is not None:
             if not skip_bad:
-                raise
-            summary.skipped[case.case_id] = str(exc)
+                raise DataError(error)
+            summary.skipped[case.case_id] = error
             entries.pop(case.case_id, None)
             continue
-        write_case(target, prepared, source={m: str(p) for m, p in case.images.items()} | (
-            {"seg": str(case.seg)} if case.seg else {}))
-        entries[case.case_id] = {
-            "case_id": case.case_id, "disease": case.disease, "layout": case.layout,
-            "has_seg": prepared.has_seg, "label_scheme": case.labels if isinstance(case.labels, str) else "custom",
-            "labels_present": sorted(int(v) for v in np.unique(prepared.labels)),
-        }
+        entries[case.case_id] = entry
         summary.prepared.append(case.case_id)
-        # The index is rewritten after each case so that an interrupted run still knows what it holds.
+        # Rewritten after each case so that an interrupted run still knows what it holds.
         _write_index(cache, config, fingerprint, entries)
+    bar.close()
     _write_index(cache, config, fingerprint, entries)
     return summary
+
+
+def _prepare_and_write(case, preprocess, target: Path) -> tuple[dict | None, str | None]:
+    """One case, in a worker process: (index entry, None), or (None, the one-line reason it failed)."""
+    try:
+        prepared = prepare_case(case, preprocess)
+    except DataError as exc:
+        return None, str(exc)
+    write_case(target, prepared, source={m: str(p) for m, p in case.images.items()} | (
+        {"seg": str(case.seg)} if case.seg else {}))
+    return {
+        "case_id": case.case_id, "disease": case.disease, "layout": case.layout,
+        "has_seg": prepared.has_seg, "label_scheme": case.labels if isinstance(case.labels, str) else "custom",
+        "labels_present": sorted(int(v) for v in np.unique(prepared.labels)),
+    }, None
+
+
+def _prepared(cases: list, preprocess, cache: Path, workers: int):
+    """(case, entry, error) for each case, as the cases finish, from `workers` processes."""
+    if workers <= 1:
+        for case in cases:
+            yield case, *_prepare_and_write(case, preprocess, case_path(cache, case.case_id))
+        return
+    # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {pool.submit(_prepare_and_write, case, preprocess, case_path(cache, case.case_id)): case
+                for case in cases}
+        try:
+            for job in as_completed(jobs):
+                yield jobs[job], *job.result()
+        finally:  # on an error or an interrupt: no new cases start; those running finish whole
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_index(cache: Path, config: DataConfig, fingerprint: str, entries: dict[str, dict]) -> None:
@@ -138,14 +176,18 @@ def read_index(cache: str | Path) -> dict:
     return index
 
 
-def read_case(path: str | Path) -> dict:
-    """A cached case as tensors plus its facts and geometry record."""
+def read_case(path: str | Path, *, as_stored: bool = False) -> dict:
+    """A cached case as tensors plus its facts and geometry record: image float32 and labels int64,
+    or with `as_stored` the file's float16 and uint8 (a quarter of the memory; training casts on
+    the device)."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # memory-mapped: only this case is read
             metadata = f.metadata() or {}
-            image = f.get_tensor("image").float()
-            labels = f.get_tensor("labels").long()
+            image = f.get_tensor("image")
+            labels = f.get_tensor("labels")
+            if not as_stored:
+                image, labels = image.float(), labels.long()
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise DataError(f"{path}: unreadable cached case ({str(exc).splitlines()[0][:200]})") from None
     return {

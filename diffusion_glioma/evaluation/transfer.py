@@ -46,7 +46,7 @@ def score(pipeline_dir: Path, test: CachedCases, target: str, steps: int, seed: 
         generator = [torch.Generator().manual_seed(seed + i)]
         volume = pipe(item["labels"][None], target, num_inference_steps=steps, generator=generator,
                       progress=False).volumes[0]
-        real.append((item["image"] + 1) / 2)
+        real.append((item["image"].float() + 1) / 2)
         synthetic.append((volume + 1) / 2)
     modalities = pipe.modalities
     paired = {m: [paired_similarity(r[c].numpy(), s[c].numpy()) for r, s in zip(real, synthetic)]

@@ -10,6 +10,7 @@ embedding (class 0 = "none", which classifier-free guidance uses). Being a diffu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from ..labels import COMMON_LABELS
+from .wavelet import LOW_PASS_GAIN, haar3d, inverse_haar3d
 
 # Named architectures; the CLI and configs choose among these by name.
 PRESETS: dict[str, dict] = {
@@ -33,10 +35,19 @@ PRESETS: dict[str, dict] = {
     # A mid-size GPU model (96^3 - 128^3 volumes).
     "base": dict(base_channels=32, channel_multipliers=(1, 2, 4, 4), layers_per_level=2,
                  attention_levels=(False, False, True, True), norm_groups=16),
-    # Med-DDPM's BraTS network, for like-for-like comparison (base 64, multipliers 1,1,2,3,4, two
-    # residual blocks, attention at 1/8 resolution).
+    # The default for real work at 192x192x144: Med-DDPM's depth and its width where the volume is
+    # coarse, but half its width at full and half resolution, where nearly all of its time and
+    # memory go (docs/training.md has the measurements).
+    "standard": dict(base_channels=32, channel_multipliers=(1, 2, 4, 6, 8), layers_per_level=2,
+                     attention_levels=(False, False, False, False, True), norm_groups=32),
+    # Wavelet space (WDM-style): Med-DDPM's network without its full-resolution level, run on the 8
+    # Haar coefficients per modality at half size; sides must be divisible by 16.
+    "wavelet": dict(base_channels=64, channel_multipliers=(1, 2, 3, 4), layers_per_level=2,
+                    attention_levels=(False, False, False, False), norm_groups=32, wavelet=True),
+    # Med-DDPM's BraTS network, like for like: base 64, multipliers 1,1,2,3,4, two residual blocks,
+    # attention only in the middle block (its attention_resolutions="16" at 192 matches no level).
     "medddpm": dict(base_channels=64, channel_multipliers=(1, 1, 2, 3, 4), layers_per_level=2,
-                    attention_levels=(False, False, False, True, False), norm_groups=32),
+                    attention_levels=(False, False, False, False, False), norm_groups=32),
 }
 
 
@@ -45,13 +56,21 @@ class DenoiserOutput(BaseOutput):
     sample: torch.Tensor
 
 
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm whose output keeps the input's dtype. Autocast computes group_norm in fp32 and
+    would hand fp32 activations to the next layer, doubling what is stored for backward in bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
 class ResBlock3D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, groups: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.norm1 = GroupNorm(groups, in_channels)
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
         self.embedding = nn.Linear(embedding_dim, 2 * out_channels)  # scale and shift
-        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -65,22 +84,29 @@ class ResBlock3D(nn.Module):
 
 
 class Attention3D(nn.Module):
-    """Self-attention over all voxels of a (coarse) level, through PyTorch's fused attention kernels."""
+    """Self-attention over all voxels of a (coarse) level, through PyTorch's fused attention kernels.
+
+    The fused kernels (flash, memory-efficient, cuDNN) need q, k and v with a contiguous head
+    dimension; a 1x1x1 convolution's output has the voxels innermost instead, and SDPA would fall back
+    to the math kernel that builds the whole score matrix. So the projections run as matrix products
+    over tokens (the weights stay 1x1x1 convolutions, as saved models have them).
+    """
 
     def __init__(self, channels: int, head_dim: int, groups: int):
         super().__init__()
         self.heads = max(1, channels // head_dim)
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.qkv = nn.Conv3d(channels, 3 * channels, 1)
         self.out = nn.Conv3d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *size = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) x y z -> three b h (x y z) d",
-                            three=3, h=self.heads)
+        tokens = rearrange(self.norm(x), "b c x y z -> b (x y z) c")
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)  # d stays innermost
         h = F.scaled_dot_product_attention(q, k, v)
-        h = rearrange(h, "b h (x y z) d -> b (h d) x y z", x=size[0], y=size[1], z=size[2])
-        return x + self.out(h)
+        h = F.linear(rearrange(h, "b h n d -> b n (h d)"), self.out.weight.flatten(1), self.out.bias)
+        return x + rearrange(h, "b (x y z) c -> b c x y z", x=size[0], y=size[1], z=size[2])
 
 
 class Level(nn.Module):
@@ -92,6 +118,11 @@ class Level(nn.Module):
         self.blocks = nn.ModuleList(ResBlock3D(c, channels_out, embedding_dim, groups, dropout) for c in channels_in)
         self.attentions = nn.ModuleList(
             Attention3D(channels_out, head_dim, groups) if attention else nn.Identity() for _ in channels_in)
+
+
+def _block_then_attention(block: ResBlock3D, attention: nn.Module, h: torch.Tensor,
+                          embedding: torch.Tensor) -> torch.Tensor:
+    return attention(block(h, embedding))
 
 
 class DenoiserUNet3D(ModelMixin, ConfigMixin):
@@ -107,6 +138,13 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         attention_head_dim: channels per attention head.
         norm_groups: GroupNorm groups (must divide every level's width).
         dropout: dropout inside residual blocks.
+        wavelet: diffuse in 3D Haar wavelet space: the network sees the 8 coefficients of every
+            2x2x2 block of each modality (8x the channels at half the size per axis), which makes a
+            volume of a given size roughly 8x cheaper (models/wavelet.py). `encode`/`decode` move
+            between volumes and the space the model diffuses in; for pixel models they do nothing.
+        wavelet_mask: how a wavelet model sees the mask on its half-size grid: "mean" (the one-hot
+            mask averaged over each 2x2x2 block: label fractions) or "haar" (the one-hot mask's own
+            8 Haar coefficients per label, which keep where inside the block each label lies).
     """
 
     _supports_gradient_checkpointing = True
@@ -124,6 +162,8 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         attention_head_dim: int = 32,
         norm_groups: int = 8,
         dropout: float = 0.0,
+        wavelet: bool = False,
+        wavelet_mask: str = "mean",
     ):
         super().__init__()
         # Checks up front, with the values, so a bad config fails before any allocation.
@@ -135,6 +175,8 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
             raise ValueError(f"norm_groups={norm_groups} must divide every level width {widths}")
         if not disease_classes or disease_classes[0] != "none":
             raise ValueError(f"disease_classes must start with 'none' (unconditional), got {list(disease_classes)}")
+        if wavelet_mask not in ("mean", "haar"):
+            raise ValueError(f"wavelet_mask must be 'mean' or 'haar', got {wavelet_mask!r}")
         if len(set(disease_classes)) != len(disease_classes):
             raise ValueError(f"disease_classes must be distinct, got {list(disease_classes)}")
 
@@ -144,8 +186,10 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         self.time_embedding = TimestepEmbedding(base_channels, embedding_dim)
         self.class_embedding = nn.Embedding(len(disease_classes), embedding_dim)
 
-        # 2. Encoder: the noisy modalities and the one-hot mask, concatenated.
-        self.conv_in = nn.Conv3d(len(modalities) + num_labels, base_channels, 3, padding=1)
+        # 2. Encoder: the noisy modalities (or their wavelet coefficients) and the mask, concatenated.
+        self.data_channels = len(modalities) * (8 if wavelet else 1)
+        mask_channels = num_labels * (8 if wavelet and wavelet_mask == "haar" else 1)
+        self.conv_in = nn.Conv3d(self.data_channels + mask_channels, base_channels, 3, padding=1)
         skips = [base_channels]
         self.down_levels = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
@@ -180,39 +224,79 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
             self.upsamplers.append(nn.Conv3d(width, width, 3, padding=1) if level > 0 else nn.Identity())
 
         # 5. Output: one channel per modality, zero-initialised so training starts from "predict 0".
-        self.norm_out = nn.GroupNorm(norm_groups, width)
-        self.conv_out = nn.Conv3d(width, len(modalities), 3, padding=1)
+        self.norm_out = GroupNorm(norm_groups, width)
+        self.conv_out = nn.Conv3d(width, self.data_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.gradient_checkpointing = False
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.config.channel_multipliers) - 1)
+        """What every side of a volume must be divisible by."""
+        return 2 ** (len(self.config.channel_multipliers) - 1) * (2 if self.config.wavelet else 1)
+
+    @property
+    def value_range(self) -> float:
+        """Data in [-1, 1] lies in [-value_range, value_range] in the space the model diffuses in."""
+        return LOW_PASS_GAIN if self.config.wavelet else 1.0
+
+    def encode(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(b, modalities, X, Y, Z) volumes -> the space the model diffuses in."""
+        return haar3d(volumes) if self.config.wavelet else volumes
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode`."""
+        return inverse_haar3d(sample) if self.config.wavelet else sample
+
+    def sample_shape(self, batch: int, volume_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the diffused tensor for volumes of `volume_shape` (x, y, z)."""
+        divisor = 2 if self.config.wavelet else 1
+        return (batch, self.data_channels, *(s // divisor for s in volume_shape))
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """(b, x, y, z) integer labels -> (b, num_labels, x, y, z) float one-hot."""
         return F.one_hot(labels.long(), self.config.num_labels).permute(0, 4, 1, 2, 3).to(self.dtype)
+
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """(b, X, Y, Z) integer masks on the volume grid -> the conditioning channels on the model's
+        grid. Done on the device inside the step (the data loader ships uint8 labels); the pipeline
+        computes it once per sampling run and passes it to every step."""
+        mask = self.one_hot(labels)
+        if not self.config.wavelet:
+            return mask
+        mask = mask.float()  # pooling has no CPU bf16 kernel; the result is cast back
+        mask = haar3d(mask) if self.config.wavelet_mask == "haar" else F.avg_pool3d(mask, 2)
+        return mask.to(self.dtype)
 
     def _run(self, block, *args):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
+    def _run_level_block(self, block, attention, h, embedding):
+        if isinstance(attention, nn.Identity):
+            return self._run(block, h, embedding)
+        # Attention inside the checkpoint too: its activations are the largest of a coarse level.
+        return self._run(partial(_block_then_attention, block, attention), h, embedding)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, labels: torch.Tensor,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True):
         """
         Args:
-            sample: (b, modalities, x, y, z) noisy volume.
+            sample: (b, channels, x, y, z) noisy tensor in the space the model diffuses in
+                (`sample_shape`: the modalities, or their wavelet coefficients at half size).
             timestep: scalar or (b,) diffusion timesteps.
-            labels: (b, x, y, z) integer mask in the common scheme, or an already one-hot (b, L, x, y, z).
+            labels: (b, X, Y, Z) integer masks in the common scheme on the volume grid, or their
+                `condition(labels)` computed beforehand.
             class_labels: (b,) disease indices; None means class 0 ("none").
         """
         b = sample.shape[0]
-        factor = self.downsampling_factor
+        factor = 2 ** (len(self.config.channel_multipliers) - 1)
         if any(s % factor for s in sample.shape[2:]):
-            raise ValueError(f"volume shape {tuple(sample.shape[2:])} must be divisible by {factor} "
-                             f"({len(self.config.channel_multipliers)} levels)")
+            raise ValueError(f"volume shape must be divisible by {self.downsampling_factor} "
+                             f"({len(self.config.channel_multipliers)} levels"
+                             f"{', wavelet space' if self.config.wavelet else ''}); got the model input "
+                             f"{tuple(sample.shape[2:])}")
         # 1. Embeddings.
         timesteps = torch.as_tensor(timestep, device=sample.device)
         if timesteps.ndim == 0:
@@ -224,30 +308,30 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         embedding = embedding + self.class_embedding(class_labels.long())
 
         # 2. Conditioning by concatenation.
-        mask = labels if labels.ndim == 5 else self.one_hot(labels)
+        mask = labels if labels.is_floating_point() else self.condition(labels)
+        if mask.shape[2:] != sample.shape[2:]:
+            raise ValueError(f"the mask's condition has grid {tuple(mask.shape[2:])} but the sample "
+                             f"{tuple(sample.shape[2:])}")
         h = self.conv_in(torch.cat([sample.to(self.dtype), mask.to(self.dtype)], dim=1))
 
         # 3. Down.
         skips = [h]
         for level, downsample in zip(self.down_levels, self.downsamplers):
             for block, attention in zip(level.blocks, level.attentions):
-                h = self._run(block, h, embedding)
-                h = attention(h)
+                h = self._run_level_block(block, attention, h, embedding)
                 skips.append(h)
             if not isinstance(downsample, nn.Identity):
                 h = downsample(h)
                 skips.append(h)
 
         # 4. Middle.
-        h = self._run(self.mid_block1, h, embedding)
-        h = self.mid_attention(h)
+        h = self._run_level_block(self.mid_block1, self.mid_attention, h, embedding)
         h = self._run(self.mid_block2, h, embedding)
 
         # 5. Up.
         for level, upsample in zip(self.up_levels, self.upsamplers):
             for block, attention in zip(level.blocks, level.attentions):
-                h = self._run(block, torch.cat([h, skips.pop()], dim=1), embedding)
-                h = attention(h)
+                h = self._run_level_block(block, attention, torch.cat([h, skips.pop()], dim=1), embedding)
             if not isinstance(upsample, nn.Identity):
                 h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
 

@@ -76,7 +76,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
     started = time.perf_counter()
     for batch in loader:
         rng = step_generator(accelerator.device, config.seed, step, accelerator.process_index)
-        real, labels, diseases = batch["image"], batch["labels"], batch["disease"]
+        real, labels, diseases = batch["image"].float(), batch["labels"], batch["disease"]
         noise = torch.randn(real.shape[0], gan.noise_dim, generator=rng, device=real.device)
         fake = generator_net(noise, labels, diseases, generator=rng)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from ..errors import DiffusionGliomaError
 from ..io import atomic_path
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+PREPARE_TIMEOUT_HOURS = 12
 
 
 class TrainingError(DiffusionGliomaError):
@@ -112,14 +115,21 @@ def start_run(config, resume: bool):
     """The Accelerator, the run folder (refused without `resume` when it holds checkpoints), the
     resolved config beside it, the seed, and the prepared data."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
     output_dir = Path(config.output_dir)
+    if config.optim.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
         mixed_precision=config.optim.mixed_precision,
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         log_with=_tensorboard_or_none(),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dynamo_backend="inductor" if config.optim.compile else "no",
+        # The other processes wait while the main one prepares a raw folder (hours for BraTS-GLI on
+        # few cores); NCCL's default 10-minute timeout would end the run.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=PREPARE_TIMEOUT_HOURS))],
     )
     existing = checkpoints(output_dir / "checkpoints")
     if existing and not resume:
@@ -140,7 +150,8 @@ def prepare_data(config, accelerator) -> None:
         from ..data.cache import prepare_dataset
 
         data_config = load_config(DataConfig, config.data.config) if config.data.config else DataConfig()
-        prepare_dataset(config.data.raw, config.data.cache, data_config, progress=True)
+        prepare_dataset(config.data.raw, config.data.cache, data_config, progress=True,
+                        workers=config.data.prepare_workers)
     accelerator.wait_for_everyone()
 
 
@@ -181,8 +192,23 @@ def training_facts(config, index: dict, dataset) -> dict:
     seen = {v for e in dataset.entries for v in e.get("labels_present", [])}
     if not seen:  # a cache made before label lists were recorded: look at the cases
         seen = {int(v) for i in range(len(dataset)) for v in dataset[i]["labels"].unique().tolist()}
+    trained = {e["disease"] for e in dataset.entries}
+    finetune = getattr(config, "finetune", None)
+    if finetune is not None:  # what the source learnt is still in the weights
+        trained |= set(trained_classes(finetune.source, []))
     return {"config": config.model_dump(mode="json"), "label_scheme": index["labels"], "labels_seen": sorted(seen),
-            "cases": dataset.case_ids, "steps": config.optim.steps}
+            "cases": dataset.case_ids, "disease_classes_trained": sorted(trained), "steps": config.optim.steps}
+
+
+def trained_classes(source: str, classes: list[str]) -> list[str]:
+    """The disease classes of a pipeline folder that saw data in its training run (`training.json`).
+    A folder without that record (a hub id, an older run) counts every declared class as trained."""
+    facts = Path(source) / "training.json"
+    if not facts.is_file():
+        return list(classes)
+    record = json.loads(facts.read_text())
+    return list(record.get("disease_classes_trained", classes))
+
 
 
 def ema_copy(model, ema):

@@ -17,6 +17,9 @@ class DataSection(StrictModel):
     only_diseases: list[str] | None = Field(None, description="train on cases of these diseases only")
     limit_cases: int | None = Field(None, ge=1, description="train on the first N cases only (few-shot runs)")
     num_workers: int = Field(0, ge=0)
+    memory_cache_gb: float = Field(0.0, ge=0, description="keep cases in memory up to this many GB per process "
+                                   "and per loader worker; 0 reads each case from the cache when it is needed")
+    prepare_workers: int | None = Field(None, ge=1, description="processes preparing `raw` (default: every core)")
 
 
 class ModelSection(StrictModel):
@@ -36,10 +39,13 @@ class OptimSection(StrictModel):
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the model (8% faster steps on an H100, "
+                          "docs/benchmarks.md; the first steps take minutes to compile)")
+    allow_tf32: bool = Field(True, description="TF32 matrix products and convolutions on Ampere and newer GPUs")
 
 
 class DiffusionSection(StrictModel):
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     loss: Literal["l1", "l2"] = "l2"
     num_train_timesteps: int = Field(1000, ge=10)
     class_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training a step unconditionally "

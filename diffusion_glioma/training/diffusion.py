@@ -28,7 +28,7 @@ from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (ema_copy, training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
+from .common import (ema_copy, trained_classes, training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
                      start_run, step_generator, stop_if_diverged)
 from .config import TrainConfig
 
@@ -60,9 +60,7 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
                                 f"model was trained with {source_grid[key]}; prepare the data with its settings")
     classes = list(source_config.disease_classes)
     new = [d for d in config.model.disease_classes if d not in classes]
-    model = source.unet
-    if new:
-        model = _with_classes(source.unet, classes + new)
+    model = _with_classes(source.unet, classes + new, trained_classes(config.finetune.source, classes))
     source_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if config.finetune.mode == "frozen_encoder":
         for module in (model.conv_in, model.down_levels, model.downsamplers):
@@ -70,15 +68,20 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
     return model, source_weights
 
 
-def _with_classes(model: DenoiserUNet3D, classes: list[str]) -> DenoiserUNet3D:
-    """The same network with more disease classes; a new class starts from the mean of the known
-    diseases (not from "none"), so fine-tuning begins from "a tumour of some kind"."""
+def _with_classes(model: DenoiserUNet3D, classes: list[str], trained: list[str]) -> DenoiserUNet3D:
+    """The same network with the classes `classes`; every disease class that never saw data (new
+    here, or declared by the source run but not trained) starts from the mean embedding of the
+    diseases that did, so fine-tuning begins from "a tumour of some kind" rather than from noise.
+    "none" (index 0) keeps its own row: it was trained by class dropout."""
+    old_classes = list(model.config.disease_classes)
     extended = DenoiserUNet3D.from_config({**model.config, "disease_classes": tuple(classes)})
     state = model.state_dict()
     old = state["class_embedding.weight"]
-    new_rows = old[1:].mean(dim=0, keepdim=True).expand(len(classes) - old.shape[0], -1) if old.shape[0] > 1 \
-        else torch.zeros(len(classes) - old.shape[0], old.shape[1])
-    state["class_embedding.weight"] = torch.cat([old, new_rows])
+    seen = [i for i, name in enumerate(old_classes) if i > 0 and name in trained]
+    start = old[seen].mean(dim=0) if seen else old[0]
+    rows = [old[old_classes.index(name)] if name in old_classes and (i == 0 or name in trained) else start
+            for i, name in enumerate(classes)]
+    state["class_embedding.weight"] = torch.stack(rows)
     extended.load_state_dict(state)
     return extended
 
@@ -101,11 +104,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     index = read_index(config.data.cache)
     model, source_weights = build_model(config, index)
     dataset = CachedCases(config.data.cache, diseases=list(model.config.disease_classes),
-                          only_diseases=config.data.only_diseases, limit=config.data.limit_cases)
+                          only_diseases=config.data.only_diseases, limit=config.data.limit_cases,
+                          memory_cache_gb=config.data.memory_cache_gb)
     if config.optim.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    noise_scheduler = training_scheduler(config.diffusion.prediction_type, config.diffusion.num_train_timesteps)
+    noise_scheduler = training_scheduler(config.diffusion.prediction_type, config.diffusion.num_train_timesteps,
+                                         value_range=model.value_range)
     ema = EMAModel(model.parameters(), decay=config.ema.decay, use_ema_warmup=config.ema.warmup,
                    model_cls=DenoiserUNet3D, model_config=model.config) if config.ema.enabled else None
 
@@ -152,13 +157,15 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                     disable=not accelerator.is_local_main_process)
     micro_step = step * micro_per_step
     window_start, window_volumes = time.perf_counter(), 0
+    # Losses stay on the device between log steps: reading one back every micro-step would make the
+    # host wait for the GPU each time. A NaN anywhere in the window reaches the sum.
+    window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
     unwrapped = accelerator.unwrap_model(model)
     for batch in loader:
         generator = step_generator(accelerator.device, config.seed, micro_step, accelerator.process_index)
         micro_step += 1
         with accelerator.accumulate(model):
-            loss = _diffusion_loss(model, noise_scheduler, batch, generator, config, source_weights)
-            stop_if_diverged(accelerator, {"loss": loss}, step, output_dir)
+            loss = _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config, source_weights)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:
@@ -166,6 +173,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        window_loss += loss.detach()
+        window_micro_steps += 1
         window_volumes += batch["image"].shape[0] * accelerator.num_processes
         with order_log.open("a") as f:
             f.write(json.dumps({"micro_step": micro_step, "cases": batch["case_id"]}) + "\n")
@@ -177,9 +186,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             ema.step(unwrapped.parameters())
         step += 1
         progress.update(1)
-        if step % config.log_every == 0 or step == config.optim.steps:
+        logging = step % config.log_every == 0 or step == config.optim.steps
+        if logging or step % config.checkpoints.every == 0:
+            # The mean loss of the window over every process; checked before any checkpoint is written.
+            mean_loss = accelerator.reduce(window_loss / window_micro_steps, reduction="mean")
+            stop_if_diverged(accelerator, {"loss": mean_loss}, step - 1, output_dir)
+        if logging:
             elapsed = time.perf_counter() - window_start
-            logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0],
+            logs = {"loss": float(mean_loss), "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                     "volumes_per_second": window_volumes / max(elapsed, 1e-9)}
             accelerator.log(logs, step=step)
@@ -188,6 +202,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window_start, window_volumes = time.perf_counter(), 0
+            window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
         if step % config.checkpoints.every == 0 or step == config.optim.steps:
             save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
         if step % config.validation.every == 0 or step == config.optim.steps:
@@ -199,8 +214,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     return folder
 
 
-def _diffusion_loss(model, noise_scheduler, batch, generator, config: TrainConfig, source_weights):
-    x0 = batch["image"]
+def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config: TrainConfig, source_weights):
+    # The loader ships float16 images and uint8 labels; cast, transform and one-hot here, on the device.
+    x0 = unwrapped.encode(batch["image"].float())
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
