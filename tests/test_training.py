@@ -221,3 +221,80 @@ def test_transfer_study_runs_at_cpu_scale(tiny_cache, tmp_path):
     # Asking for more cases than there are is refused before any training.
     assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "s2"), "--counts", "5",
                                 "--test-cases", "1"]) == 2
+
+
+def test_untrained_classes_start_from_the_mean_of_the_trained_ones(tiny_cache, tmp_path):
+    from diffusion_glioma.data.cache import read_index
+
+    # Pretraining declares the pediatric class (the shipped config does) but sees adult cases only.
+    pre = write_config(tmp_path / "pre.yaml", tiny_cache, tmp_path / "pre", data={"only_diseases": ["glioblastoma"]},
+                       optim={"steps": 2})
+    loop.train(load_train_config(pre))
+    source = tmp_path / "pre" / "pipeline"
+    facts = json.loads((source / "training.json").read_text())
+    assert facts["disease_classes_trained"] == ["glioblastoma"]
+    rows_before = weights(source / "unet")["class_embedding.weight"]
+    assert not torch.equal(rows_before[2], rows_before[1])  # the untrained row is still its random start
+
+    fine = write_config(tmp_path / "fine.yaml", tiny_cache, tmp_path / "fine", finetune={"source": str(source)})
+    model, _ = loop.build_model(load_train_config(fine), read_index(tiny_cache))
+    rows = model.class_embedding.weight.detach()
+    assert torch.equal(rows[0], rows_before[0]) and torch.equal(rows[1], rows_before[1])
+    assert torch.equal(rows[2], rows_before[1])  # the mean of the one trained disease
+
+    # With two trained diseases, a class new to the model starts from their mean.
+    extended = loop._with_classes(model, ["none", "glioblastoma", "pediatric_diffuse_glioma", "dipg"],
+                                  ["glioblastoma", "pediatric_diffuse_glioma"])
+    torch.testing.assert_close(extended.class_embedding.weight[3].detach(), (rows[1] + rows[2]) / 2)
+
+
+PEAK_RSS = """
+import json, resource, sys
+from diffusion_glioma.training.config import load_train_config
+from diffusion_glioma.training.diffusion import train
+train(load_train_config(sys.argv[1]))
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_host_memory_does_not_grow_with_the_number_of_cases(phantom_dir, tmp_path):
+    """Training passes over every case of a 24-case cache at 96x96x64 with the peak memory of a
+    4-case one: cases are read when needed, not kept (the old dataset held ~240 MB more here)."""
+    from safetensors import safe_open
+
+    from diffusion_glioma.config import DataConfig
+    from diffusion_glioma.data.cache import read_index
+
+    one = tmp_path / "one"
+    prepare_dataset(phantom_dir, one, DataConfig(preprocess=SMALL.model_copy(update={"shape": (96, 96, 64),
+                    "spacing": (2.0, 2.0, 2.0)})), limit=1, progress=False)
+    index = read_index(one)
+    peaks = {}
+    for n in (4, 24):
+        cache = tmp_path / f"cache{n}"
+        (cache / "cases").mkdir(parents=True)
+        entries = []
+        for k in range(n):  # copies of one case under new ids: what matters here is their number and size
+            entry = {**index["cases"][0], "case_id": f"case-{k:03d}"}
+            (cache / "cases" / f"{entry['case_id']}.safetensors").write_bytes(
+                (one / "cases" / f"{index['cases'][0]['case_id']}.safetensors").read_bytes())
+            entries.append(entry)
+        (cache / "dataset.json").write_text(json.dumps({**index, "cases": entries}))
+        config = write_config(tmp_path / f"c{n}.yaml", cache, tmp_path / f"run{n}",
+                              optim={"steps": 12, "batch_size": 2}, ema={"enabled": False},
+                              model={"preset": "tiny", "overrides": {"base_channels": 4, "norm_groups": 2,
+                                                                     "wavelet": True}},
+                              checkpoints={"every": 1000}, validation={"every": 1000, "num_inference_steps": 1},
+                              log_every=3, diffusion={"prediction_type": "v_prediction"})
+        script = tmp_path / "peak.py"
+        script.write_text(PEAK_RSS)
+        result = subprocess.run([sys.executable, str(script), str(config)], capture_output=True, text=True,
+                                timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks[n] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+        visited = {c for line in (tmp_path / f"run{n}" / "logs" / "data_order_rank0.jsonl").read_text().splitlines()
+                   for c in json.loads(line)["cases"]}
+        assert len(visited) == min(n, 24)
+    print(peaks)
+    assert peaks[24] - peaks[4] < 40, peaks

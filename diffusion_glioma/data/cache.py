@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,15 @@ def prepare_dataset(raw: str | Path, cache: str | Path, config: DataConfig, *, s
             todo.append(case)
     workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
     bar = tqdm(total=len(cases), initial=len(summary.reused), desc="prepare", unit="case", disable=not progress)
-    for case, entry, error in _prepared(todo, config.preprocess, cache, workers):
+    failure = threading.Event()
+    first_error = None
+    for case, entry, error in _prepared(todo, config.preprocess, cache, workers, failure):
         bar.update(1)
         if error is not None:
-            if not skip_bad:
-                raise DataError(error)
+            if not skip_bad:  # stop starting cases, but keep the ones already running when they finish
+                first_error = first_error or error
+                failure.set()
+                continue
             summary.skipped[case.case_id] = error
             entries.pop(case.case_id, None)
             continue
@@ -99,6 +104,8 @@ def prepare_dataset(raw: str | Path, cache: str | Path, config: DataConfig, *, s
         _write_index(cache, config, fingerprint, entries)
     bar.close()
     _write_index(cache, config, fingerprint, entries)
+    if first_error is not None:
+        raise DataError(first_error)
     return summary
 
 
@@ -117,10 +124,13 @@ def _prepare_and_write(case, preprocess, target: Path) -> tuple[dict | None, str
     }, None
 
 
-def _prepared(cases: list, preprocess, cache: Path, workers: int):
-    """(case, entry, error) for each case, as the cases finish, from `workers` processes."""
+def _prepared(cases: list, preprocess, cache: Path, workers: int, stop: threading.Event):
+    """(case, entry, error) for each case as it finishes, from `workers` processes; once `stop` is
+    set no new case starts, and those already running still come out."""
     if workers <= 1:
         for case in cases:
+            if stop.is_set():
+                return
             yield case, *_prepare_and_write(case, preprocess, case_path(cache, case.case_id))
         return
     # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
@@ -129,8 +139,12 @@ def _prepared(cases: list, preprocess, cache: Path, workers: int):
                 for case in cases}
         try:
             for job in as_completed(jobs):
-                yield jobs[job], *job.result()
-        finally:  # on an error or an interrupt: no new cases start; those running finish whole
+                if stop.is_set():
+                    for pending in jobs:
+                        pending.cancel()
+                if not job.cancelled():
+                    yield jobs[job], *job.result()
+        finally:  # on an interrupt: no new cases start; those running finish whole
             pool.shutdown(wait=True, cancel_futures=True)
 
 

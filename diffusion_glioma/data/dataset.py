@@ -65,7 +65,7 @@ class CachedCases(Dataset):
             "image": case["image"],
             "labels": case["labels"],
             "disease": torch.tensor(self.diseases.index(case["disease"]), dtype=torch.long),
-            "case_id": case["case_id"],
+            "case_id": self.entries[i]["case_id"],
         }
         size = item["image"].nbytes + item["labels"].nbytes
         if self._memory_used + size <= self.memory_budget:  # first come, kept until the end
