@@ -346,7 +346,8 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, 
         "label_scheme": job.case.labels,
         "disease": job.disease, "seed": output_seed(options.seed, job.case.case_id, k),
         "model": identity["model"], "model_hash": identity["model_hash"], "sampler": options.sampler,
-        "steps": options.steps, "guidance_scale": options.guidance_scale, "seconds": round(seconds, 3),
+        "steps": options.steps, "guidance_scale": options.guidance_scale, "precision": identity["precision"],
+        "seconds": round(seconds, 3),
         "files": {name: str(path.relative_to(writer.out)) for name, path in files.items()},
     }
 

@@ -87,7 +87,9 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
         "## Model", "",
         f"- Architecture: `DenoiserUNet3D` (volumetric UNet; base width {unet.get('base_channels')}, multipliers "
         f"{unet.get('channel_multipliers')}, residual blocks per level: {unet.get('layers_per_level')}), "
-        f"{params / 1e6:.2f} M parameters.",
+        f"{params / 1e6:.2f} M parameters, "
+        + ("diffusing in 3D Haar wavelet space (8 coefficients per modality at half the size per axis; "
+           f"mask given as {unet.get('wavelet_mask', 'mean')})." if unet.get("wavelet") else "diffusing in voxel space."),
         f"- Modalities produced, in order: {', '.join(unet.get('modalities', []))}.",
         f"- Disease classes (index 0 = none, for classifier-free guidance): {', '.join(unet.get('disease_classes', []))}.",
         f"- Grid: {preprocess.get('shape')} voxels of {preprocess.get('spacing')} mm, RAS voxel order; intensities "

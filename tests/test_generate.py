@@ -173,7 +173,7 @@ def test_bad_input_is_refused_and_nothing_is_lost(model_dir, phantom_dir, tmp_pa
     generate_dataset(model_dir, phantom_dir, out, GenerateOptions(limit=1, **FAST), progress=False)
     before = files_of(out)
     with pytest.raises(DataError, match="other settings \\(steps\\)"):
-        generate_dataset(model_dir, phantom_dir, out, GenerateOptions(limit=1, steps=3, sampler="ddim"), progress=False)
+        generate_dataset(model_dir, phantom_dir, out, GenerateOptions(limit=1, steps=3, sampler="ddim", precision="fp32"), progress=False)
     assert files_of(out) == before
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -207,7 +207,7 @@ def test_two_processes_write_each_output_once(model_dir, phantom_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
          str(ROOT / "scripts" / "generate.py"), "--model", str(model_dir), "--masks", str(phantom_dir),
-         "--out", str(out), "--per-mask", "2", "--steps", "2", "--sampler", "ddim", "--quiet"],
+         "--out", str(out), "--per-mask", "2", "--steps", "2", "--sampler", "ddim", "--precision", "fp32", "--quiet"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -221,3 +221,22 @@ def test_two_processes_write_each_output_once(model_dir, phantom_dir, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
+
+
+def test_precision_and_device_options(model_dir, phantom_dir, tmp_path, capsys):
+    """bf16 sampling writes the same kind of dataset, says so in the manifest, and stays close to fp32."""
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["generate", "--model", str(model_dir), "--masks", str(phantom_dir), "--out", str(out),
+                     "--limit", "1", "--steps", "2", "--sampler", "ddim", "--precision", precision,
+                     "--device", "cpu", "--quiet"]) == 0
+        record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+        assert record["precision"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+        outputs[precision] = volumes_of(out)
+    for name, volume in outputs["fp32"].items():
+        assert np.abs(volume - outputs["bf16"][name]).mean() < 0.02, name
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model_dir), "--masks", str(phantom_dir), "--out", str(tmp_path / "x"),
+              "--precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

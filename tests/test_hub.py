@@ -67,7 +67,14 @@ def test_push_uploads_the_folder_with_a_valid_card(pipeline_dir):
     assert "none, glioblastoma, pediatric_diffuse_glioma" in text and "not for diagnosis" in text.lower()
     params = count_parameters(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert params == sum(p.numel() for p in build_denoiser("tiny").parameters())
-    assert f"{params / 1e6:.2f} M parameters" in text
+    assert f"{params / 1e6:.2f} M parameters" in text and "voxel space" in text
+
+
+def test_card_of_a_wavelet_model_says_so(tmp_path):
+    unet = build_denoiser("tiny", wavelet=True)
+    MaskToMRIPipeline(unet, training_scheduler(value_range=unet.value_range),
+                      preprocess={"shape": [16, 16, 16]}).save_pretrained(tmp_path)
+    assert "3D Haar wavelet space" in model_card(tmp_path)
 
 
 def test_card_carries_evaluation_numbers(pipeline_dir, tmp_path):

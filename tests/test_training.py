@@ -114,6 +114,10 @@ def test_pretrain_then_finetune_through_the_cli(tiny_cache, tmp_path):
     assert pipe.disease_classes == ["none", "glioblastoma", "pediatric_diffuse_glioma"]
     facts = json.loads((tmp_path / "fine" / "pipeline" / "training.json").read_text())
     assert facts["cases"] == ["BraTS-PED-00000-000"]
+    drift = [json.loads(line)["source_drift"] for line in (tmp_path / "fine" / "logs" / "metrics.jsonl")
+             .read_text().splitlines()]
+    # The weights move away from the source as training goes (the first step's learning rate is 0: warm-up).
+    assert drift[-1] > 0 and drift[-1] > drift[1] > drift[0]
     # Fine-tuning starts from the source's EMA weights (its default `unet`).
     before, after = weights(source / "unet"), weights(tmp_path / "fine" / "pipeline" / "unet_online")
     assert torch.equal(before["conv_in.weight"], after["conv_in.weight"])  # frozen encoder
@@ -185,20 +189,28 @@ def test_shipped_configs_are_valid():
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_cases(tiny_cache, tmp_path):
+def test_two_processes_split_the_cases_and_keep_one_model(tiny_cache, tmp_path):
+    """Real DDP over gloo: per epoch the two processes together see every case exactly once, and
+    their weights stay identical."""
     config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run",
-                          optim={"steps": 3, "batch_size": 1}, checkpoints={"every": 3})
+                          optim={"steps": 5, "batch_size": 1}, checkpoints={"every": 5}, log_every=5)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          str(ROOT / "scripts" / "train.py"), "--config", str(config)],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    orders = [[json.loads(line)["cases"] for line in (tmp_path / "run" / "logs" / f"data_order_rank{r}.jsonl")
-               .read_text().splitlines()] for r in (0, 1)]
-    assert len(orders[0]) == len(orders[1]) == 3
-    for a, b in zip(*orders):
-        assert a != b  # each micro-step, the two processes train on different cases
+    logs = tmp_path / "run" / "logs"
+    orders = [[json.loads(line)["cases"] for line in (logs / f"data_order_rank{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)]
+    assert len(orders[0]) == len(orders[1]) == 5
+    # Batches go to the processes in turn: micro-step k of rank r is sample 2k + r of the run.
+    sequence = [case for step in zip(*orders) for batch in step for case in batch]
+    cases = sorted(json.loads((tiny_cache / "dataset.json").read_text())["cases"], key=lambda e: e["case_id"])
+    ids = sorted(e["case_id"] for e in cases)
+    assert sorted(sequence[:5]) == ids and sorted(sequence[5:]) == ids
+    fingerprints = [json.loads((logs / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1] and fingerprints[0]["step"] == 5
     assert (tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 

@@ -167,6 +167,24 @@ def stop_if_diverged(accelerator, losses: dict, step: int, output_dir: Path) -> 
                             "rather than fp16")
 
 
+def check_ranks_agree(accelerator, model, output_dir: Path, step: int) -> None:
+    """Data parallelism keeps one model on every process; a process whose weights drifted (a skipped
+    all-reduce, a non-deterministic op outside DDP) would train something else unnoticed. Each
+    process records a fingerprint of its weights in `logs/weights_rank<r>.json`, and the run stops
+    if they differ."""
+    unwrapped = accelerator.unwrap_model(model)
+    total = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum()
+    squares = torch.stack([p.detach().double().square().sum() for p in unwrapped.parameters()]).sum()
+    fingerprint = torch.stack([total, squares]).reshape(1, 2)
+    path = output_dir / "logs" / f"weights_rank{accelerator.process_index}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"step": step, "sum": float(total), "sum_of_squares": float(squares)}))
+    every = accelerator.gather(fingerprint)
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise TrainingError(f"the processes' weights differ at step {step} ({every.tolist()}); data-parallel "
+                            "training is out of step: check that every process runs the same code and config")
+
+
 def collate(items: list[dict]) -> dict:
     return {
         "image": torch.stack([i["image"] for i in items]),

@@ -28,7 +28,7 @@ from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (ema_copy, trained_classes, training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
+from .common import (check_ranks_agree, ema_copy, trained_classes, training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
                      start_run, step_generator, stop_if_diverged)
 from .config import TrainConfig
 
@@ -196,6 +196,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             logs = {"loss": float(mean_loss), "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                     "volumes_per_second": window_volumes / max(elapsed, 1e-9)}
+            if source_weights is not None:  # how far fine-tuning has moved: the scale for ewc_weight
+                with torch.no_grad():
+                    logs["source_drift"] = float(source_drift(model, source_weights))
             accelerator.log(logs, step=step)
             if accelerator.is_main_process:
                 with metrics_log.open("a") as f:
@@ -204,6 +207,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             window_start, window_volumes = time.perf_counter(), 0
             window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
         if step % config.checkpoints.every == 0 or step == config.optim.steps:
+            check_ranks_agree(accelerator, model, output_dir, step)
             save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
         if step % config.validation.every == 0 or step == config.optim.steps:
             _validation_figure(accelerator, unwrapped, ema, noise_scheduler, validation_batch, config, step,
@@ -227,11 +231,15 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     target = diffusion_target(noise_scheduler, x0, noise, t, config.diffusion.prediction_type).float()
     loss = F.l1_loss(prediction, target) if config.diffusion.loss == "l1" else F.mse_loss(prediction, target)
     if source_weights is not None and config.finetune.ewc_weight > 0:
-        params = dict(model.named_parameters())
-        penalty = sum(((params[k] - w) ** 2).sum() for k, w in _prefixed(source_weights, params).items())
-        count = sum(w.numel() for w in source_weights.values())
-        loss = loss + config.finetune.ewc_weight * penalty / count
+        loss = loss + config.finetune.ewc_weight * source_drift(model, source_weights)
     return loss
+
+
+def source_drift(model, source_weights: dict) -> torch.Tensor:
+    """Mean over every weight of (theta - theta_source)^2: what the L2-SP penalty multiplies."""
+    params = dict(model.named_parameters())
+    penalty = sum(((params[k] - w) ** 2).sum() for k, w in _prefixed(source_weights, params).items())
+    return penalty / sum(w.numel() for w in source_weights.values())
 
 
 def _prefixed(weights: dict, params: dict) -> dict:
