@@ -11,7 +11,8 @@ import torch
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
 from diffusion_glioma.evaluation.fidelity import (RandomFeatures, frechet_distance, kernel_inception_distance,
-                                                  memorisation, ms_ssim_diversity, paired_similarity)
+                                                  memorisation, ms_ssim_diversity, paired_similarity,
+                                                  trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
 
 
@@ -30,11 +31,24 @@ def test_distances_have_the_known_answers():
 
 def test_similarity_diversity_and_memorisation_known_answers():
     rng = np.random.default_rng(0)
-    volume = rng.random((24, 24, 24)).astype(np.float32)
-    assert paired_similarity(volume, volume) == (pytest.approx(1.0), float("inf"))
-    ssim_small, psnr_small = paired_similarity(volume, np.clip(volume + 0.05 * rng.standard_normal(volume.shape), 0, 1))
-    ssim_big, psnr_big = paired_similarity(volume, np.clip(volume + 0.3 * rng.standard_normal(volume.shape), 0, 1))
-    assert 1 > ssim_small > ssim_big and psnr_small > psnr_big
+    head = np.zeros((24, 24, 24), dtype=bool)
+    head[4:20, 4:20, 4:20] = True
+    volume = np.where(head, 0.2 + 0.6 * rng.random((24, 24, 24)), 0).astype(np.float32)
+    assert paired_similarity(volume, volume, head) == {"ssim": pytest.approx(1.0), "psnr": float("inf"), "mae": 0.0}
+    # Known answers: an offset of 0.1 inside the head is an MSE of 0.01 (20 dB) and an MAE of 0.1;
+    # what happens outside the head does not count.
+    offset = np.where(head, volume + 0.1, rng.random(volume.shape)).astype(np.float32)
+    scores = paired_similarity(volume, offset, head)
+    assert scores["psnr"] == pytest.approx(20.0, abs=1e-3) and scores["mae"] == pytest.approx(0.1, abs=1e-5)
+    small = paired_similarity(volume, np.clip(volume + 0.05 * rng.standard_normal(volume.shape), 0, 1) * head, head)
+    big = paired_similarity(volume, np.clip(volume + 0.3 * rng.standard_normal(volume.shape), 0, 1) * head, head)
+    assert 1 > small["ssim"] > big["ssim"] and small["psnr"] > big["psnr"] and small["mae"] < big["mae"]
+    # The trivial references score worse than a close copy, and noise worse than the mean.
+    references = {k: paired_similarity(volume, v, head) for k, v in trivial_references(volume, head, seed=5).items()}
+    assert references["mean-fill inside the head"]["ssim"] < 0.1  # the head's outline earns nothing
+    for ref in references.values():
+        assert ref["ssim"] < small["ssim"] and ref["psnr"] < small["psnr"]
+    assert references["noise inside the head"]["psnr"] < references["mean-fill inside the head"]["psnr"]
     base = torch.rand(1, 1, 32, 32, 32)
     copies = base.repeat(4, 1, 1, 1, 1)
     varied = torch.rand(4, 1, 32, 32, 32)
@@ -72,6 +86,12 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
     assert sets["identical"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
     assert sets["identical"]["paired"]["t1n"]["ssim"] == pytest.approx(1.0)
     assert sets["identical"]["paired"]["t1n"]["psnr"] == "inf"
+    references = report["paired_references"]
+    for m in ("t1n", "t2f"):  # a slightly perturbed copy beats the trivial references
+        for name in ("mean-fill inside the head", "noise inside the head"):
+            assert references[name][m]["ssim"] < sets["slightly"]["paired"][m]["ssim"]
+            assert references[name][m]["mae"] > sets["slightly"]["paired"][m]["mae"]
+    assert "reference: noise inside the head" in (out / "report.md").read_text()
     assert sets["identical"]["fid_3d"] < sets["slightly"]["fid_3d"] < sets["very"]["fid_3d"]
     assert sets["slightly"]["paired"]["t2f"]["ssim"] > sets["very"]["paired"]["t2f"]["ssim"]
     assert sets["slightly"]["per_modality"]["t1c"]["fid_2d"] < sets["very"]["per_modality"]["t1c"]["fid_2d"]

@@ -26,7 +26,8 @@ from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import atomic_path, load_volume, write_json
 from .segmentation import REGIONS
 from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance, load_features_3d,
-                       kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity)
+                       kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity,
+                       trivial_references)
 
 
 @dataclass
@@ -170,6 +171,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                      "counts": {n: len(d["ids"]) for n, d in data.items()}, "sets": {}}
     notes = []
     results["real_diversity_ms_ssim"] = ms_ssim_diversity(torch.stack(real["small"]))
+    results["paired_references"] = _paired_references(real["full"], modalities, seed)
     for name in names:
         syn = data[name]
         entry: dict = {"per_modality": {}}
@@ -223,9 +225,18 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     return results
 
 
+def _head(volume: np.ndarray) -> np.ndarray:
+    """The head of a normalised (modality, x, y, z) volume: where any modality is above 0."""
+    return (volume > 0).any(axis=0)
+
+
+def _mean_scores(scores: dict) -> dict:
+    return {m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()} for m, s in scores.items()}
+
+
 def _paired(real_full: dict, syn: dict, modalities) -> dict:
-    """SSIM/PSNR of each synthetic volume against the real volume of its mask (same grid)."""
-    scores = {m: {"ssim": [], "psnr": []} for m in modalities}
+    """SSIM/PSNR/MAE inside the head of each synthetic volume against the real volume of its mask."""
+    scores = {m: {"ssim": [], "psnr": [], "mae": []} for m in modalities}
     pairs = 0
     for item_id, (volume, affine, item) in syn["full"].items():
         if item.key not in real_full:
@@ -235,12 +246,32 @@ def _paired(real_full: dict, syn: dict, modalities) -> dict:
             raise DataError(f"{item.images[modalities[0]]}: grid differs from its real volume "
                             f"{real_item.images[modalities[0]]}; paired metrics need the same grid")
         pairs += 1
+        head = _head(real_volume)
         for c, m in enumerate(modalities):
-            ssim, psnr = paired_similarity(real_volume[c], volume[c])
-            scores[m]["ssim"].append(ssim)
-            scores[m]["psnr"].append(psnr)
-    return {"pairs": pairs, **{m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()}
-                               for m, s in scores.items()}}
+            for k, v in paired_similarity(real_volume[c], volume[c], head).items():
+                scores[m][k].append(v)
+    return {"pairs": pairs, **_mean_scores(scores)}
+
+
+def _paired_references(real_full: dict, modalities, seed: int) -> dict:
+    """The paired metrics of reference sets against each real volume: mean-fill and noise inside
+    the head (what a trivial generator scores) and another real case on the same grid (what
+    realistic but unpaired data scores). A generator is judged against these, not alone."""
+    names = ["mean-fill inside the head", "noise inside the head", "real vs another real case"]
+    scores = {name: {m: {"ssim": [], "psnr": [], "mae": []} for m in modalities} for name in names}
+    cases = list(real_full.items())
+    for i, (case_id, (volume, affine, _)) in enumerate(cases):
+        head = _head(volume)
+        others = [v for j, (_, (v, a, _)) in enumerate(cases)
+                  if j != i and v.shape == volume.shape and np.allclose(a, affine, atol=1e-3)]
+        for c, m in enumerate(modalities):
+            references = trivial_references(volume[c], head, seed + i)
+            if others:
+                references["real vs another real case"] = others[0][c]
+            for name, reference in references.items():
+                for k, v in paired_similarity(volume[c], reference, head).items():
+                    scores[name][m][k].append(v)
+    return {name: _mean_scores(s) for name, s in scores.items()}
 
 
 def _finite(obj):
@@ -268,7 +299,9 @@ def _markdown(results: dict, names: list[str], modalities) -> str:
              f"Features: 2D {results['feature_extractor']['2d']}; 3D {results['feature_extractor']['3d']}.",
              "FID and KID compare each synthetic set with the real set (lower is closer); diversity is the mean "
              "MS-SSIM between volumes of one set (lower is more diverse; the real set's is given for reference); "
-             "paired SSIM/PSNR compare a synthetic volume with the real volume of the same mask.", "",
+             "paired SSIM (Gaussian window, sigma 1.5), PSNR and MAE compare a synthetic volume with the real volume "
+             "of the same mask, inside the head only; the reference rows give what a trivial generator "
+             "(mean-fill, noise) and real but unpaired data (another real case) score.", "",
              "## Overall", "", "| set | FID 3D | KID 3D | diversity (MS-SSIM) | pairs | memorisation suspects |",
              "|---|---|---|---|---|---|"]
     lines.append(f"| real | - | - | {_fmt(results['real_diversity_ms_ssim'])} | - | - |")
@@ -276,14 +309,20 @@ def _markdown(results: dict, names: list[str], modalities) -> str:
         s = results["sets"][n]
         lines.append(f"| {n} | {_fmt(s['fid_3d'])} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
                      f"{s['paired']['pairs']} | {len(s['memorisation']['suspicious'])} |")
-    lines += ["", "## Per modality", "", "| set | modality | FID 2D | KID 2D | FID 3D | KID 3D | SSIM | PSNR dB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Per modality", "",
+              "| set | modality | FID 2D | KID 2D | FID 3D | KID 3D | SSIM (head) | PSNR dB (head) | MAE (head) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         s = results["sets"][n]
         for m in modalities:
             pm, pair = s["per_modality"][m], s["paired"][m]
             lines.append(f"| {n} | {m} | {_fmt(pm['fid_2d'])} | {_fmt(pm['kid_2d'])} | {_fmt(pm['fid_3d'])} | "
-                         f"{_fmt(pm['kid_3d'])} | {_fmt(pair['ssim'])} | {_fmt(pair['psnr'])} |")
+                         f"{_fmt(pm['kid_3d'])} | {_fmt(pair['ssim'])} | {_fmt(pair['psnr'])} | {_fmt(pair['mae'])} |")
+    for reference, per_modality in results.get("paired_references", {}).items():
+        for m in modalities:
+            pair = per_modality[m]
+            lines.append(f"| reference: {reference} | {m} | - | - | - | - | {_fmt(pair['ssim'])} | "
+                         f"{_fmt(pair['psnr'])} | {_fmt(pair['mae'])} |")
     if "segmentation_setup" in results:
         lines += ["", "## Segmentation", "", f"Segmenter: {results['segmentation_setup']}. Dice (HD95 mm) on the "
                   "held-out real cases per training regime; mask consistency: the real-trained segmenter on the "

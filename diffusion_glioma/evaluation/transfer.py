@@ -40,22 +40,24 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, only: list[str], limit
 @torch.no_grad()
 def score(pipeline_dir: Path, test: CachedCases, target: str, steps: int, seed: int) -> dict:
     pipe = load_pipeline(pipeline_dir).use_sampler("dpm++")
-    real, synthetic = [], []
+    real, synthetic, heads = [], [], []
     for i in range(len(test)):
         item = test[i]
         generator = [torch.Generator().manual_seed(seed + i)]
         volume = pipe(item["labels"][None], target, num_inference_steps=steps, generator=generator,
                       progress=False).volumes[0]
         real.append((item["image"].float() + 1) / 2)
+        heads.append((item["labels"] > 0).numpy())
         synthetic.append((volume + 1) / 2)
     modalities = pipe.modalities
-    paired = {m: [paired_similarity(r[c].numpy(), s[c].numpy()) for r, s in zip(real, synthetic)]
+    # Inside the head only (paired_similarity): the background is shared by construction.
+    paired = {m: [paired_similarity(r[c].numpy(), s[c].numpy(), h) for r, s, h in zip(real, synthetic, heads)]
               for c, m in enumerate(modalities)}
     features = RandomFeatures(3, len(modalities), seed=0)
     fid = frechet_distance(features(torch.stack(real)), features(torch.stack(synthetic)))
-    return {"ssim": float(np.mean([s for m in paired for s, _ in paired[m]])),
-            "psnr": float(np.mean([p for m in paired for _, p in paired[m] if np.isfinite(p)])),
-            "fid_3d": fid, "per_modality_ssim": {m: float(np.mean([s for s, _ in paired[m]])) for m in modalities}}
+    mean_of = lambda key: float(np.mean([p[key] for m in paired for p in paired[m] if np.isfinite(p[key])]))  # noqa: E731
+    return {"ssim": mean_of("ssim"), "psnr": mean_of("psnr"), "mae": mean_of("mae"), "fid_3d": fid,
+            "per_modality_ssim": {m: float(np.mean([p["ssim"] for p in paired[m]])) for m in modalities}}
 
 
 def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int], source: str, target: str,
