@@ -118,20 +118,29 @@ def test_evaluate_bad_input(phantom_dir, tmp_path):
 
 
 def test_dice_and_hd95_known_answers():
-    from diffusion_glioma.evaluation.segmentation import dice_and_hd95
+    from diffusion_glioma.evaluation.segmentation import EMPTY_HD95_MM, dice_and_hd95
 
     target = torch.zeros(1, 3, 16, 16, 16)
     target[:, :, 4:10, 4:10, 4:10] = 1
-    target[:, 2] = 0  # no enhancing tumour in this case
+    target[:, 2] = 0  # no enhancing tumour in this case (as in most pediatric cases)
     perfect = dice_and_hd95(target.clone(), target, (2.0, 2.0, 2.0))
-    assert perfect["WT"] == {"dice": pytest.approx(1.0), "hd95": pytest.approx(0.0), "n": 1, "empty_predictions": 0}
-    assert perfect["ET"] == {"dice": None, "hd95": None, "n": 0}
+    assert perfect["WT"]["dice"] == pytest.approx(1.0) and perfect["WT"]["hd95"] == pytest.approx(0.0)
+    assert perfect["ET"]["dice"] == 1.0 and perfect["ET"]["hd95"] == 0.0  # both empty: BraTS scores it perfect
     shifted = torch.roll(target, shifts=2, dims=2)  # 2 voxels of 2 mm
     result = dice_and_hd95(shifted, target, (2.0, 2.0, 2.0))
     assert result["WT"]["dice"] == pytest.approx(2 * 4 / 12)
     assert result["WT"]["hd95"] == pytest.approx(4.0)
     empty = dice_and_hd95(torch.zeros_like(target), target, (2.0, 2.0, 2.0))
-    assert empty["WT"]["dice"] == 0.0 and empty["WT"]["hd95"] is None and empty["WT"]["empty_predictions"] == 1
+    assert empty["WT"]["dice"] == 0.0 and empty["WT"]["hd95"] == EMPTY_HD95_MM == 373.13
+    assert empty["WT"]["empty_predictions"] == 1
+    false_positive = target.clone()
+    false_positive[:, 2, 6:8, 6:8, 6:8] = 1  # enhancing tumour where there is none
+    fp = dice_and_hd95(false_positive, target, (2.0, 2.0, 2.0))
+    assert fp["ET"]["dice"] == 0.0 and fp["ET"]["hd95"] == 373.13 and fp["ET"]["false_positives_on_empty"] == 1
+    # Bootstrap intervals over cases: one perfect and one empty prediction of WT.
+    pair = dice_and_hd95(torch.cat([target, torch.zeros_like(target)]), torch.cat([target, target]), (2.0,) * 3)
+    assert pair["WT"]["dice"] == pytest.approx(0.5) and pair["WT"]["dice_ci95"] == [0.0, 1.0]
+    assert perfect["WT"]["dice_ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]
 
 
 def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
