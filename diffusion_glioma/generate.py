@@ -264,7 +264,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
             todo.append((position // options.batch_size, i, case, k))
     if dry_run:
         for _, i, case, k in todo:
-            disease = options.disease or case.disease
+            disease = resolve_disease(case, options, pipeline.disease_classes)
             for path in writer.files(output_id(case.case_id, k), i * options.per_mask + k, disease).values():
                 print(path)
         print(f"{len(todo)} outputs to write, {len(done)} already done")
@@ -312,13 +312,38 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     return done
 
 
+# Dataset naming that says which disease a mask comes from, for folders whose layout does not.
+DISEASE_FROM_NAME = [
+    (re.compile(r"BraTS-PED", re.IGNORECASE), "pediatric_diffuse_glioma"),
+    (re.compile(r"BraTS-GLI|BraTS20\d\d_|UPENN-GBM|UCSF-PDGM", re.IGNORECASE), "glioblastoma"),
+]
+_told: set[str] = set()
+
+
+def resolve_disease(case: Case, options: GenerateOptions, classes: list[str]) -> str:
+    """`--disease`, else the layout's disease, else what the file name says (BraTS-GLI, BraTS 2021,
+    UPENN-GBM, UCSF-PDGM: adult glioma; BraTS-PED: pediatric), else the model's unconditional class
+    "none", said once on the console."""
+    if options.disease:
+        disease = options.disease
+    elif case.disease not in (None, "", "unknown"):
+        disease = case.disease
+    else:
+        name = f"{case.case_id} {Path(case.seg).name if case.seg else ''}"
+        disease = next((d for pattern, d in DISEASE_FROM_NAME if pattern.search(name)), "none")
+        if disease == "none" and "none" not in _told:
+            _told.add("none")
+            print(f"{case.seg}: the disease is not known from the layout or the name; sampling with the "
+                  "model's unconditional class 'none' (pass --disease to choose one)")
+    if disease not in classes:
+        raise DataError(f"{case.seg}: disease {disease!r} is not one of the model's classes "
+                        f"{classes}; pass --disease with one of them")
+    return disease
+
+
 def _mask_job(case: Case, options: GenerateOptions, preprocess: PreprocessConfig, known: set[int],
               pipeline) -> MaskJob:
-    disease = options.disease or case.disease
-    if disease not in pipeline.disease_classes:
-        raise DataError(f"{case.seg}: disease {disease!r} is not one of the model's classes "
-                        f"{pipeline.disease_classes}; pass --disease with one of them")
-    return load_mask(case, preprocess, known, disease)
+    return load_mask(case, preprocess, known, resolve_disease(case, options, pipeline.disease_classes))
 
 
 def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, k: int, options: GenerateOptions,

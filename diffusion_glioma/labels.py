@@ -94,6 +94,10 @@ SCHEMES: dict[str, LabelScheme] = {
         _scheme("brats_peds", {1: ENHANCING, 2: CORE, 3: CYST, 4: OEDEMA}, {1: "ET", 2: "NET", 3: "CC", 4: "ED"}),
         # BraTS-PEDs 2023 followed the adult 2023 convention: 1 NCR, 2 ED, 3 ET.
         _scheme("brats_peds_2023", {1: CORE, 2: OEDEMA, 3: ENHANCING}, {1: "NCR", 2: "ED", 3: "ET"}),
+        # Med-DDPM's preprocessed BraTS files (its dataset code's label enum): 1 necrosis, 2 oedema,
+        # 3 enhancing tumour, 4 brain, so the head comes with the labels.
+        _scheme("medddpm", {1: CORE, 2: OEDEMA, 3: ENHANCING, 4: HEAD},
+                {1: "necrosis", 2: "oedema", 3: "enhancing", 4: "brain"}, has_head=True),
         # The common scheme itself (label maps this package writes).
         LabelScheme("common", {v: v for v in COMMON_LABELS}, dict(COMMON_LABELS), has_head=True),
     ]

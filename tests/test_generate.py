@@ -240,3 +240,26 @@ def test_precision_and_device_options(model_dir, phantom_dir, tmp_path, capsys):
         main(["generate", "--model", str(model_dir), "--masks", str(phantom_dir), "--out", str(tmp_path / "x"),
               "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_disease_comes_from_the_option_the_layout_or_the_name(capsys):
+    from diffusion_glioma.data.layouts import Case
+    from diffusion_glioma.generate import _told, resolve_disease
+
+    classes = ["none", "glioblastoma", "pediatric_diffuse_glioma"]
+    plain = lambda name: Case(name, {}, Path(f"/masks/{name}.nii.gz"), "common", "unknown", "masks")  # noqa: E731
+    options = GenerateOptions()
+    assert resolve_disease(plain("BraTS-GLI-01234-000"), options, classes) == "glioblastoma"
+    assert resolve_disease(plain("BraTS2021_00012"), options, classes) == "glioblastoma"
+    assert resolve_disease(plain("UPENN-GBM-00042_11"), options, classes) == "glioblastoma"
+    assert resolve_disease(plain("BraTS-PED-00007-000"), options, classes) == "pediatric_diffuse_glioma"
+    _told.clear()
+    assert resolve_disease(plain("subject_17"), options, classes) == "none"
+    assert resolve_disease(plain("subject_18"), options, classes) == "none"
+    out = capsys.readouterr().out
+    assert out.count("unconditional class 'none'") == 1 and "subject_17" in out  # said once, naming the file
+    assert resolve_disease(plain("subject_17"), GenerateOptions(disease="glioblastoma"), classes) == "glioblastoma"
+    layout_says = Case("x", {}, Path("/m/x.nii.gz"), "brats_peds", "pediatric_diffuse_glioma", "brats_ped")
+    assert resolve_disease(layout_says, options, classes) == "pediatric_diffuse_glioma"
+    with pytest.raises(DataError, match="not one of the model's classes"):
+        resolve_disease(plain("BraTS-PED-00007-000"), options, ["none", "glioblastoma"])

@@ -72,23 +72,29 @@ def test_ucsf_pdgm_prefers_bias_corrected(tmp_path):
     assert case.images["t2w"].name == f"{cid}_T2.nii.gz" and case.seg.name == f"{cid}_tumor_segmentation.nii.gz"
 
 
-def test_generic_layout_reads_medddpm_folders(tmp_path):
-    """Med-DDPM keeps one folder per modality, images pre-scaled to [-1, 1] float64, background -1."""
+def test_shipped_medddpm_layout_reads_its_files(tmp_path):
+    """Med-DDPM keeps one folder per modality, images pre-scaled to [-1, 1] float64 with background -1,
+    and labels 1 necrosis, 2 oedema, 3 enhancing tumour, 4 brain (its dataset code's label enum)."""
+    from pathlib import Path
+
     data = tmp_path / "data"
+    images, seg = toy_case(tumour_values=(2, 1, 3), background=-1.0)  # oedema, necrosis, enhancing core
+    brain = images["t1n"] != -1.0
+    seg = np.where(brain & (seg == 0), 4, seg)
     for cid in ("case_a", "case_b"):
-        write_case(data, {"t1n": f"t1/{cid}", "t1c": f"t1ce/{cid}", "t2w": f"t2/{cid}", "t2f": f"flair/{cid}",
-                          "seg": f"seg/{cid}"}, background=-1.0, dtype=np.float64)
-    spec = tmp_path / "medddpm.yaml"
-    spec.write_text("name: medddpm\nlabels: brats2021\ndisease: glioblastoma\nfiles:\n"
-                    "  t1: t1/{case}.nii.gz\n  t1ce: t1ce/{case}.nii.gz\n  t2: t2/{case}.nii.gz\n"
-                    "  flair: flair/{case}.nii.gz\n  seg: seg/{case}.nii.gz\n")
+        for folder, m in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
+            write_nifti(data / folder / f"{cid}.nii.gz", np.clip(images[m] * 2 - 1, -1, 1) * brain - ~brain,
+                        dtype=np.float64)
+        write_nifti(data / "seg" / f"{cid}.nii.gz", seg, dtype=np.int16)
+    spec = Path(__file__).resolve().parents[1] / "configs" / "data" / "layouts" / "medddpm_brats.yaml"
     cases = discover_cases(data, spec)
-    assert [c.case_id for c in cases] == ["case_a", "case_b"]
+    assert [c.case_id for c in cases] == ["case_a", "case_b"] and cases[0].disease == "glioblastoma"
     loaded = load_case(cases[0], CONFIG)
-    # The head is found against a background of -1, not 0.
-    images, seg = toy_case(background=-1.0)
-    expected_head = images["t1n"] != -1.0
-    assert (loaded.head == expected_head).mean() > 0.98
+    # The head is found against a background of -1, not 0, and label 4 is the brain.
+    assert (loaded.head == brain).mean() > 0.98
+    assert set(np.unique(loaded.labels)) == {0, HEAD, CORE, OEDEMA, ENHANCING}
+    np.testing.assert_array_equal(loaded.labels == HEAD, seg == 4)
+    np.testing.assert_array_equal(loaded.labels == ENHANCING, seg == 3)
 
 
 def test_generic_layout_errors(tmp_path):
