@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import PreprocessConfig
-from .data.layouts import SEG, Case, Layout, discover_cases
+from .data.layouts import SEG, Case, Layout, discover_cases, write_label_schemes
 from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
 from .errors import DataError, DiffusionGliomaError
 from .figures import FigureRow, to_ras, write_slices_figure
@@ -36,6 +36,7 @@ from .labels import (BACKGROUND, BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYS
                      add_head, get_scheme)
 
 FORMATS = ("pairs", "brats", "nnunet")
+BRATS_WRITTEN_SCHEMES = {"brats_gli": "brats_gli", "brats_peds": "brats_peds_2024"}  # layout -> scheme written
 SAMPLES_IN_FIGURE = 6
 PLAIN_MASKS = Layout("masks", ((re.compile(r"(?P<case>[^/]+)"), SEG),), "common", "unknown",
                      "plain label maps in the common scheme, one file per case at the top of the folder")
@@ -173,7 +174,7 @@ class Writer:
         if fmt == "pairs":
             return job.source_labels  # the source's own label values
         if fmt == "brats":
-            scheme = SCHEMES["brats_peds" if job.disease.startswith("pediatric") else "brats_gli"]
+            scheme = SCHEMES[BRATS_WRITTEN_SCHEMES["brats_peds" if job.disease.startswith("pediatric") else "brats_gli"]]
             try:
                 return scheme.from_common(job.source_common)
             except DataError as exc:
@@ -305,6 +306,8 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         with atomic_path(manifest) as tmp:
             tmp.write_text(text)
         writer.finish(with_order)
+        if options.format == "brats":  # PED label values alone cannot say which release they follow
+            write_label_schemes(out, BRATS_WRITTEN_SCHEMES)
         if figure_rows:  # a few of the outputs written in this run, on their masks' grids
             write_slices_figure(out / "samples.png", figure_rows, writer.modalities,
                                 title=f"{options.sampler} {options.steps} steps, guidance {options.guidance_scale:g}")

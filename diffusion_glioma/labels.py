@@ -104,6 +104,31 @@ SCHEMES: dict[str, LabelScheme] = {
 }
 
 
+SCHEMES["brats_peds_2024"] = SCHEMES["brats_peds"]
+
+
+class UnstatedPedsScheme(LabelScheme):
+    """BraTS-PEDs data whose release nobody stated. 2023 (1 NCR, 2 ED, 3 ET) and 2024 (1 ET, 2 NET,
+    3 CC, 4 ED) share file names and values 1-3, so only a label 4 tells them apart; anything else
+    stops with one line rather than silently turning necrosis into enhancing tumour."""
+
+    def to_common(self, labels: np.ndarray, path: Path | str | None = None) -> np.ndarray:
+        found = {int(v) for v in np.unique(labels)}
+        if 4 in found or found <= {0}:
+            return SCHEMES["brats_peds_2024"].to_common(labels, path)
+        if found <= {0, 1, 2, 3}:
+            raise DataError(
+                f"{path}: BraTS-PEDs labels {sorted(found)} fit both the 2023 release (1 NCR, 2 ED, 3 ET) and "
+                "2024 (1 ET, 2 NET, 3 CC, 4 ED); say which with --labels brats_peds_2023 or --labels "
+                "brats_peds_2024 (or labels: in the data config, or a label_schemes.json in the data folder)"
+            )
+        return SCHEMES["brats_peds_2024"].to_common(labels, path)  # names the unknown values
+
+
+PEDS_UNSTATED = "brats_peds_unstated"
+SCHEMES[PEDS_UNSTATED] = UnstatedPedsScheme(PEDS_UNSTATED, SCHEMES["brats_peds"].mapping, SCHEMES["brats_peds"].names)
+
+
 def get_scheme(spec: str | dict) -> LabelScheme:
     """A scheme by name, or a custom one from a `{source_value: common_value}` table."""
     if isinstance(spec, str):

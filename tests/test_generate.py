@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from diffusion_glioma.data.layouts import discover_cases
+
 from diffusion_glioma import generate as gen
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DataError, DiffusionGliomaError
@@ -76,6 +78,9 @@ def test_every_format_lands_on_the_mask_grid(model_dir, phantom_dir, tmp_path, f
     if fmt == "brats":
         assert (out / "BraTS-GLI-90000-000" / "BraTS-GLI-90000-000-t2f.nii.gz").is_file()
         assert any(p.name.startswith("BraTS-PED-9") for p in out.iterdir())
+        # read back as written, though a PED mask without oedema alone could be either release
+        reread = {c.case_id: c.labels for c in discover_cases(out)}
+        assert reread["BraTS-PED-90006-000"] == "brats_peds_2024" and reread["BraTS-GLI-90000-000"] == "brats_gli"
     if fmt == "nnunet":
         dataset = out / "Dataset501_SyntheticGlioma"
         info = json.loads((dataset / "dataset.json").read_text())

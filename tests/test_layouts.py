@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from diffusion_glioma.data.layouts import LAYOUTS, canonical_modality, discover_cases, load_layout_file
+from diffusion_glioma.data.layouts import (
+    LAYOUTS,
+    canonical_modality,
+    discover_cases,
+    load_layout_file,
+    write_label_schemes,
+)
 from diffusion_glioma.data.preprocess import load_case
 from diffusion_glioma.config import PreprocessConfig
 from diffusion_glioma.errors import DataError
@@ -36,7 +42,7 @@ def test_brats_2023_adult_and_pediatric_side_by_side(tmp_path):
         write_case(tmp_path, {m: f"{cid}/{cid}-{m}" for m in ("t1n", "t1c", "t2w", "t2f", "seg")}, seg_values=values)
     gli, ped = discover_cases(tmp_path)
     assert (gli.layout, gli.disease, gli.labels) == ("brats_gli", "glioblastoma", "brats_gli")
-    assert (ped.layout, ped.disease, ped.labels) == ("brats_peds", "pediatric_diffuse_glioma", "brats_peds")
+    assert (ped.layout, ped.disease, ped.labels) == ("brats_peds", "pediatric_diffuse_glioma", "brats_peds_unstated")
     # The toy tumour is oedema outside, core inside, enhancing at the centre, in each source's own values.
     _, toy = toy_case(tumour_values=(1, 2, 3))
     for case in (gli, ped):
@@ -44,6 +50,26 @@ def test_brats_2023_adult_and_pediatric_side_by_side(tmp_path):
         assert (labels[toy == 3] == ENHANCING).all()
         assert (labels[toy == 2] == CORE).all() and (labels[toy == 1] == OEDEMA).all()
         assert set(np.unique(labels)) == {0, HEAD, CORE, OEDEMA, ENHANCING}
+
+
+def test_peds_2023_or_2024_is_never_guessed(tmp_path):
+    cid = "BraTS-PED-00007-000"
+    write_case(tmp_path, {m: f"{cid}/{cid}-{m}" for m in ("t1n", "t1c", "t2w", "t2f", "seg")}, seg_values=(2, 1, 3))
+    with pytest.raises(DataError, match=r"BraTS-PED-00007-000-seg.nii.gz: BraTS-PEDs labels \[0, 1, 2, 3\] fit both.*"
+                                        r"--labels brats_peds_2023 or --labels brats_peds_2024"):
+        load_case(discover_cases(tmp_path)[0], CONFIG)
+    _, toy = toy_case(tumour_values=(2, 1, 3))  # oedema 2, core 1, enhancing 3: the 2023 values
+    for stated in ("flag", "file"):
+        if stated == "flag":
+            case = discover_cases(tmp_path, labels="brats_peds_2023")[0]
+        else:
+            write_label_schemes(tmp_path, {"brats_peds": "brats_peds_2023"})
+            case = discover_cases(tmp_path)[0]
+        labels = load_case(case, CONFIG).labels
+        assert (labels[toy == 1] == CORE).all() and (labels[toy == 3] == ENHANCING).all()
+    (tmp_path / "label_schemes.json").write_text('{"brats_peds": "brats_2023"}')
+    with pytest.raises(DataError, match="label_schemes.json: expected"):
+        discover_cases(tmp_path)
 
 
 def test_upenn_gbm_prefers_manual_segmentation(tmp_path):

@@ -2,7 +2,20 @@ import nibabel as nib
 import numpy as np
 
 from diffusion_glioma.data.layouts import discover_cases
-from diffusion_glioma.data.phantom import GLIOBLASTOMA, MODALITIES, PEDIATRIC_DMG, make_subject, write_cohort
+from dataclasses import replace
+
+from scipy import ndimage
+
+from diffusion_glioma.data.phantom import (
+    GLIOBLASTOMA,
+    MODALITIES,
+    PEDIATRIC_DMG,
+    _radial_push,
+    brain_volume_fraction,
+    draw_anatomy,
+    make_subject,
+    write_cohort,
+)
 from diffusion_glioma.labels import CORE, CYST, ENHANCING, OEDEMA
 
 
@@ -16,7 +29,7 @@ def test_same_seed_same_subject_and_different_seeds_differ():
 
 
 def test_contrasts_follow_tissue_physics():
-    s = make_subject(GLIOBLASTOMA, 3.0, 3)
+    s = make_subject(GLIOBLASTOMA, 3.0, 2)  # a 15 mm tumour: its rim is more than partial volume at 3 mm
     seg = s["seg"]
     t1, t1c, t2, flair = (s["images"][m] for m in MODALITIES)
     enhancing, necrosis, oedema = seg == 3, seg == 1, seg == 2
@@ -38,8 +51,53 @@ def test_disease_profiles_differ_like_the_real_ones():
         assert abs(x) < 8 and z < -20  # midline, infratentorial (pons)
         net, enhancing = (s["seg"] == 2).sum(), (s["seg"] == 1).sum()
         assert net > 3 * enhancing  # mostly non-enhancing
-    head = lambda s: (s["images"]["t1n"] > 0).sum()  # noqa: E731
-    assert np.mean([head(s) for s in child]) < 0.9 * np.mean([head(s) for s in adult])
+
+
+def _auc(negatives, positives) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    n, p = np.asarray(negatives)[:, None], np.asarray(positives)[None, :]
+    return float(((p > n).mean() + 0.5 * (p == n).mean()))
+
+
+def test_head_size_does_not_give_the_disease_away():
+    rng = np.random.default_rng(0)
+    adult = [draw_anatomy(GLIOBLASTOMA, rng) for _ in range(400)]
+    child = [draw_anatomy(PEDIATRIC_DMG, rng) for _ in range(400)]
+    assert all(4 <= c["age_years"] <= 12 and brain_volume_fraction(c["age_years"]) >= 0.85 for c in child)
+    volume = lambda people: [p["brain_volume"] for p in people]  # noqa: E731
+    assert 0.4 < _auc(volume(adult), volume(child)) < 0.6  # the old 0.82-0.92 head scale gave 1.0
+    # The drawn volume is the subject's: head voxels follow it (mass effect and ventricles aside).
+    subjects = [make_subject(PEDIATRIC_DMG, 4.0, i) for i in range(3)]
+    head = np.array([(s["images"]["t1n"] > 0).sum() for s in subjects], dtype=float)
+    drawn = np.array([s["record"]["brain_volume"] for s in subjects])
+    np.testing.assert_allclose(head / head.mean(), drawn / drawn.mean(), rtol=0.06)
+
+
+def test_the_tumour_pushes_tissue_aside():
+    still = make_subject(replace(GLIOBLASTOMA, mass_effect=(0.0, 0.0)), 4.0, 5)
+    pushed = make_subject(replace(GLIOBLASTOMA, mass_effect=(0.6, 0.6)), 4.0, 5)
+    core = lambda s: np.isin(s["seg"], (1, 3))  # noqa: E731  (oedema follows the displaced white matter)
+    assert (core(still) == core(pushed)).mean() > 0.999  # same tumour, same place
+    # Without mass effect the tumour replaces the tissue it covers; with it, that tissue moves outward,
+    # so the healthy brain outside the tumour holds more white matter signal on T1.
+    healthy = (still["seg"] == 0) & (still["images"]["t1n"] > 0)
+    ring = healthy & (ndimage.distance_transform_edt(still["seg"] == 0) <= 3)  # within 12 mm of it
+    assert pushed["images"]["t1n"][ring].sum() != still["images"]["t1n"][ring].sum()
+    assert ring.sum() > 50
+    displaced = np.abs(pushed["images"]["t1n"] - still["images"]["t1n"])[healthy]
+    far = healthy & (ndimage.distance_transform_edt(still["seg"] == 0) > 15)
+    assert displaced.mean() > 3 * np.abs(pushed["images"]["t1n"] - still["images"]["t1n"])[far].mean()
+
+
+def test_radial_push_is_one_to_one_and_local():
+    r = np.linspace(0.0, 80.0, 801, dtype=np.float32)
+    points = np.zeros((3, r.size, 1, 1), dtype=np.float32)
+    points[0, :, 0, 0] = r
+    for amount in (-0.5, 0.3, 0.9):
+        mapped = _radial_push(points, np.zeros(3), amount, 20.0)[0, :, 0, 0]
+        assert np.all(np.diff(mapped) > 0)  # no folding: tissue keeps its order
+        assert abs(mapped[-1] - 80.0) < 1e-3  # far away nothing moves
+        assert (mapped[50] < r[50]) == (amount > 0)  # pushed out: subject points read from nearer the centre
 
 
 def test_cohort_in_brats_layout_reads_back(phantom_dir):
@@ -50,6 +108,7 @@ def test_cohort_in_brats_layout_reads_back(phantom_dir):
     peds_seg = np.asarray(nib.load(str(cases[-1].seg)).dataobj)
     assert set(np.unique(peds_seg)) <= {0, 1, 2, 3, 4}
     assert (phantom_dir / "phantom_cohort.json").is_file()
+    assert [c.labels for c in cases] == ["brats_gli"] * 3 + ["brats_peds_2024"] * 2  # stated, never guessed
 
 
 def test_cohort_resumes_without_rewriting(tmp_path):

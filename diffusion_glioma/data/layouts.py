@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import DataError
-from ..io import is_nifti, nifti_stem
+from ..io import is_nifti, nifti_stem, write_json
+from ..labels import PEDS_UNSTATED, SCHEMES
 
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 SEG = "seg"
@@ -131,8 +132,9 @@ LAYOUTS: dict[str, Layout] = {
         ),
         Layout(
             "brats_peds", _named_files(r"BraTS-PED-\d+-\d+", "-", _BRATS23),
-            "brats_peds", "pediatric_diffuse_glioma",
-            "BraTS-PEDs 2024: BraTS-PED-00000-000-{t1n,t1c,t2w,t2f,seg} (2023 labels: --labels brats_peds_2023)",
+            PEDS_UNSTATED, "pediatric_diffuse_glioma",
+            "BraTS-PEDs: BraTS-PED-00000-000-{t1n,t1c,t2w,t2f,seg}; a mask with label 4 is read as 2024, "
+            "one with only 1-3 needs --labels brats_peds_2023 or brats_peds_2024",
         ),
         Layout(
             "upenn_gbm",
@@ -211,10 +213,34 @@ def resolve_layout(spec: str | Path | None) -> list[Layout]:
     raise DataError(f"unknown layout {spec!r}; choose auto, one of {sorted(LAYOUTS)}, or a layout .yaml file")
 
 
+LABEL_SCHEMES_FILE = "label_schemes.json"
+
+
+def write_label_schemes(root: str | Path, schemes: dict[str, str]) -> Path:
+    """State, beside the data, which label scheme each layout's masks use ({layout: scheme})."""
+    return write_json(Path(root) / LABEL_SCHEMES_FILE, schemes)
+
+
+def read_label_schemes(root: Path) -> dict[str, str]:
+    path = root / LABEL_SCHEMES_FILE
+    if not path.is_file():
+        return {}
+    import json
+
+    try:
+        schemes = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(schemes, dict) or not all(isinstance(v, str) and v in SCHEMES for v in schemes.values()):
+        raise DataError(f"{path}: expected {{layout: label scheme}} with schemes from {sorted(SCHEMES)}")
+    return schemes
+
+
 def discover_cases(root: str | Path, layout: str | Path | None = "auto", *, labels: str | dict | None = None,
                    disease: str | None = None) -> list[Case]:
     """Every case under `root`. With `auto`, all built-in layouts are tried and their cases pooled
-    (a folder may hold, say, adult and pediatric BraTS cases side by side)."""
+    (a folder may hold, say, adult and pediatric BraTS cases side by side). Label schemes come from
+    `labels` if given, else from a `label_schemes.json` in `root` ({layout: scheme}), else the layout."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: folder does not exist")
@@ -229,8 +255,10 @@ def discover_cases(root: str | Path, layout: str | Path | None = "auto", *, labe
         names = ", ".join(LAYOUTS) if layout in (None, "auto") else str(layout)
         raise DataError(f"{root}: NIfTI files found but none matches the layout(s) {names}; "
                         "describe the naming in a layout YAML (see docs/data_format.md)")
+    stated = read_label_schemes(root) if labels is None else {}
     seen: dict[str, Case] = {}
     for case in cases:
+        case.labels = stated.get(case.layout, case.labels)
         if case.case_id in seen:
             raise DataError(f"{root}: case id {case.case_id} found in layouts {seen[case.case_id].layout} and {case.layout}")
         seen[case.case_id] = case

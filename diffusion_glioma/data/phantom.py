@@ -1,10 +1,17 @@
 """The synthetic phantom cohort: the embedded default data for the demo, the tests and the benchmarks.
 
 Each subject is the ICBM152 2009 template (shipped inside nilearn's wheel, so nothing is downloaded)
-under a random smooth deformation, with a tumour drawn from one of two disease profiles and four
-contrasts mixed from tissue maps (partial volume), then a bias field and Rician noise. Subjects are
-written in BraTS 2023 layout (`BraTS-GLI-…` adult, `BraTS-PED-…` pediatric) with each challenge's own
-label values and an LPS-like voxel order, so reading the phantom exercises the same code as real data.
+warped into a new head: brain volume from age, sex and individual variation, ventricle size,
+smooth deformations at three scales, and the displacement (mass effect) of the tumour drawn from one
+of two disease profiles. Four contrasts are mixed from the tissue maps (partial volume), then a bias
+field and Rician noise. Subjects are written in BraTS 2023 layout (`BraTS-GLI-…` adult, `BraTS-PED-…`
+pediatric) with each challenge's own label values and an LPS-like voxel order, so reading the phantom
+exercises the same code as real data.
+
+Head size does not give the disease away: children with diffuse midline glioma are 4-12 years old
+(brain 86-100% of the young-adult volume) and adults with glioblastoma are around 62 (brain shrinks
+about 0.25% a year after 30), so the two brain-volume distributions overlap almost completely, as in
+real cohorts. How the cohort differs from real data is written in docs/data_format.md.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .layouts import write_label_schemes
 from ..io import save_volume, write_json
 
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
@@ -42,17 +50,51 @@ class DiseaseProfile:
 
     disease: str
     brats_prefix: str  # BraTS 2023 challenge code in the case id
+    label_scheme: str  # the scheme (diffusion_glioma.labels) of the values below, stated in the cohort
     label_values: dict[str, int]  # tissue -> this challenge's segmentation value
-    head_scale: tuple[float, float]  # children's heads are smaller
+    age_years: tuple[float, float, float]  # triangular distribution: low, mode, high
+    mass_effect: tuple[float, float]  # how far the tumour pushes tissue aside (see _radial_push)
 
 
 GLIOBLASTOMA = DiseaseProfile(
-    "glioblastoma", "GLI", {"necrosis": 1, "oedema": 2, "enhancing": 3}, (0.95, 1.05)
+    "glioblastoma", "GLI", "brats_gli", {"necrosis": 1, "oedema": 2, "enhancing": 3}, (35.0, 62.0, 85.0), (0.3, 0.6)
 )
 PEDIATRIC_DMG = DiseaseProfile(
-    "pediatric_diffuse_glioma", "PED", {"enhancing": 1, "net": 2, "cyst": 3, "oedema": 4}, (0.82, 0.92)
+    "pediatric_diffuse_glioma", "PED", "brats_peds_2024", {"enhancing": 1, "net": 2, "cyst": 3, "oedema": 4},
+    (4.0, 7.0, 12.0), (0.3, 0.6),
 )
 PROFILES = {p.disease: p for p in (GLIOBLASTOMA, PEDIATRIC_DMG)}
+
+LATERAL_VENTRICLES_MM = np.array([0.0, -15.0, 13.0])  # centre of the template's ventricular CSF (MNI)
+
+
+def brain_volume_fraction(age: float) -> float:
+    """Brain volume relative to the young-adult template: about 86% at 4, 90% at 6 and the adult
+    volume by 11 (Giedd 1999, Lenroot & Giedd 2006), then about 0.25% less a year after 30 (Scahill 2003)."""
+    if age < 30.0:
+        return float(min(1.0, 0.86 + 0.02 * (age - 4.0)))
+    return float(1.0 - 0.0025 * (age - 30.0))
+
+
+def draw_anatomy(profile: DiseaseProfile, rng: np.random.Generator) -> dict:
+    """Age, sex and the head's linear scale per axis; women's brains are about 11% smaller, and
+    individuals vary by about 7% in volume."""
+    age = rng.triangular(*profile.age_years)
+    female = bool(rng.random() < 0.5)
+    volume = brain_volume_fraction(age) * (0.89 if female else 1.0) * np.exp(rng.normal(0.0, 0.07))
+    aspect = np.exp(rng.normal(0.0, 0.03, size=3))
+    aspect /= np.cbrt(aspect.prod())  # head shape varies, volume kept
+    return {"age_years": float(age), "female": female, "brain_volume": float(volume),
+            "scale": (np.cbrt(volume) * aspect).tolist()}
+
+
+def _radial_push(points: np.ndarray, centre: np.ndarray, amount: float, reach: float) -> np.ndarray:
+    """Map subject coordinates to template coordinates so that template tissue around `centre` is
+    pushed outward (amount > 0) or pulled in (amount < 0): r -> r (1 - amount exp(-(r/reach)^2)).
+    One-to-one for -2 < amount < 1; leaves points far from the centre where they are."""
+    rel = points - centre[:, None, None, None]
+    shrink = 1.0 - amount * np.exp(-(rel**2).sum(0) / reach**2)
+    return centre[:, None, None, None] + rel * shrink
 
 
 @dataclass
@@ -118,28 +160,41 @@ def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = tpl.affine[:3, 3]
 
-    # 1. Subject -> template coordinates: scale (head size), small rotation, smooth deformation.
-    scale = rng.uniform(*profile.head_scale)
+    # 1. Subject -> template coordinates: head scale per axis, small rotation, smooth deformations at
+    #    three scales (lobes, gyri, small folds), ventricle size.
+    anatomy = draw_anatomy(profile, rng)
     rotation = _random_rotation(rng, 4.0)
     centre = np.array([0.0, -18.0, 6.0])  # middle of the brain in MNI mm
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), axis=0)
     world = np.tensordot(affine[:3, :3], ijk, axes=1) + affine[:3, 3, None, None, None]
-    rel = np.tensordot(rotation.T, world - centre[:, None, None, None], axes=1) / scale
-    warp_mm = rng.uniform(2.0, 4.0)
-    for axis in range(3):
-        rel[axis] += warp_mm * _smooth_noise(rng, shape)
+    rel = np.tensordot(rotation.T, world - centre[:, None, None, None], axes=1)
+    rel /= np.asarray(anatomy["scale"], dtype=np.float32)[:, None, None, None]
+    warps = {coarse: rng.uniform(low, high) for coarse, (low, high) in {3: (2.0, 5.0), 6: (1.5, 3.0), 12: (0.5, 1.5)}.items()}
+    for coarse, amplitude_mm in warps.items():
+        for axis in range(3):
+            rel[axis] += amplitude_mm * _smooth_noise(rng, shape, coarse=coarse)
     template_world = rel + centre[:, None, None, None]
+    # Ventricles widen with age after 30 (atrophy) and vary between people at any age.
+    ventricles = rng.uniform(-0.25, 0.3) + 0.008 * max(0.0, anatomy["age_years"] - 30.0)
+    template_world = _radial_push(template_world, LATERAL_VENTRICLES_MM, ventricles, 22.0)
     inv = np.linalg.inv(tpl.affine)
-    tpl_ijk = np.tensordot(inv[:3, :3], template_world, axes=1) + inv[:3, 3, None, None, None]
 
-    def warp(volume: np.ndarray) -> np.ndarray:
+    def warp(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        tpl_ijk = np.tensordot(inv[:3, :3], coords, axes=1) + inv[:3, 3, None, None, None]
         return ndimage.map_coordinates(volume, tpl_ijk, order=1, mode="constant", cval=0.0).astype(np.float32)
 
-    fractions = {name: warp(v) for name, v in tpl.tissues.items()}
-    brain = warp(tpl.brain)
-
-    # 2. Tumour, drawn in template coordinates so that it follows the subject's anatomy.
-    tumour, record = (_glioblastoma if profile is GLIOBLASTOMA else _pediatric_dmg)(rng, template_world, brain, fractions)
+    # 2. Tumour, placed and drawn in template coordinates so that it follows the subject's anatomy; the
+    #    healthy tissue around it is pushed aside (mass effect) rather than replaced.
+    fractions = {name: warp(v, template_world) for name, v in tpl.tissues.items()}
+    brain = warp(tpl.brain, template_world)
+    place, draw = TUMOUR_MODELS[profile.disease]
+    tumour_centre, radii = place(rng, template_world, brain, fractions)
+    push = rng.uniform(*profile.mass_effect)
+    if push > 0:
+        displaced = _radial_push(template_world, tumour_centre, push, 1.3 * float(radii.mean()))
+        fractions = {name: warp(v, displaced) for name, v in tpl.tissues.items()}
+        brain = warp(tpl.brain, displaced)
+    tumour, record = draw(rng, template_world, brain, fractions, tumour_centre, radii)
     tumour_total = sum(tumour.values())
     for name in fractions:
         fractions[name] *= 1.0 - np.clip(tumour_total, 0.0, 1.0)
@@ -167,7 +222,9 @@ def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.
     for tissue in ("oedema", "net", "necrosis", "cyst", "enhancing"):
         if tissue in tumour:
             seg[(tumour[tissue] >= 0.5) & head] = profile.label_values[tissue]
-    record.update(disease=profile.disease, head_scale=float(scale), warp_mm=float(warp_mm), snr=float(snr))
+    record.update(disease=profile.disease, label_scheme=profile.label_scheme, **anatomy,
+                  ventricles=float(ventricles), mass_effect=float(push),
+                  warp_mm={str(k): round(float(v), 2) for k, v in warps.items()}, snr=float(snr))
     return {"images": images, "seg": seg, "affine": affine, "record": record}
 
 
@@ -197,12 +254,16 @@ def _pick_centre(rng, fractions, world, brain, low, high, tissue="wm", min_fract
     return (low + high) / 2.0
 
 
-def _glioblastoma(rng, world, brain, fractions):
-    """Hemispheric, ring-enhancing rim around necrosis, wide oedema mostly in white matter."""
+def _place_glioblastoma(rng, world, brain, fractions):
+    """Hemispheric, centred in white matter."""
     side = rng.choice([-1.0, 1.0])
     centre = _pick_centre(rng, fractions, world, brain, [side * 18, -50, 0], [side * 42, 35, 40])
     radius = rng.uniform(9.0, 18.0)
-    radii = radius * rng.uniform(0.8, 1.2, size=3)
+    return centre, radius * rng.uniform(0.8, 1.2, size=3)
+
+
+def _glioblastoma(rng, world, brain, fractions, centre, radii):
+    """Ring-enhancing rim around necrosis, wide oedema mostly in white matter."""
     u = _ellipsoid_distance(world, centre, radii, rng, roughness=0.2)
     inside = brain > 0.5
     rim = rng.uniform(0.5, 0.65)
@@ -213,13 +274,17 @@ def _glioblastoma(rng, world, brain, fractions):
         "enhancing": _soft((u >= rim) & (u < 1.0) & inside),
         "oedema": _soft((u >= 1.0) & (u < oedema_extent) & inside & (white | (u < 1.3))),
     }
-    return tumour, {"centre_mm": centre.round(1).tolist(), "radius_mm": float(radius)}
+    return tumour, {"centre_mm": centre.round(1).tolist(), "radius_mm": float(radii.mean())}
 
 
-def _pediatric_dmg(rng, world, brain, fractions):
-    """Pons-centred, expansile, mostly non-enhancing; sometimes an enhancing focus or a cyst; little oedema."""
+def _place_pediatric_dmg(rng, world, brain, fractions):
+    """Pons-centred and expansile."""
     centre = np.array([0.0, -26.0, -32.0]) + rng.normal(0.0, 2.0, size=3)
-    radii = rng.uniform(13.0, 18.0) * np.array([1.0, 0.9, 1.25]) * rng.uniform(0.9, 1.1, size=3)
+    return centre, rng.uniform(13.0, 18.0) * np.array([1.0, 0.9, 1.25]) * rng.uniform(0.9, 1.1, size=3)
+
+
+def _pediatric_dmg(rng, world, brain, fractions, centre, radii):
+    """Mostly non-enhancing; sometimes an enhancing focus or a cyst; little oedema."""
     u = _ellipsoid_distance(world, centre, radii, rng, roughness=0.12)
     inside = brain > 0.5
     core = (u < 1.0) & inside
@@ -240,6 +305,13 @@ def _pediatric_dmg(rng, world, brain, fractions):
         if other in tumour:
             tumour["net"] = np.clip(tumour["net"] - tumour[other], 0.0, 1.0)
     return tumour, record
+
+
+# disease -> (place: centre and radii, draw: tissue fractions and a record)
+TUMOUR_MODELS = {
+    GLIOBLASTOMA.disease: (_place_glioblastoma, _glioblastoma),
+    PEDIATRIC_DMG.disease: (_place_pediatric_dmg, _pediatric_dmg),
+}
 
 
 def to_brats_orientation(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -293,4 +365,6 @@ def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, sp
         "layout": "BraTS 2023 (GLI adult, PED pediatric)",
         "subjects": [known[k] for k in sorted(known)],
     })
+    # BraTS-PED label values alone cannot tell 2023 from 2024: the writer states the scheme.
+    write_label_schemes(out, {"brats_gli": GLIOBLASTOMA.label_scheme, "brats_peds": PEDIATRIC_DMG.label_scheme})
     return folders
