@@ -33,7 +33,7 @@ def cmd_phantom(args) -> int:
     from .data.phantom import write_cohort
 
     folders = write_cohort(args.out, n_adult=args.n_adult, n_pediatric=args.n_pediatric, spacing=args.spacing,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, first_index=args.first_index, progress=not args.quiet)
     print(f"wrote {len(folders)} phantom cases (BraTS 2023 layout, {args.spacing:g} mm) to {args.out}")
     return 0
 
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-pediatric", type=int, default=4, help="pediatric diffuse glioma cases (default 4)")
     p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2; the template is 1 mm)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-index", type=int, default=0,
+                   help="number of the first case (e.g. 100 for held-out subjects no 0-based cohort contains)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 

@@ -12,9 +12,9 @@ from diffusion_glioma.config import load_config, parse_config
 from diffusion_glioma.data.layouts import discover_cases
 from diffusion_glioma.errors import ConfigError, DataError
 from diffusion_glioma.generate import GenerateOptions, generate_dataset
-from diffusion_glioma.labels import BRATS_REGIONS, ENHANCING, HEAD, OEDEMA, SCHEMES, TUMOUR_LABELS
-from diffusion_glioma.masks.augment import AugmentConfig, augment_masks, grow_shrink, load_inputs
-from diffusion_glioma.masks.checks import CheckSettings, check_layout, core_exposure
+from diffusion_glioma.labels import BRATS_REGIONS, CORE, ENHANCING, HEAD, OEDEMA, SCHEMES, TUMOUR_LABELS
+from diffusion_glioma.masks.augment import AugmentConfig, InputMask, augment_masks, grow_shrink, load_inputs
+from diffusion_glioma.masks.checks import broken_layers, CheckSettings, check_layout, core_exposure, layer_contacts
 from tests.helpers import write_nifti
 
 
@@ -66,7 +66,7 @@ def test_growth_and_shrinkage_keep_nesting(phantom_dir, distance):
     mask = load_inputs(discover_cases(phantom_dir)[:1])[0]
     config = AugmentConfig(grow_shrink_mm=(distance, distance))
     candidate, params = grow_shrink(mask, config, np.random.default_rng(0))
-    assert params["distance_mm"] == distance
+    assert params["asked_mm"] == distance and np.sign(params["distance_mm"]) == np.sign(distance)
     wt = np.isin(candidate, BRATS_REGIONS["WT"])
     tc = np.isin(candidate, BRATS_REGIONS["TC"])
     assert (wt.sum() > np.isin(mask.common, BRATS_REGIONS["WT"]).sum()) == (distance > 0)
@@ -79,6 +79,60 @@ def test_growth_and_shrinkage_keep_nesting(phantom_dir, distance):
     assert wt[tc].all() and (candidate[wt & ~tc] == OEDEMA).all()
     assert core_exposure(candidate) <= core_exposure(mask.common) + 0.25
     assert not np.isin(candidate, TUMOUR_LABELS)[~mask.head].any()
+
+
+def ring_tumour(voxel_mm: float, fov_mm: float = 96.0) -> InputMask:
+    """Necrosis (r < 9 mm) inside an enhancing rim (to 13.5 mm) inside oedema (to 24 mm), in a
+    spherical head of radius 44 mm, on an isotropic grid of `voxel_mm`."""
+    n = int(round(fov_mm / voxel_mm))
+    r = np.linalg.norm(np.indices((n, n, n)) - (n - 1) / 2, axis=0) * voxel_mm
+    labels = np.where(r < 44, HEAD, 0).astype(np.uint8)
+    labels[r < 24] = OEDEMA
+    labels[r < 13.5] = ENHANCING
+    labels[r < 9] = CORE
+    return InputMask(None, None, labels, labels > 0, voxel_mm**3 / 1000, np.full(3, voxel_mm))
+
+
+def equivalent_radius(region: np.ndarray, voxel_mm: float) -> float:
+    return float(np.cbrt(3 * region.sum() / (4 * np.pi))) * voxel_mm
+
+
+@pytest.mark.parametrize("voxel_mm", [1.0, 3.0])  # the native grid and a model grid
+@pytest.mark.parametrize("distance", [-3.0, 4.0])
+def test_ring_tumours_keep_their_layers(voxel_mm, distance):
+    mask = ring_tumour(voxel_mm)
+    candidate, params = grow_shrink(mask, AugmentConfig(grow_shrink_mm=(distance, distance)), np.random.default_rng(0))
+    assert params["distance_mm"] == distance  # nothing had to be shortened: every layer survives
+    assert {CORE, ENHANCING, OEDEMA} <= set(np.unique(candidate).tolist())
+    contacts = layer_contacts(candidate)
+    assert contacts.get((CORE, OEDEMA), 0) == 0 and contacts.get((CORE, HEAD), 0) == 0  # the rim is closed
+    assert broken_layers(candidate, layer_contacts(mask.common), CheckSettings().contact_margin) == []
+    # Every surface moved by the distance, so the rim and the oedema keep their thickness.
+    radius = lambda labels, values: equivalent_radius(np.isin(labels, values), voxel_mm)  # noqa: E731
+    for values in [(CORE,), (CORE, ENHANCING), (CORE, ENHANCING, OEDEMA)]:
+        assert abs(radius(candidate, values) - radius(mask.common, values) - distance) <= voxel_mm, values
+
+
+def test_a_shrink_that_would_delete_a_layer_is_shortened():
+    mask = ring_tumour(1.0)
+    candidate, params = grow_shrink(mask, AugmentConfig(grow_shrink_mm=(-12.0, -12.0)), np.random.default_rng(0))
+    assert params["asked_mm"] == -12.0 and -12.0 < params["distance_mm"] < 0
+    assert {CORE, ENHANCING, OEDEMA} <= set(np.unique(candidate).tolist())
+
+
+def test_the_layer_check_rejects_broken_order():
+    mask = ring_tumour(1.0)
+    reference = layer_contacts(mask.common)
+    r = np.linalg.norm(np.indices(mask.common.shape) - (mask.common.shape[0] - 1) / 2, axis=0)
+    shell = mask.common.copy()
+    shell[(r >= 13.5) & (r < 16)] = CORE  # a shell of necrosis outside the rim, as growing by label did
+    no_rim = mask.common.copy()
+    no_rim[no_rim == ENHANCING] = CORE  # the rim eroded away: necrosis against oedema
+    settings = CheckSettings()
+    for broken in (shell, no_rim):
+        allowed = {HEAD, CORE, ENHANCING, OEDEMA}
+        assert check_layout(broken, mask.head, allowed, 1e-3, 1.0, settings, reference) == "layer order broken"
+    assert check_layout(mask.common, mask.head, {HEAD, CORE, ENHANCING, OEDEMA}, 1e-3, 1.0, settings, reference) is None
 
 
 def test_augmented_masks_feed_generate_unchanged(augmented, tmp_path):

@@ -326,15 +326,19 @@ def case_id(profile: DiseaseProfile, index: int) -> str:
 
 
 def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, spacing: float = 2.0,
-                 seed: int = 0, progress: bool = True) -> list[Path]:
+                 seed: int = 0, first_index: int = 0, progress: bool = True) -> list[Path]:
     """Write a phantom cohort in BraTS 2023 layout under `out`; returns the case folders.
+
+    Case numbers start at `first_index`, and each subject follows from (seed, disease, number), so
+    `first_index=100` gives held-out subjects that no cohort numbered from 0 contains.
 
     Resumable: a case whose files are all present is kept (each file is written atomically), and
     the same seed always gives the same subjects.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(GLIOBLASTOMA, i) for i in range(n_adult)] + [(PEDIATRIC_DMG, i) for i in range(n_pediatric)]
+    plan = [(GLIOBLASTOMA, first_index + i) for i in range(n_adult)]
+    plan += [(PEDIATRIC_DMG, first_index + i) for i in range(n_pediatric)]
     folders, records = [], []
     for profile, index in tqdm(plan, desc="phantom cohort", unit="case", disable=not progress):
         cid = case_id(profile, index)

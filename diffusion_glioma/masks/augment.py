@@ -30,7 +30,7 @@ from ..io import Volume, atomic_path, load_volume, save_volume, write_json
 from ..labels import (BACKGROUND, BRATS_REGIONS, CAVITY, CORE, CYST, ENHANCING, HEAD, OEDEMA, TUMOUR_LABELS,
                       add_head, get_scheme)
 from ..figures import pyplot, save_png
-from .checks import CheckSettings, check_layout, core_exposure, remove_fragments
+from .checks import CheckSettings, check_layout, core_exposure, layer_contacts, remove_fragments
 
 OPERATIONS = ("spatial", "transplant", "grow_shrink")
 
@@ -250,37 +250,49 @@ def transplant(mask: InputMask, donors: list[InputMask], config: AugmentConfig, 
     return candidate, {"donor": donor.case.case_id, "target_voxel": [int(v) for v in target]}
 
 
+def tumour_layers(labels: np.ndarray, spacing: np.ndarray) -> list[int]:
+    """Tumour labels from the outermost layer to the innermost: by mean depth inside the whole tumour
+    (oedema, then an enhancing rim, then the necrosis it encloses)."""
+    tumour = np.isin(labels, TUMOUR_LABELS)
+    depth = ndimage.distance_transform_edt(tumour, sampling=spacing)
+    present = [v for v in TUMOUR_LABELS if v != CAVITY and (labels == v).any()]
+    return sorted(present, key=lambda v: float(depth[labels == v].mean()))
+
+
 def grow_shrink(mask: InputMask, config: AugmentConfig, rng: np.random.Generator):
-    """Grow (or shrink) each BraTS region by a distance in mm, keeping ET inside TC inside WT."""
-    mm = float(rng.uniform(*config.grow_shrink_mm))
+    """Grow (or shrink) the tumour by a distance in mm, layer by layer, so that every layer keeps its
+    thickness and its place: each label and everything inside it moves its outer surface by the
+    distance, and the layers are painted from the outside in. An enhancing rim stays around its
+    necrosis, oedema around the core. A shrink that would delete a layer is shortened until every
+    layer survives (the distance used is recorded)."""
+    wanted = float(rng.uniform(*config.grow_shrink_mm))
     labels, spacing = mask.common, mask.spacing
-    if abs(mm) < spacing.min():  # less than a voxel changes nothing: step by one voxel instead
-        mm = float(np.copysign(spacing.min(), mm))
-    present = set(np.unique(labels).tolist())
+    if abs(wanted) < spacing.min():  # less than a voxel changes nothing: step by one voxel instead
+        wanted = float(np.copysign(spacing.min(), wanted))
+    layers = tumour_layers(labels, spacing)
 
     def morph(region: np.ndarray, distance: float) -> np.ndarray:
         if distance >= 0:
             return ndimage.distance_transform_edt(~region, sampling=spacing) <= distance
         return ndimage.distance_transform_edt(region, sampling=spacing) > -distance
 
-    tc = np.isin(labels, BRATS_REGIONS["TC"])
-    et = labels == ENHANCING
-    tc_new = morph(tc, mm) & mask.head
-    wt_new = (morph(np.isin(labels, BRATS_REGIONS["WT"]), mm) & mask.head) | tc_new if OEDEMA in present else tc_new
-    et_new = morph(et, mm * 0.5) & tc_new if et.any() else np.zeros_like(et)
-    candidate = np.where(mask.head, HEAD, BACKGROUND).astype(np.uint8)
-    candidate[wt_new] = OEDEMA
-    # Core voxels take the nearest original core-type label (necrosis / non-enhancing core or cyst).
-    core_like = np.isin(labels, (CORE, CYST))
-    if core_like.any():
-        _, nearest = ndimage.distance_transform_edt(~core_like, sampling=spacing, return_indices=True)
-        candidate[tc_new] = labels[tuple(nearest)][tc_new]
-    else:
-        candidate[tc_new] = ENHANCING
-    candidate[et_new] = ENHANCING
-    cavity = labels == CAVITY
-    candidate[cavity] = CAVITY  # a resection cavity does not grow
-    return candidate, {"distance_mm": round(mm, 2)}
+    def moved(distance: float) -> np.ndarray:
+        candidate = np.where(mask.head, HEAD, BACKGROUND).astype(np.uint8)
+        for i, value in enumerate(layers):  # outside in: each layer with everything inside it
+            region = np.isin(labels, layers[i:])
+            candidate[morph(region, distance) & mask.head] = value
+        cavity = labels == CAVITY
+        candidate[cavity] = CAVITY  # a resection cavity does not grow
+        return candidate
+
+    for fraction in (1.0, 0.75, 0.5, 0.25):
+        mm = wanted * fraction
+        if wanted < 0 and abs(mm) < spacing.min() and fraction < 1.0:
+            break
+        candidate = moved(mm)
+        if all((candidate == v).any() for v in layers):
+            return candidate, {"distance_mm": round(mm, 2), "asked_mm": round(wanted, 2)}
+    return None, {"asked_mm": round(wanted, 2)}  # every shorter shrink still deleted a layer
 
 
 def augment_masks(masks: str | Path, out: str | Path, config: AugmentConfig, *, layout: str | Path | None = "auto",
@@ -302,6 +314,7 @@ def augment_masks(masks: str | Path, out: str | Path, config: AugmentConfig, *, 
     for position, mask in enumerate(inputs):
         allowed = set(np.unique(mask.common).tolist())
         exposure = core_exposure(mask.common)
+        contacts = layer_contacts(mask.common)
         for k in range(config.per_mask):
             name = output_name(mask.case, k)
             record_path = records_dir / f"{name}.json"
@@ -321,10 +334,12 @@ def augment_masks(masks: str | Path, out: str | Path, config: AugmentConfig, *, 
                     candidate, params = transplant(mask, inputs, config, rng)
                 else:
                     candidate, params = grow_shrink(mask, config, rng)
-                reason = "no allowed location" if candidate is None else None
+                reason = None
+                if candidate is None:
+                    reason = "no allowed location" if operation == "transplant" else "a layer would vanish"
                 if reason is None:
                     candidate = remove_fragments(candidate, config.min_fragment_voxels)
-                    reason = check_layout(candidate, mask.head, allowed, mask.voxel_ml, exposure, settings)
+                    reason = check_layout(candidate, mask.head, allowed, mask.voxel_ml, exposure, settings, contacts)
                 if reason is None and operation == "transplant":
                     region = config.regions.get(mask.case.disease)
                     rel = relative_position(_tumour_centroid(candidate), mask.head, mask.seg.affine)

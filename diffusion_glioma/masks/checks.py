@@ -22,6 +22,7 @@ class CheckSettings:
     min_fragment_voxels: int = 8  # connected tumour pieces smaller than this are strays
     volume_range_ml: tuple[float, float] = (0.0, float("inf"))  # whole-tumour volume allowed
     core_exposure_margin: float = 0.25  # how much more of the core's surface may touch healthy tissue
+    contact_margin: float = 0.15  # how much more of a layer's surface may touch a label it barely touched
 
 
 def remove_fragments(labels: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -48,8 +49,36 @@ def core_exposure(labels: np.ndarray) -> float:
     return float(touches_head.sum() / max(surface.sum(), 1))
 
 
+def layer_contacts(labels: np.ndarray) -> dict[tuple[int, int], float]:
+    """For each tumour label L and each label M it touches: the fraction of L's face contacts with
+    other labels that are with M. A ring tumour's necrosis touches only its enhancing rim (1.0)."""
+    counts: dict[tuple[int, int], int] = {}
+    for axis in range(labels.ndim):
+        a = np.moveaxis(labels, axis, 0)
+        lo, hi = a[:-1].ravel(), a[1:].ravel()
+        differ = lo != hi
+        pairs = np.stack([lo[differ], hi[differ]], axis=1).astype(np.int64)
+        pairs = np.concatenate([pairs, pairs[:, ::-1]])
+        keys, n = np.unique(pairs, axis=0, return_counts=True)
+        for (x, y), c in zip(keys.tolist(), n.tolist()):
+            counts[(x, y)] = counts.get((x, y), 0) + c
+    totals: dict[int, int] = {}
+    for (x, _), c in counts.items():
+        totals[x] = totals.get(x, 0) + c
+    return {(x, y): c / totals[x] for (x, y), c in counts.items() if x in TUMOUR_LABELS}
+
+
+def broken_layers(labels: np.ndarray, reference: dict[tuple[int, int], float], margin: float) -> list[tuple[int, int]]:
+    """Label pairs whose contact grew by more than `margin` over the source's: necrosis against
+    oedema or healthy tissue where the source had a rim, a shell of core outside the rim."""
+    current = layer_contacts(labels)
+    tumour_pairs = [(x, y) for x, y in current if y in TUMOUR_LABELS or y == HEAD]
+    return [pair for pair in tumour_pairs if current[pair] > reference.get(pair, 0.0) + margin]
+
+
 def check_layout(labels: np.ndarray, head: np.ndarray, allowed_labels: set[int], voxel_ml: float,
-                 reference_exposure: float, settings: CheckSettings) -> str | None:
+                 reference_exposure: float, settings: CheckSettings,
+                 reference_contacts: dict[tuple[int, int], float] | None = None) -> str | None:
     """The first failed check's name, or None when the layout is plausible."""
     tumour = np.isin(labels, TUMOUR_LABELS)
     if not tumour.any():
@@ -72,4 +101,6 @@ def check_layout(labels: np.ndarray, head: np.ndarray, allowed_labels: set[int],
         return "volume out of range"
     if core_exposure(labels) > reference_exposure + settings.core_exposure_margin:
         return "nesting broken"
+    if reference_contacts is not None and broken_layers(labels, reference_contacts, settings.contact_margin):
+        return "layer order broken"
     return None

@@ -32,6 +32,9 @@ PRESETS: dict[str, dict] = {
     # CPU demo and the shipped weights: 32^3 volumes, about a second per training step on 2 cores.
     "small": dict(base_channels=16, channel_multipliers=(1, 2, 4), layers_per_level=1,
                   attention_levels=(False, False, True), attention_head_dim=32, norm_groups=8),
+    # The shipped demo weights: wavelet space on 2 CPU cores at the phantom's 3 mm grid (64x80x64).
+    "demo": dict(base_channels=32, channel_multipliers=(1, 2, 2), layers_per_level=1,
+                 attention_levels=(False, False, True), attention_head_dim=32, norm_groups=8, wavelet=True),
     # A mid-size GPU model (96^3 - 128^3 volumes).
     "base": dict(base_channels=32, channel_multipliers=(1, 2, 4, 4), layers_per_level=2,
                  attention_levels=(False, False, True, True), norm_groups=16),
