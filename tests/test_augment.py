@@ -172,11 +172,37 @@ def test_bad_input_and_impossible_settings(phantom_dir, tmp_path, capsys):
     write_nifti(mixed / "BraTS-GLI-00009-000" / "BraTS-GLI-00009-000-head.nii.gz", np.ones((10, 10, 10)), dtype=np.int16)
     with pytest.raises(DataError, match="00009-000-seg.nii.gz: mask has no tumour"):
         augment_masks(mixed, tmp_path / "o3", AugmentConfig(), progress=False)
-    seg = np.zeros((10, 10, 10))
+    seg = np.zeros((12, 10, 10))
     seg[4:6, 4:6, 4:6] = 2
     write_nifti(mixed / "BraTS-GLI-00009-000" / "BraTS-GLI-00009-000-seg.nii.gz", seg, dtype=np.int16)
-    with pytest.raises(DataError, match="mixed grids"):
+    with pytest.raises(DataError, match=r"00009-000-head.nii.gz: shape \(10, 10, 10\) differs from "
+                                        r"BraTS-GLI-00009-000-seg.nii.gz \(12, 10, 10\)"):
         augment_masks(mixed, tmp_path / "o4", AugmentConfig(), progress=False)
+
+
+def test_masks_on_mixed_grids_keep_their_own_grids(phantom_dir, tmp_path):
+    from diffusion_glioma.data.phantom import write_cohort
+
+    mixed = tmp_path / "mixed"
+    for cid in ("BraTS-GLI-00000-000", "BraTS-GLI-00001-000"):  # 3 mm
+        shutil.copytree(phantom_dir / cid, mixed / cid)
+    write_cohort(mixed, n_adult=2, n_pediatric=0, spacing=4.0, first_index=50, progress=False)  # 4 mm, other origin
+    config = AugmentConfig(per_mask=2, operations=("transplant",), volume_tolerance=(0.5, 2.0), seed=3, max_tries=100)
+    summary = augment_masks(mixed, tmp_path / "out", config, progress=False)
+    assert summary.accepted == 8
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    donors_on_other_grids = 0
+    for record in records:
+        source, out = nib.load(record["source_mask"]), nib.load(str(tmp_path / "out" / record["files"]["seg"]))
+        assert out.shape == source.shape and np.allclose(out.affine, source.affine)  # the source's own grid
+        donor = next(mixed.glob(f"{record['params']['donor']}/*-seg.nii.gz"))
+        donor_img = nib.load(str(donor))
+        if not np.allclose(donor_img.header.get_zooms(), source.header.get_zooms()):
+            donors_on_other_grids += 1
+            # moved in millimetres: the tumour keeps its volume in mL, not in voxels
+            ml = lambda img: (np.asarray(img.dataobj) > 0).sum() * np.prod(img.header.get_zooms()) / 1000  # noqa: E731
+            assert ml(out) == pytest.approx(ml(donor_img), rel=0.3)
+    assert donors_on_other_grids >= 2
 
 
 def test_shipped_config_is_valid():

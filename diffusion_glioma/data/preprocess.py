@@ -186,7 +186,7 @@ def load_case(case: Case, config: PreprocessConfig) -> LoadedCase:
     reference = images[config.modalities[0]]
     seg = load_volume(case.seg, kind="label") if case.seg is not None else None
     for volume in [*images.values(), *([seg] if seg is not None else [])]:
-        _check_same_grid(volume, reference, config.affine_tolerance)
+        check_same_grid(volume, reference, config.affine_tolerance)
     head = find_head([v.array for v in images.values()], config.foreground_fraction)
     labels = None
     if seg is not None:
@@ -196,7 +196,7 @@ def load_case(case: Case, config: PreprocessConfig) -> LoadedCase:
     return LoadedCase(case, images, labels, head)
 
 
-def _check_same_grid(volume: Volume, reference: Volume, tolerance: float) -> None:
+def check_same_grid(volume: Volume, reference: Volume, tolerance: float) -> None:
     if volume.shape != reference.shape:
         raise DataError(f"{volume.path}: shape {volume.shape} differs from {reference.path.name} {reference.shape}")
     difference = float(np.abs(volume.affine - reference.affine).max())

@@ -8,7 +8,9 @@ the same disease placed in this head, in the region allowed for the disease) and
 by morphological operations that keep the sub-regions nested. Every candidate must pass the checks
 in `checks.py`; a rejected one is retried with new random draws, and the reasons are counted.
 Outputs keep their input's grid, affine, layout and label values, and feed `generate` unchanged
-(a `-head` mask is written beside each for label schemes that have no head label).
+(a `-head` mask is written beside each for label schemes that have no head label). Inputs may lie on
+different grids: a transplanted tumour is moved in world millimetres and resampled (nearest) onto the
+recipient's grid.
 """
 
 from __future__ import annotations
@@ -118,9 +120,11 @@ class AugmentSummary:
 
 
 def load_inputs(cases: list[Case]) -> list[InputMask]:
-    """Read every mask in the common scheme with its head; all must share one grid and have a tumour."""
+    """Read every mask in the common scheme with its head, each on its own grid; each needs a tumour.
+    Masks of different shapes, voxel sizes and orientations mix: every operation works in millimetres
+    and writes onto the source mask's grid."""
     from ..config import PreprocessConfig
-    from ..data.preprocess import load_case
+    from ..data.preprocess import check_same_grid, load_case
 
     inputs = []
     for case in cases:
@@ -129,18 +133,15 @@ def load_inputs(cases: list[Case]) -> list[InputMask]:
         if not case.missing(PreprocessConfig().modalities):
             common = load_case(case, PreprocessConfig()).labels
         elif case.head is not None:
-            common = add_head(common, load_volume(case.head, kind="label").array > 0)
+            head = load_volume(case.head, kind="label")
+            check_same_grid(head, seg, 1e-3)  # a mask and its own head file must agree
+            common = add_head(common, head.array > 0)
         if not (common == HEAD).any():
             raise DataError(f"{case.seg}: no head label and no images or head mask to take it from")
         if not np.isin(common, TUMOUR_LABELS).any():
             raise DataError(f"{case.seg}: mask has no tumour to augment")
         spacing = np.sqrt((seg.affine[:3, :3] ** 2).sum(axis=0))
         inputs.append(InputMask(case, seg, common, common != BACKGROUND, float(np.prod(spacing) / 1000), spacing))
-    first = inputs[0]
-    for other in inputs[1:]:
-        if other.seg.shape != first.seg.shape or not np.allclose(other.seg.affine, first.seg.affine, atol=1e-3):
-            raise DataError(f"{other.case.seg}: grid {other.seg.shape} differs from {first.case.seg.name} "
-                            f"{first.seg.shape} (masks of mixed grids; resample them onto one grid first)")
     return inputs
 
 
