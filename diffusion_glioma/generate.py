@@ -30,6 +30,7 @@ from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, pla
 from .errors import DataError, DiffusionGliomaError
 from .figures import FigureRow, to_ras, write_slices_figure
 from .io import atomic_path, load_volume, save_volume, write_json
+from .provenance import read_sources
 from .pipeline import load_pipeline
 from .precision import resolve_dtype
 from .labels import (BACKGROUND, BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYST, ENHANCING, HEAD, OEDEMA, SCHEMES,
@@ -150,7 +151,9 @@ class Writer:
     # `regions_class_order` (whole tumour, then core, then enhancing) rebuilds the labels.
     NNUNET_ORDER = (OEDEMA, CORE, ENHANCING, CYST, CAVITY)
 
-    def __init__(self, out: Path, options: GenerateOptions, modalities: list[str], tumour_labels: list[int]):
+    def __init__(self, out: Path, options: GenerateOptions, modalities: list[str], tumour_labels: list[int],
+                 sources: dict[str, str] | None = None):
+        self.sources = sources or {}  # mask case id -> the real case it descends from (augment-masks' manifest)
         self.out, self.options, self.modalities = out, options, modalities
         present = [c for c in self.NNUNET_ORDER if c in tumour_labels]
         self.nnunet_values = {common: i + 1 for i, common in enumerate(present)}
@@ -240,10 +243,11 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     # A plain cast (diffusers' `to(dtype)` warns about keep-in-fp32 lists these models do not have).
     torch.nn.Module.to(pipeline._model, resolve_dtype(options.precision, device))
     cases = find_masks(masks, layout, labels)
+    sources = read_sources(masks) if Path(masks).is_dir() else {}
     if options.limit is not None:
         cases = cases[: options.limit]
     tumour_labels = sorted(v for v in known if v not in (BACKGROUND, HEAD))
-    writer = Writer(out, options, modalities, tumour_labels)
+    writer = Writer(out, options, modalities, tumour_labels, sources)
     identity = {
         "generator": f"diffusion_glioma {__version__}", "model": str(model_dir), "model_hash": model_fingerprint(model_dir),
         "masks": str(Path(masks).resolve()), "format": options.format, "sampler": options.sampler,
@@ -371,6 +375,7 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, 
                 qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
     return {
         "output": oid, "index": index, "source_mask": str(job.case.seg), "case_id": job.case.case_id, "k": k,
+        "derived_from": writer.sources.get(job.case.case_id, job.case.case_id),  # the real case, through augmentation
         "label_scheme": job.case.labels,
         "disease": job.disease, "seed": output_seed(options.seed, job.case.case_id, k),
         "model": identity["model"], "model_hash": identity["model_hash"], "sampler": options.sampler,

@@ -148,7 +148,9 @@ def test_augmented_masks_feed_generate_unchanged(augmented, tmp_path):
     records = generate_dataset(model, out, tmp_path / "synthetic", GenerateOptions(steps=2, sampler="ddim", limit=3),
                                progress=False)
     assert len(records) == 3
-    for record in records:
+    augmented_from = {r["output"]: r["case_id"] for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    for record in records:  # the real case each volume descends from, through augmentation
+        assert record["derived_from"] == augmented_from[record["case_id"]] != record["case_id"]
         img = nib.load(str(tmp_path / "synthetic" / record["files"]["t1n"]))
         seg = nib.load(record["source_mask"])
         assert img.shape == seg.shape and np.allclose(img.affine, seg.affine)

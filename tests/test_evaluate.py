@@ -205,3 +205,24 @@ def test_3d_features_from_a_local_weights_file(tmp_path):
         load_features_3d(tmp_path / "f.safetensors", 1)
     with pytest.raises(DiffusionGliomaError, match="weights file not found"):
         load_features_3d(tmp_path / "none.safetensors", 4)
+
+
+def test_held_out_cases_come_from_outside_the_generator_and_nothing_derived_is_trained_on():
+    from diffusion_glioma.errors import DataError
+    from diffusion_glioma.evaluation.segmentation import held_out_split
+    from diffusion_glioma.provenance import check_no_leak
+
+    real = [{"id": f"R{i}", "source": f"R{i}"} for i in range(9)]
+    # synthetic volumes from augmented masks: new ids, but each descends from a real case
+    synthetic = [{"id": f"R{i}-10{k}_syn000", "source": f"R{i}"} for i in range(9) for k in range(2)]
+    generator = {f"R{i}" for i in range(6)}  # the generator trained on R0-R5
+    for seed in range(5):
+        test, train_real, train_synthetic = held_out_split(real, synthetic, seed, generator)
+        held = {c["source"] for c in test}
+        assert held and not held & generator  # only cases the generator never saw are test cases
+        assert not held & {c["source"] for c in train_real + train_synthetic}
+        assert len(train_synthetic) == 2 * (9 - len(held))
+    assert "no leak-free test set" in held_out_split(real, synthetic, 0, {f"R{i}" for i in range(9)})
+    with pytest.raises(DataError, match=r"transfer study: 1 training item\(s\) derive from held-out cases "
+                                        r"\(e.g. R0-100_syn000 from R0\)"):
+        check_no_leak({"R0-100_syn000": "R0", "R1": "R1"}, {"R0"}, "transfer study")

@@ -38,6 +38,7 @@ class Item:
     mask: Path | None
     labels: str | dict | None = None  # the mask's label scheme, when known
     disease: str | None = None
+    source: str | None = None  # the real case it descends from (through augmentation); itself for real cases
 
 
 def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
@@ -52,7 +53,8 @@ def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
             if missing:
                 raise DataError(f"{manifest}: output {record['output']} has no {missing} (the sets' modalities differ)")
             items.append(Item(record["output"], record["case_id"], {m: folder / files[m] for m in modalities},
-                              Path(record["source_mask"]), record.get("label_scheme"), record.get("disease")))
+                              Path(record["source_mask"]), record.get("label_scheme"), record.get("disease"),
+                              record.get("derived_from") or record["case_id"]))
         return items
     items = []
     for case in discover_cases(folder):
@@ -60,10 +62,21 @@ def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
         if missing:
             raise DataError(f"{folder}: case {case.case_id} has no {missing} (the sets' modalities differ)")
         items.append(Item(case.case_id, case.case_id, {m: case.images[m] for m in modalities}, case.seg, case.labels,
-                          case.disease))
+                          case.disease, case.case_id))
     if not items:
         raise DataError(f"{folder}: no volumes to evaluate")
     return items
+
+
+def generator_training_cases(folder: str | Path) -> set[str]:
+    """The real cases the generator of a synthetic set trained on (from its manifest's model folder)."""
+    from ..provenance import trained_cases
+
+    manifest = Path(folder) / "manifest.jsonl"
+    if not manifest.is_file():
+        return set()
+    models = {json.loads(line).get("model") for line in manifest.read_text().splitlines() if line.strip()}
+    return set().union(*(trained_cases(m) for m in models if m))
 
 
 def normalised(item: Item, modalities) -> tuple[np.ndarray, np.ndarray]:
@@ -208,11 +221,14 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
 
         with_masks = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
         real_cases = prepare_items(with_masks(sets["real"]))
-        for name in names:
+        for name, folder in zip(names, synthetic):
             results["sets"][name]["segmentation"] = segmentation_study(
-                real_cases, prepare_items(with_masks(sets[name])), segmentation_steps, seed)
+                real_cases, prepare_items(with_masks(sets[name])), segmentation_steps, seed,
+                generator_cases=generator_training_cases(folder))
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
-                                         "32^3 grid of 6 mm; a third of the real cases held out for testing")
+                                         "32^3 grid of 6 mm; a third of the real cases held out for testing, drawn "
+                                         "from outside the generator's training record; nothing derived from a "
+                                         "held-out case is trained on")
     slices = min(sum(len(f) for k, fs in d["f2d"][modalities[0]].items() if k.endswith("/all") for f in fs)
                  for d in data.values())
     if extractor_2d is not None and slices < 2048:

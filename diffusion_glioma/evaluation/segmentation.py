@@ -20,6 +20,7 @@ from ..data.layouts import Case
 from ..data.preprocess import prepare_case
 from ..labels import BRATS_REGIONS
 from ..precision import fast_bf16
+from ..provenance import check_no_leak
 
 REGIONS = ("WT", "TC", "ET")
 GRID = PreprocessConfig(shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
@@ -36,7 +37,8 @@ def prepare_items(items, grid: PreprocessConfig = GRID) -> list[dict]:
     for item in items:
         case = Case(item.item_id, dict(item.images), item.mask, item.labels or "common", item.disease or "unknown", "eval")
         prepared = prepare_case(case, grid)
-        out.append({"id": item.item_id, "key": item.key, "image": torch.from_numpy(prepared.image),
+        out.append({"id": item.item_id, "key": item.key, "source": item.source or item.key,
+                    "image": torch.from_numpy(prepared.image),
                     "labels": torch.from_numpy(prepared.labels.astype(np.int64)), "disease": case.disease})
     return out
 
@@ -172,22 +174,41 @@ def classification_study(train_real: list[dict], train_synthetic: list[dict], te
     return out
 
 
-def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
-                       spacing: tuple[float, ...] = GRID.spacing) -> dict:
-    """Mask consistency and the four training regimes, tested on held-out real cases."""
+def held_out_split(real: list[dict], synthetic: list[dict], seed: int, generator_cases: set[str] = frozenset()):
+    """(test, train_real, train_synthetic), or a note saying why no honest split exists. A third of
+    the real cases is held out, drawn only from cases outside the generator's training record; no
+    real case or synthetic volume descending from a held-out case (through augmentation too) is
+    trained on."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(real))
-    n_test = max(1, len(real) // 3)
-    test = [real[i] for i in order[:n_test]]
-    train_real = [real[i] for i in order[n_test:]]
+    unseen = [i for i in range(len(real)) if real[i]["source"] not in generator_cases]
+    if not unseen:
+        return (f"all {len(real)} real cases are in the generator's training record: no leak-free test set "
+                "(evaluate against real cases the generator never trained on)")
+    order = list(rng.permutation(unseen))
+    test = [real[i] for i in order[: max(1, len(real) // 3)]]
+    held_out = {c["source"] for c in test}
+    train_real = [c for c in real if c["source"] not in held_out]
     if not train_real:
-        return {"note": f"{len(real)} real cases are too few to hold some out for testing"}
-    held_out = {c["key"] for c in test}
-    train_synthetic = [c for c in synthetic if c["key"] not in held_out]
+        return f"{len(real)} real cases are too few to hold some out for testing"
+    train_synthetic = [c for c in synthetic if c["source"] not in held_out]
+    check_no_leak({c["id"]: c["source"] for c in train_real + train_synthetic}, held_out, "segmentation study")
+    return test, train_real, train_synthetic
+
+
+def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
+                       spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset()) -> dict:
+    """Mask consistency and the four training regimes, tested on held-out real cases.
+
+    Test cases come only from real cases outside the generator's training record (`generator_cases`),
+    and no synthetic volume descending from a test case (through augmentation too) is trained on."""
+    split = held_out_split(real, synthetic, seed, generator_cases)
+    if isinstance(split, str):
+        return {"note": split}
+    test, train_real, train_synthetic = split
     test_target = regions_of(torch.stack([c["labels"] for c in test]))
     regimes = {"real": train_real, "synthetic": train_synthetic, "real+synthetic": train_real + train_synthetic,
                "half real+synthetic": train_real[: max(1, len(train_real) // 2)] + train_synthetic}
-    out = {"test_cases": [c["id"] for c in test], "train_real": len(train_real),
+    out = {"test_cases": [c["id"] for c in test], "train_real": len(train_real), "generator_cases": len(generator_cases),
            "train_synthetic": len(train_synthetic), "utility": {}}
     models = {}
     for name, cases in regimes.items():

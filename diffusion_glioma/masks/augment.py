@@ -29,6 +29,7 @@ from ..config import StrictModel
 from ..data.layouts import Case
 from ..errors import ConfigError, DataError
 from ..io import Volume, atomic_path, load_volume, save_volume, write_json
+from ..provenance import read_sources
 from ..labels import (BACKGROUND, BRATS_REGIONS, CAVITY, CORE, CYST, ENHANCING, HEAD, OEDEMA, TUMOUR_LABELS,
                       add_head, get_scheme)
 from ..figures import pyplot, save_png
@@ -303,6 +304,7 @@ def augment_masks(masks: str | Path, out: str | Path, config: AugmentConfig, *, 
 
     out = Path(out)
     inputs = load_inputs(find_masks(masks, layout, labels))
+    sources = read_sources(masks)  # inputs that are themselves derived keep their real case
     volumes = [float(np.isin(m.common, BRATS_REGIONS["WT"]).sum() * m.voxel_ml) for m in inputs]
     settings = CheckSettings(
         min_fragment_voxels=config.min_fragment_voxels,
@@ -376,6 +378,7 @@ def augment_masks(masks: str | Path, out: str | Path, config: AugmentConfig, *, 
                             qform_code=seg.qform_code, sform_code=seg.sform_code, dtype=np.uint8)
             record = {
                 "output": name, "source_mask": str(mask.case.seg), "case_id": mask.case.case_id,
+                "derived_from": sources.get(mask.case.case_id, mask.case.case_id),
                 "disease": mask.case.disease, "seed": seed, "operation": operation, "params": params,
                 "attempts": attempt, "files": {k_: str(p.relative_to(out)) for k_, p in files.items()},
                 "stats": layout_stats(candidate, mask),

@@ -17,6 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from ..labels import COMMON_LABELS
+from .conditioning import one_hot
 
 
 def _pooled_mask(mask: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -56,7 +57,7 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         """noise (b, noise_dim), labels (b, x, y, z) integers, class_labels (b,) -> (b, modalities, x, y, z)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        mask = F.one_hot(labels.long(), self.config.num_labels).permute(0, 4, 1, 2, 3).to(self.dtype)
+        mask = one_hot(labels, self.config.num_labels, self.dtype)
         b = noise.shape[0]
         h = self.project(torch.cat([noise, self.class_embedding(class_labels.long())], dim=1))
         h = h.view(b, -1, *self.coarse)
@@ -88,7 +89,7 @@ class CGANDiscriminator(ModelMixin, ConfigMixin):
 
     def forward(self, volume: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """The logit of "real" for each (volume, mask, class); `torch.sigmoid` of it is the probability."""
-        mask = F.one_hot(labels.long(), self.config.num_labels).permute(0, 4, 1, 2, 3).to(volume.dtype)
+        mask = one_hot(labels, self.config.num_labels, volume.dtype)
         embedded = self.class_embedding(class_labels.long())[:, :, None, None, None].expand(-1, -1, *volume.shape[2:])
         h = self.features(torch.cat([volume, mask, embedded.to(volume.dtype)], dim=1))
         return self.classify(h.flatten(1)).squeeze(1)

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from ..labels import COMMON_LABELS
+from .conditioning import one_hot
 from .wavelet import LOW_PASS_GAIN, haar3d, inverse_haar3d
 
 # Named architectures; the CLI and configs choose among these by name.
@@ -254,14 +255,8 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         return (batch, self.data_channels, *(s // divisor for s in volume_shape))
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """(b, x, y, z) integer labels -> (b, num_labels, x, y, z) one-hot in the model's dtype, written
-        straight into place (F.one_hot would build an int64 tensor 8x the size first)."""
-        if labels.min() < 0 or labels.max() >= self.config.num_labels:
-            raise ValueError(f"labels must lie in 0..{self.config.num_labels - 1}, got {int(labels.min())}.."
-                             f"{int(labels.max())}")
-        out = torch.zeros((labels.shape[0], self.config.num_labels, *labels.shape[1:]), dtype=self.dtype,
-                          device=labels.device)
-        return out.scatter_(1, labels[:, None].long(), 1)
+        """(b, x, y, z) integer labels -> (b, num_labels, x, y, z) one-hot in the model's dtype."""
+        return one_hot(labels, self.config.num_labels, self.dtype)
 
     def condition(self, labels: torch.Tensor) -> torch.Tensor:
         """(b, X, Y, Z) integer masks on the volume grid -> the conditioning channels on the model's
