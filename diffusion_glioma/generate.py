@@ -243,7 +243,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     # A plain cast (diffusers' `to(dtype)` warns about keep-in-fp32 lists these models do not have).
     torch.nn.Module.to(pipeline._model, resolve_dtype(options.precision, device))
     cases = find_masks(masks, layout, labels)
-    sources = read_sources(masks) if Path(masks).is_dir() else {}
+    sources = read_sources(masks)
     if options.limit is not None:
         cases = cases[: options.limit]
     tumour_labels = sorted(v for v in known if v not in (BACKGROUND, HEAD))

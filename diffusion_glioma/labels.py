@@ -114,15 +114,13 @@ class UnstatedPedsScheme(LabelScheme):
 
     def to_common(self, labels: np.ndarray, path: Path | str | None = None) -> np.ndarray:
         found = {int(v) for v in np.unique(labels)}
-        if 4 in found or found <= {0}:
-            return SCHEMES["brats_peds_2024"].to_common(labels, path)
-        if found <= {0, 1, 2, 3}:
+        if found - {0} and found <= {0, 1, 2, 3}:  # a tumour, and no label 4 to say 2024
             raise DataError(
                 f"{path}: BraTS-PEDs labels {sorted(found)} fit both the 2023 release (1 NCR, 2 ED, 3 ET) and "
                 "2024 (1 ET, 2 NET, 3 CC, 4 ED); say which with --labels brats_peds_2023 or --labels "
                 "brats_peds_2024 (or labels: in the data config, or a label_schemes.json in the data folder)"
             )
-        return SCHEMES["brats_peds_2024"].to_common(labels, path)  # names the unknown values
+        return SCHEMES["brats_peds_2024"].to_common(labels, path)  # which also names any unknown values
 
 
 PEDS_UNSTATED = "brats_peds_unstated"

@@ -8,6 +8,7 @@ UCSF-PDGM; anything else is described in a small YAML file (see `load_layout_fil
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -225,8 +226,6 @@ def read_label_schemes(root: Path) -> dict[str, str]:
     path = root / LABEL_SCHEMES_FILE
     if not path.is_file():
         return {}
-    import json
-
     try:
         schemes = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

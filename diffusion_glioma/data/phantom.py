@@ -185,15 +185,13 @@ def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.
 
     # 2. Tumour, placed and drawn in template coordinates so that it follows the subject's anatomy; the
     #    healthy tissue around it is pushed aside (mass effect) rather than replaced.
-    fractions = {name: warp(v, template_world) for name, v in tpl.tissues.items()}
-    brain = warp(tpl.brain, template_world)
     place, draw = TUMOUR_MODELS[profile.disease]
-    tumour_centre, radii = place(rng, template_world, brain, fractions)
+    white_matter = {"wm": warp(tpl.tissues["wm"], template_world)}  # all that placement looks at
+    tumour_centre, radii = place(rng, template_world, warp(tpl.brain, template_world), white_matter)
     push = rng.uniform(*profile.mass_effect)
-    if push > 0:
-        displaced = _radial_push(template_world, tumour_centre, push, 1.3 * float(radii.mean()))
-        fractions = {name: warp(v, displaced) for name, v in tpl.tissues.items()}
-        brain = warp(tpl.brain, displaced)
+    displaced = _radial_push(template_world, tumour_centre, push, 1.3 * float(radii.mean()))
+    fractions = {name: warp(v, displaced) for name, v in tpl.tissues.items()}
+    brain = warp(tpl.brain, displaced)
     tumour, record = draw(rng, template_world, brain, fractions, tumour_centre, radii)
     tumour_total = sum(tumour.values())
     for name in fractions:

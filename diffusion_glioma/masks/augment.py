@@ -278,12 +278,13 @@ def grow_shrink(mask: InputMask, config: AugmentConfig, rng: np.random.Generator
             return ndimage.distance_transform_edt(~region, sampling=spacing) <= distance
         return ndimage.distance_transform_edt(region, sampling=spacing) > -distance
 
+    cavity = labels == CAVITY
+
     def moved(distance: float) -> np.ndarray:
         candidate = np.where(mask.head, HEAD, BACKGROUND).astype(np.uint8)
         for i, value in enumerate(layers):  # outside in: each layer with everything inside it
             region = np.isin(labels, layers[i:])
             candidate[morph(region, distance) & mask.head] = value
-        cavity = labels == CAVITY
         candidate[cavity] = CAVITY  # a resection cavity does not grow
         return candidate
 
