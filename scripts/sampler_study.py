@@ -16,7 +16,6 @@ OUT/sampler_study.md and OUT/sampler_study.png; the sampled sets stay in OUT/<sa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

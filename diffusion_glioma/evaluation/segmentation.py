@@ -158,19 +158,45 @@ def classification_scores(model: torch.nn.Module, cases: list[dict], classes: li
             "n": len(cases)}
 
 
+def head_size_scores(train: list[dict], test: list[dict], classes: list[str]) -> dict | None:
+    """The trivial baseline for the disease task: each test case gets the class whose training cases'
+    mean head size (voxels inside the head) is nearest. A classifier that does no better has learnt
+    nothing head size does not tell."""
+    size = lambda c: float((c["image"] > -1).any(dim=0).sum())  # noqa: E731
+    means = {k: np.mean([size(c) for c in train if c["disease"] == k]) for k in classes
+             if any(c["disease"] == k for c in train)}
+    if len(means) < 2:
+        return None
+    predicted = [min(means, key=lambda k: abs(means[k] - size(c))) for c in test]
+    truth = [c["disease"] for c in test]
+    recalls = [np.mean([p == k for p, t in zip(predicted, truth) if t == k]) for k in sorted(set(truth))]
+    return {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
+            "balanced_accuracy": float(np.mean(recalls)), "n": len(test)}
+
+
 def classification_study(train_real: list[dict], train_synthetic: list[dict], test: list[dict], steps: int,
                          seed: int = 0) -> dict:
-    """A disease classifier trained on synthetic volumes and one trained on real, both tested on
-    held-out real cases."""
+    """The disease classifier (glioblastoma vs pediatric diffuse glioma) in the regimes the research
+    proposals use: real -> real (the reference), synthetic -> real, real + synthetic -> real, and
+    real -> synthetic (a realism check: does the synthetic set carry the features that tell the
+    diseases apart in real scans?). Head size alone cannot solve the task on the phantom (its brain
+    volume depends on age, sex and individual variation, not on the disease); the head-size baseline
+    row shows how far it gets on these cases."""
     classes = sorted({c["disease"] for c in train_real + train_synthetic + test})
     if len(classes) < 2:
         return {"note": f"only one disease ({classes[0] if classes else 'none'}): no classification to test"}
-    out = {"classes": classes}
-    for name, cases in (("real", train_real), ("synthetic", train_synthetic)):
-        if len({c["disease"] for c in cases}) < 2:
-            out[name] = None  # a classifier needs both diseases in its training data
-            continue
-        out[name] = classification_scores(train_classifier(cases, classes, steps, seed), test, classes)
+    out = {"classes": classes, "regimes": {}}
+    trained = {}
+    for name, cases in (("real", train_real), ("synthetic", train_synthetic),
+                        ("real+synthetic", train_real + train_synthetic)):
+        if len({c["disease"] for c in cases}) >= 2:  # a classifier needs both diseases in its training data
+            trained[name] = train_classifier(cases, classes, steps, seed)
+    for regime, model, test_cases in (("real -> real", "real", test), ("synthetic -> real", "synthetic", test),
+                                      ("real+synthetic -> real", "real+synthetic", test),
+                                      ("real -> synthetic", "real", train_synthetic)):
+        usable = model in trained and test_cases
+        out["regimes"][regime] = classification_scores(trained[model], test_cases, classes) if usable else None
+    out["regimes"]["head size only -> real"] = head_size_scores(train_real, test, classes)
     return out
 
 

@@ -20,7 +20,8 @@ from ..io import write_json
 from ..pipeline import load_pipeline
 from ..training.config import FinetuneSection, TrainConfig
 from ..training.diffusion import train
-from .fidelity import RandomFeatures, frechet_distance, paired_similarity
+from .features import RandomFeatures
+from .fidelity import frechet_distance, paired_similarity
 
 
 def _run(base: TrainConfig, output_dir: Path, steps: int, only: list[str], limit: int | None,

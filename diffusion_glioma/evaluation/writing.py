@@ -1,0 +1,224 @@
+"""The evaluation report as a person reads it: `report.md`, `report.json` and PNG figures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
+from ..io import atomic_path, load_volume, write_json
+from .segmentation import REGIONS
+
+
+def write_report(out: Path, results: dict, data: dict, names: list[str], modalities, real_by_key: dict,
+                 segmentation: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", finite(results))
+    _histograms(out / "histograms.png", data, names, modalities)
+    _metric_bars(out / "metrics.png", results, names)
+    _samples(out / "samples.png", data, names, modalities, real_by_key)
+    if segmentation:
+        _segmentation_bars(out / "segmentation.png", results, names)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown(results, names, modalities))
+
+
+def finite(obj):
+    """JSON has no infinity or NaN: write them as strings a reader cannot mistake."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict) and "mean" in value:  # KID over subsets
+        return f"{value['mean']:.{digits}g} ± {value['std']:.2g}"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _mean_over(per_modality: dict, key: str):
+    values = [v[key] for v in per_modality.values() if v.get(key) is not None and math.isfinite(v[key])]
+    return float(np.mean(values)) if values else None
+
+
+def markdown(results: dict, names: list[str], modalities) -> str:
+    lines = ["# Evaluation report", "",
+             f"Volumes: {', '.join(f'{k} {v}' for k, v in results['counts'].items())}.",
+             f"Features: 2D {results['feature_extractor']['2d']}; 3D {results['feature_extractor']['3d']}.",
+             "FID and KID compare each synthetic set with the real set (lower is closer; KID is the mean ± standard "
+             "deviation over 100 subsets); diversity is the mean MS-SSIM between volumes of different masks in a set "
+             "(lower is more diverse; the real set's beside it) and between samples of the same mask (1 = every "
+             "sample of a mask is the same volume: mode collapse); paired SSIM (Gaussian window, sigma 1.5), PSNR and "
+             "MAE compare a synthetic volume with the real volume of the same mask, inside the head only; the "
+             "reference rows give what a trivial generator (mean-fill, noise) and real but unpaired data (another "
+             "real case) score.", "",
+             "## Overall", "",
+             "| set | FID 3D | KID 3D | diversity across masks | diversity at a fixed mask | pairs | memorisation flags |",
+             "|---|---|---|---|---|---|---|"]
+    lines.append(f"| real | - | - | {_fmt(results['real_diversity_ms_ssim'])} | - | - | - |")
+    for n in names:
+        s = results["sets"][n]
+        fixed = s["fixed_mask_diversity"]
+        fixed_text = f"{_fmt(fixed['ms_ssim'])} ({fixed['masks']} masks)" if fixed else "n/a (one sample per mask)"
+        mem = s["memorisation"]
+        lines.append(f"| {n} | {_fmt(s['fid_3d'])} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
+                     f"{fixed_text} | {s['paired']['pairs']} | {len(mem['suspicious'])} of {len(mem['nearest'])} |")
+    lines += ["", "Memorisation: a synthetic volume is flagged when it lies closer (3D features) to a training case "
+              "other than the one its mask came from than the "
+              f"{_fmt(100 * results['sets'][names[0]]['memorisation']['quantile'] if names else 5.0)}th percentile of "
+              "the real cases' nearest-neighbour distances (that share of real cases falls below it too).", ""]
+    lines += ["## Per modality", "",
+              "| set | modality | FID 2D | KID 2D | FID 3D | KID 3D | SSIM (head) | PSNR dB (head) | MAE (head) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = results["sets"][n]
+        for m in modalities:
+            pm, pair = s["per_modality"][m], s["paired"][m]
+            lines.append(f"| {n} | {m} | {_fmt(pm['fid_2d'])} | {_fmt(pm['kid_2d'])} | {_fmt(pm['fid_3d'])} | "
+                         f"{_fmt(pm['kid_3d'])} | {_fmt(pair['ssim'])} | {_fmt(pair['psnr'])} | {_fmt(pair['mae'])} |")
+    for reference, per_modality in results.get("paired_references", {}).items():
+        for m in modalities:
+            pair = per_modality[m]
+            lines.append(f"| reference: {reference} | {m} | - | - | - | - | {_fmt(pair['ssim'])} | "
+                         f"{_fmt(pair['psnr'])} | {_fmt(pair['mae'])} |")
+    lines += ["", "## By disease", "",
+              "SSIM is the mean over modalities; the reference columns score the same disease's real cases.", "",
+              "| set | disease | volumes real / synthetic | FID 3D | KID 3D | FID 2D (" + "/".join(modalities) + ") | "
+              "SSIM (head) | reference SSIM: mean-fill / real vs real | diversity at a fixed mask |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        for disease, b in results["sets"][n]["by_disease"].items():
+            fid_2d = " / ".join(_fmt(b["per_modality"][m]["fid_2d"]) for m in modalities)
+            refs = b["paired_references"]
+            fixed = b["fixed_mask_diversity"]
+            lines.append(f"| {n} | {disease} | {b['volumes'][0]} / {b['volumes'][1]} | {_fmt(b['fid_3d'])} | "
+                         f"{_fmt(b['kid_3d'])} | {fid_2d} | {_fmt(_mean_over({m: b['paired'][m] for m in modalities}, 'ssim'))} | "
+                         f"{_fmt(_mean_over(refs['mean-fill inside the head'], 'ssim'))} / "
+                         f"{_fmt(_mean_over(refs['real vs another real case'], 'ssim'))} | "
+                         f"{_fmt(fixed['ms_ssim']) if fixed else 'n/a'} |")
+    if "segmentation_setup" in results:
+        lines += _segmentation_markdown(results, names)
+    lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
+              "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
+    lines += [f"Note: {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
+    lines = ["", "## Segmentation", "", f"Segmenter: {results['segmentation_setup']}. Dice [bootstrap 95% interval] "
+             "(HD95 mm) by the BraTS convention (both empty: Dice 1; one empty: Dice 0, HD95 373.13 mm) on the "
+             "held-out real cases per training regime; mask consistency: the real-trained segmenter on the "
+             "synthetic volumes against their conditioning masks.", "",
+             "| set | trained on / measure | WT | TC | ET |", "|---|---|---|---|---|"]
+    for n in names:
+        seg = results["sets"][n]["segmentation"]
+        if "note" in seg:
+            lines.append(f"| {n} | {seg['note']} | | | |")
+            continue
+        rows = [*seg["utility"].items(), ("mask consistency", seg.get("mask_consistency"))]
+        for regime, scores in rows:
+            cells = [f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
+                     f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})" if scores else "n/a"
+                     for r in REGIONS]
+            lines.append(f"| {n} | {regime} | " + " | ".join(cells) + " |")
+    lines += ["", "Disease classifier (MONAI Classifier):", "",
+              "| set | trained on -> tested on | accuracy | balanced accuracy |", "|---|---|---|---|"]
+    for n in names:
+        cls = results["sets"][n]["segmentation"].get("classification", {})
+        if "note" in cls:
+            lines.append(f"| {n} | {cls['note']} | | |")
+            continue
+        for regime, scores in cls.get("regimes", {}).items():
+            lines.append(f"| {n} | {regime} | {_fmt(scores['accuracy']) if scores else 'n/a'} | "
+                         f"{_fmt(scores['balanced_accuracy']) if scores else 'n/a'} |")
+    return lines
+
+
+def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        seg = results["sets"][name]["segmentation"]
+        if "note" in seg:
+            ax.set_title(f"{name}: {seg['note']}", fontsize=8)
+            continue
+        rows = [*seg["utility"].items(), ("mask consistency", seg.get("mask_consistency"))]
+        width = 0.8 / len(rows)
+        for i, (regime, scores) in enumerate(rows):
+            values = [(scores[r]["dice"] or 0) if scores else 0 for r in REGIONS]
+            ax.bar(np.arange(len(REGIONS)) + i * width, values, width, label=regime)
+        ax.set_xticks(np.arange(len(REGIONS)) + 0.4 - width / 2, REGIONS)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}: Dice on held-out real cases", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _histograms(path: Path, data: dict, names: list[str], modalities) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(modalities), figsize=(3.5 * len(modalities), 3), squeeze=False)
+    centres = (np.arange(50) + 0.5) / 50
+    for ax, m in zip(axes[0], modalities):
+        for name in ["real", *names]:
+            counts = data[name].hist[m].astype(float)
+            ax.plot(centres, counts / max(counts.sum(), 1), label=name)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("normalised intensity in the head", fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _metric_bars(path: Path, results: dict, names: list[str]) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+    mean = lambda v: (v["mean"] if isinstance(v, dict) else v) if v is not None else None  # noqa: E731
+    panels = [("fid_3d", "FID 3D (lower is closer)"), ("kid_3d", "KID 3D (mean ± sd over subsets)"),
+              ("diversity_ms_ssim", "MS-SSIM across masks (lower = more diverse)"),
+              ("fixed_mask_diversity", "MS-SSIM at a fixed mask (1 = collapse)")]
+    for ax, (key, title) in zip(axes, panels):
+        raw = [results["sets"][n][key] for n in names]
+        values = [(v["ms_ssim"] if key == "fixed_mask_diversity" and v else mean(v)) for v in raw]
+        errors = [v["std"] if key == "kid_3d" and v else 0 for v in raw]
+        ax.bar(names, [v if v is not None else 0 for v in values], yerr=errors, color="tab:orange")
+        if key in ("diversity_ms_ssim", "fixed_mask_diversity") and results["real_diversity_ms_ssim"] is not None:
+            ax.axhline(results["real_diversity_ms_ssim"], color="tab:blue", label="real, across cases")
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _samples(path: Path, data: dict, names: list[str], modalities, real_by_key: dict) -> None:
+    """Real and synthetic volumes of the same masks, every modality."""
+    from ..labels import get_scheme
+    from .report import normalised
+
+    figure_rows = []
+    for name in names:
+        for index, volume, affine in data[name].shown:
+            item = data[name].items[index]
+            real_item = real_by_key[item.key]
+            real_volume, real_affine = normalised(real_item, modalities)
+            labels = np.zeros(volume.shape[1:], dtype=np.uint8)
+            if real_item.mask is not None and real_item.labels is not None:
+                labels = get_scheme(real_item.labels).to_common(load_volume(real_item.mask, kind="label").array)
+            figure_rows.append(FigureRow(f"real {item.key}", {m: to_ras(real_volume[c], real_affine)
+                                                              for c, m in enumerate(modalities)},
+                                         to_ras(labels, real_affine), (0.0, 1.0)))
+            figure_rows.append(FigureRow(f"{name} {item.item_id}", {m: to_ras(volume[c], affine)
+                                                                    for c, m in enumerate(modalities)},
+                                         to_ras(labels, affine), (0.0, 1.0)))
+    if figure_rows:
+        write_slices_figure(path, figure_rows, list(modalities), title="real vs synthetic, same mask")
