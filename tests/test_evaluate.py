@@ -328,3 +328,38 @@ def test_held_out_cases_come_from_outside_the_generator_and_nothing_derived_is_t
     with pytest.raises(DataError, match=r"transfer study: 1 training item\(s\) derive from held-out cases "
                                         r"\(e.g. R0-100_syn000 from R0\)"):
         check_no_leak({"R0-100_syn000": "R0", "R1": "R1"}, {"R0"}, "transfer study")
+
+
+def test_curation_keeps_volumes_whose_mask_a_real_trained_segmenter_recovers(phantom_dir, tmp_path, capsys):
+    """Each adult phantom's images paired with its own mask (consistent) and with another adult's mask
+    (the tumour lies elsewhere): the curated manifest keeps the consistent ones, points at the original
+    files, and `evaluate` reads it as a set."""
+    cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir() and "GLI" in p.name)
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    records = []
+    for i, case in enumerate(cases):
+        for tag, mask_case in (("own", case), ("other", cases[(i + 1) % len(cases)])):
+            files = {image.name.split("-")[-1].split(".")[0]: str(image) for image in case.glob("*-t*.nii.gz")}
+            records.append({"output": f"{case.name}_{tag}", "case_id": mask_case.name, "files": files,
+                            "source_mask": str(next(mask_case.glob("*-seg.nii.gz"))), "label_scheme": "brats_gli",
+                            "disease": "glioblastoma", "derived_from": mask_case.name})
+    (synthetic / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "curated"
+    assert main(["curate", "--real", str(phantom_dir), "--synthetic", str(synthetic), "--out", str(out),
+                 "--min-dice", "0.4", "--segmentation-steps", "150", "--quiet"]) == 0
+    summary = json.loads((out / "curation.json").read_text())
+    scores = {s["output"]: s["WT"] for s in summary["scores"]}
+    own = [v for k, v in scores.items() if k.endswith("_own")]
+    other = [v for k, v in scores.items() if k.endswith("_other")]
+    assert min(own) > max(other)  # the segmenter finds each tumour where its own mask puts it
+    kept = [json.loads(line)["output"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert kept == [k for k, v in scores.items() if v >= 0.4] and summary["kept"] == len(kept) > 0
+    assert f"kept {len(kept)} of 6" in capsys.readouterr().out
+    assert (out / "curation.png").stat().st_size > 5000
+    report = evaluate(phantom_dir, [out], tmp_path / "r", features="random", max_slices=2, segmentation_steps=0,
+                      progress=False)
+    assert report["counts"]["curated"] == len(kept)
+    with pytest.raises(DiffusionGliomaError, match="no manifest.jsonl"):
+        main(["--debug", "curate", "--real", str(phantom_dir), "--synthetic", str(phantom_dir), "--out",
+              str(tmp_path / "x"), "--quiet"])
