@@ -170,6 +170,25 @@ def cmd_curate(args) -> int:
     return 0
 
 
+def cmd_nnunet_study(args) -> int:
+    from .evaluation import nnunet_study
+
+    if args.action == "export":
+        if not args.real or not args.synthetic:
+            raise DiffusionGliomaError("nnunet-study export needs --real and --synthetic")
+        study = nnunet_study.export_study(args.real, args.synthetic, args.out, dataset_id=args.dataset_id,
+                                          seed=args.seed, copy=args.copy, folds=args.folds, progress=not args.quiet)
+        sizes = ", ".join(f"{mix} {len(d['cases'])}" for mix, d in study["datasets"].items())
+        print(f"nnU-Net datasets ({sizes} training cases) and {len(study['test_cases'])} shared test cases in "
+              f"{args.out}; run these on the GPU machine (also in {Path(args.out) / 'commands.sh'}):\n")
+        print("\n".join(study["commands"]))
+        return 0
+    summary = nnunet_study.score_study(args.out, progress=not args.quiet)
+    print((Path(args.out) / "scores.md").read_text())
+    print(f"{summary['test_cases']} test cases; scores.json and scores.png in {args.out}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_to_hub
 
@@ -268,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("nnunet-study", help="export nnU-Net datasets for the real/synthetic mixes around one "
+                                            "held-out test set, then score nnU-Net's predictions")
+    p.add_argument("action", choices=["export", "score"])
+    p.add_argument("--out", required=True, help="study folder (nnUNet_raw/, test/, commands.sh, study.json)")
+    p.add_argument("--real", help="real dataset folder (export)")
+    p.add_argument("--synthetic", help="a folder written by generate or curate (export)")
+    p.add_argument("--dataset-id", type=int, default=600, help="nnU-Net id of the first mix (default 600; 4 ids)")
+    p.add_argument("--folds", default="all", help="nnU-Net folds to train, space-separated (default: all)")
+    p.add_argument("--copy", action="store_true", help="copy image files instead of linking them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_nnunet_study)
 
     p = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     p.add_argument("--model", required=True, help="pipeline folder")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, nnunet
 from .config import PreprocessConfig
 from .data.layouts import SEG, Case, Layout, discover_cases, write_label_schemes
 from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
@@ -33,7 +33,7 @@ from .io import atomic_path, load_volume, save_volume, write_json
 from .provenance import read_sources
 from .pipeline import load_pipeline
 from .precision import resolve_dtype
-from .labels import (BACKGROUND, BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYST, ENHANCING, HEAD, OEDEMA, SCHEMES,
+from .labels import (BACKGROUND, COMMON_LABELS, HEAD, SCHEMES,
                      add_head, get_scheme)
 
 FORMATS = ("pairs", "brats", "nnunet")
@@ -147,16 +147,11 @@ def model_fingerprint(model_dir: Path) -> str:
 class Writer:
     """Where the files of one output go, for each format."""
 
-    # nnU-Net wants consecutive values; ordered outside-in so that painting the BraTS regions in
-    # `regions_class_order` (whole tumour, then core, then enhancing) rebuilds the labels.
-    NNUNET_ORDER = (OEDEMA, CORE, ENHANCING, CYST, CAVITY)
-
     def __init__(self, out: Path, options: GenerateOptions, modalities: list[str], tumour_labels: list[int],
                  sources: dict[str, str] | None = None):
         self.sources = sources or {}  # mask case id -> the real case it descends from (augment-masks' manifest)
         self.out, self.options, self.modalities = out, options, modalities
-        present = [c for c in self.NNUNET_ORDER if c in tumour_labels]
-        self.nnunet_values = {common: i + 1 for i, common in enumerate(present)}
+        self.nnunet_values = nnunet.label_values(tumour_labels)
         self.root = out / f"Dataset{options.dataset_id:03d}_{options.dataset_name}" if options.format == "nnunet" else out
 
     def files(self, oid: str, index: int, disease: str) -> dict[str, Path]:
@@ -182,33 +177,13 @@ class Writer:
                 return scheme.from_common(job.source_common)
             except DataError as exc:
                 raise DataError(f"{job.case.seg}: {exc}; use --format pairs or nnunet") from None
-        out = np.zeros(job.source_common.shape, dtype=np.int16)
-        for common, value in self.nnunet_values.items():
-            out[job.source_common == common] = value
-        return out
+        return nnunet.to_nnunet(job.source_common, self.nnunet_values)
 
     def finish(self, records: list[dict]) -> None:
         if self.options.format != "nnunet":
             return
-        regions: dict[str, int | list[int]] = {"background": 0}
-        order = []
-        groups = {"whole_tumor": BRATS_REGIONS["WT"], "tumor_core": BRATS_REGIONS["TC"],
-                  "enhancing_tumor": BRATS_REGIONS["ET"], "resection_cavity": (CAVITY,)}
-        for name, members in groups.items():
-            values = sorted(self.nnunet_values[c] for c in members if c in self.nnunet_values)
-            if values:
-                regions[name] = values if len(values) > 1 else values[0]
-                order.append(values[0])
-        write_json(self.root / "dataset.json", {
-            "channel_names": {str(c): m for c, m in enumerate(self.modalities)},
-            "labels": regions,
-            "regions_class_order": order,
-            "numTraining": len(records),
-            "file_ending": ".nii.gz",
-            "name": self.options.dataset_name,
-            "description": "synthetic MRI from diffusion_glioma; label values: "
-                           + ", ".join(f"{v} = {COMMON_LABELS[c]}" for c, v in self.nnunet_values.items()),
-        })
+        nnunet.write_dataset_json(self.root, self.modalities, self.nnunet_values, len(records),
+                                  self.options.dataset_name, "synthetic MRI from diffusion_glioma")
 
 
 def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, options: GenerateOptions, *,

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -363,3 +364,62 @@ def test_curation_keeps_volumes_whose_mask_a_real_trained_segmenter_recovers(pha
     with pytest.raises(DiffusionGliomaError, match="no manifest.jsonl"):
         main(["--debug", "curate", "--real", str(phantom_dir), "--synthetic", str(phantom_dir), "--out",
               str(tmp_path / "x"), "--quiet"])
+
+
+NNUNET_PYTHON = Path(__file__).resolve().parents[1] / ".ci" / "nnunet-venv" / "bin" / "python"
+
+
+def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_predictions(phantom_dir, tmp_path,
+                                                                                         capsys):
+    import subprocess
+
+    cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir())
+    _manifest_set(tmp_path / "synthetic", [c for c in cases if "GLI" in c.name], per_mask=2, noise=0.1)
+    out = tmp_path / "study"
+    assert main(["nnunet-study", "export", "--real", str(phantom_dir), "--synthetic", str(tmp_path / "synthetic"),
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    study = json.loads((out / "study.json").read_text())
+    by_id = sorted(study["datasets"], key=lambda mix: study["datasets"][mix]["id"])
+    assert by_id == ["real", "synthetic", "real+synthetic", "half real+synthetic"]
+    assert sorted(d["id"] for d in study["datasets"].values()) == [600, 601, 602, 603]
+    test = set(study["test_cases"])
+    assert len(test) == 1 and "nnUNetv2_train 600 3d_fullres all" in printed
+    assert f"-o {out.resolve()}/predictions/Dataset601_synthetic -d 601" in printed
+    for mix, dataset in study["datasets"].items():
+        folder = out / "nnUNet_raw" / dataset["folder"]
+        assert len(list((folder / "labelsTr").iterdir())) == len(dataset["cases"]) > 0
+        assert len(list((folder / "imagesTr").iterdir())) == 4 * len(dataset["cases"])
+        # Nothing in any mix descends from the test case (the synthetic copies carry derived_from).
+        assert not any(c.split("_syn")[0] in test for c in dataset["cases"]), mix
+        labels = json.loads((folder / "dataset.json").read_text())["labels"]
+        assert labels["background"] == 0 and "whole_tumor" in labels
+    assert len(study["datasets"]["synthetic"]["cases"]) == 2 * sum(
+        1 for c in cases if "GLI" in c.name and c.name not in test)
+    truth_file = next((out / "test" / "labelsTs").iterdir())
+    assert set(np.unique(np.asarray(nib.load(str(truth_file)).dataobj))) <= {0, 1, 2, 3}
+    assert len(list((out / "test" / "imagesTs").iterdir())) == 4
+    if NNUNET_PYTHON.is_file():  # nnU-Net's own check, where .ci/run installed it
+        check = ("from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as v; "
+                 f"v({str(out / 'nnUNet_raw' / study['datasets']['real+synthetic']['folder'])!r}, num_processes=1)")
+        result = subprocess.run([str(NNUNET_PYTHON), "-c", check], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with pytest.raises(DiffusionGliomaError, match="already holds an exported study"):
+        main(["--debug", "nnunet-study", "export", "--real", str(phantom_dir), "--synthetic",
+              str(tmp_path / "synthetic"), "--out", str(out), "--quiet"])
+
+    # nnU-Net's predictions: perfect for "real", empty for "synthetic", perfect elsewhere.
+    with pytest.raises(DiffusionGliomaError, match="Dataset600_real: no prediction for 1 test case"):
+        main(["--debug", "nnunet-study", "score", "--out", str(out), "--quiet"])
+    for mix, dataset in study["datasets"].items():
+        folder = out / "predictions" / dataset["folder"]
+        folder.mkdir(parents=True)
+        for truth in (out / "test" / "labelsTs").iterdir():
+            image = nib.load(str(truth))
+            data = np.asarray(image.dataobj) * (0 if mix == "synthetic" else 1)
+            nib.save(nib.Nifti1Image(data.astype(np.int16), image.affine), str(folder / truth.name))
+    assert main(["nnunet-study", "score", "--out", str(out), "--quiet"]) == 0
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    assert scores["real"]["WT"]["dice"] == pytest.approx(1.0) and scores["real"]["WT"]["hd95"] == pytest.approx(0.0)
+    assert scores["synthetic"]["WT"]["dice"] == 0.0 and scores["synthetic"]["WT"]["hd95"] == pytest.approx(373.13)
+    assert "| half real+synthetic |" in capsys.readouterr().out and (out / "scores.png").stat().st_size > 3000

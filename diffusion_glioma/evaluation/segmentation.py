@@ -110,14 +110,14 @@ def dice_and_hd95(prediction: torch.Tensor, target: torch.Tensor, spacing: tuple
             hd95[both] = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
                 p[both], t[both], spacing=list(spacing)).flatten().double()
         results[region] = {"dice": float(dice.mean()), "hd95": float(hd95.mean()),
-                           "dice_ci95": _bootstrap_interval(dice, bootstrap, seed),
-                           "hd95_ci95": _bootstrap_interval(hd95, bootstrap, seed),
+                           "dice_ci95": bootstrap_interval(dice, bootstrap, seed),
+                           "hd95_ci95": bootstrap_interval(hd95, bootstrap, seed),
                            "n": len(t), "empty_truth": int((~t_any).sum()), "empty_predictions": int((~p_any & t_any).sum()),
                            "false_positives_on_empty": int((p_any & ~t_any).sum())}
     return results
 
 
-def _bootstrap_interval(values: torch.Tensor, resamples: int, seed: int) -> list[float]:
+def bootstrap_interval(values: torch.Tensor, resamples: int, seed: int) -> list[float]:
     """The 2.5 and 97.5 percentiles of the mean over cases resampled with replacement."""
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(values), (resamples, len(values)), generator=generator)
@@ -221,6 +221,12 @@ def held_out_split(real: list[dict], synthetic: list[dict], seed: int, generator
     return test, train_real, train_synthetic
 
 
+def training_mixes(train_real: list, train_synthetic: list) -> dict[str, list]:
+    """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export)."""
+    return {"real": train_real, "synthetic": train_synthetic, "real+synthetic": train_real + train_synthetic,
+            "half real+synthetic": train_real[: max(1, len(train_real) // 2)] + train_synthetic}
+
+
 def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
                        spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset()) -> dict:
     """Mask consistency and the four training regimes, tested on held-out real cases.
@@ -232,8 +238,7 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
         return {"note": split}
     test, train_real, train_synthetic = split
     test_target = regions_of(torch.stack([c["labels"] for c in test]))
-    regimes = {"real": train_real, "synthetic": train_synthetic, "real+synthetic": train_real + train_synthetic,
-               "half real+synthetic": train_real[: max(1, len(train_real) // 2)] + train_synthetic}
+    regimes = training_mixes(train_real, train_synthetic)
     out = {"test_cases": [c["id"] for c in test], "train_real": len(train_real), "generator_cases": len(generator_cases),
            "train_synthetic": len(train_synthetic), "utility": {}}
     models = {}

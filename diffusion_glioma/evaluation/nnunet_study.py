@@ -1,0 +1,200 @@
+"""The utility study with nnU-Net, the field's segmenter, on the user's GPUs.
+
+    diffusion-glioma nnunet-study export --real REAL --synthetic SYN --out STUDY
+    (run the nnU-Net commands it prints: plan, train, predict)
+    diffusion-glioma nnunet-study score --out STUDY
+
+`export` writes one nnU-Net raw dataset per data mix GliomaGen used (real, synthetic, real +
+synthetic, half the real + synthetic) around one shared test set of held-out real cases, drawn
+leak-free as in the in-package study (only cases outside the generator's training record; nothing
+derived from a test case in any mix). `score` reads nnU-Net's predictions of the test set back and
+scores them by the BraTS convention (WT/TC/ET Dice and HD95 with bootstrap intervals).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import nnunet
+from ..data.layouts import MODALITIES
+from ..errors import DataError
+from ..figures import pyplot, save_png
+from ..io import atomic_path, load_volume, save_volume, write_json
+from ..labels import TUMOUR_LABELS, get_scheme
+from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, held_out_split, regions_of,
+                           training_mixes)
+
+STUDY_FILE = "study.json"
+
+
+def _link_or_copy(source: Path, target: Path, copy: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if copy:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    else:
+        os.symlink(source.resolve(), target)
+
+
+def _common_labels(item) -> tuple[np.ndarray, np.ndarray]:
+    volume = load_volume(item.mask, kind="label")
+    return get_scheme(item.labels).to_common(volume.array, item.mask), volume.affine
+
+
+def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, dataset_id: int = 600,
+                 seed: int = 0, copy: bool = False, folds: str = "all", progress: bool = True) -> dict:
+    from .report import generator_training_cases, read_set
+
+    out = Path(out)
+    if (out / STUDY_FILE).is_file():
+        raise DataError(f"{out}: already holds an exported study ({STUDY_FILE}); score it, or export to another folder")
+    with_mask = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
+    real_items, synthetic_items = with_mask(read_set(real, MODALITIES)), with_mask(read_set(synthetic, MODALITIES))
+    if not real_items or not synthetic_items:
+        raise DataError(f"{real if not real_items else synthetic}: no volumes with segmentations to export")
+    light = lambda items: [{"id": i.item_id, "source": i.source or i.key, "item": i} for i in items]  # noqa: E731
+    split = held_out_split(light(real_items), light(synthetic_items), seed, generator_training_cases(synthetic))
+    if isinstance(split, str):
+        raise DataError(f"{real}: {split}")
+    test, train_real, train_synthetic = split
+    mixes = training_mixes(train_real, train_synthetic)
+
+    # One label mapping for every dataset and the test set (nnU-Net values are consecutive).
+    present: set[int] = set()
+    for entry in test + train_real + train_synthetic:
+        present |= set(np.unique(_common_labels(entry["item"])[0]).tolist())
+    values = nnunet.label_values([c for c in TUMOUR_LABELS if c in present])
+    raw = out / "nnUNet_raw"
+
+    def write_case(entry: dict, images_dir: Path, labels_dir: Path, name: str) -> None:
+        item = entry["item"]
+        for c, m in enumerate(MODALITIES):
+            _link_or_copy(Path(item.images[m]), images_dir / f"{name}_{c:04d}.nii.gz", copy)
+        common, affine = _common_labels(item)
+        save_volume(labels_dir / f"{name}.nii.gz", nnunet.to_nnunet(common, values), affine, dtype=np.int16)
+
+    datasets = {}
+    total = len(test) + sum(len(cases) for cases in mixes.values())
+    bar = tqdm(total=total, desc="nnunet-study export", unit="case", disable=not progress)
+    for k, (mix, cases) in enumerate(mixes.items()):
+        folder = raw / f"Dataset{dataset_id + k:03d}_{mix.replace('+', '_plus_').replace(' ', '_')}"
+        for entry in cases:
+            write_case(entry, folder / "imagesTr", folder / "labelsTr", entry["id"])
+            bar.update()
+        nnunet.write_dataset_json(folder, MODALITIES, values, len(cases), folder.name.split("_", 1)[1],
+                                  f"diffusion_glioma nnU-Net study, mix '{mix}'")
+        datasets[mix] = {"id": dataset_id + k, "folder": folder.name, "cases": [e["id"] for e in cases]}
+    for entry in test:
+        write_case(entry, out / "test" / "imagesTs", out / "test" / "labelsTs", entry["id"])
+        bar.update()
+    bar.close()
+
+    study = {"real": str(real), "synthetic": str(synthetic), "seed": seed, "label_values": values,
+             "test_cases": [e["id"] for e in test], "datasets": datasets, "folds": folds,
+             "commands": commands(out, datasets, folds)}
+    (out / "commands.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(study["commands"]) + "\n")
+    write_json(out / STUDY_FILE, study)  # last: its presence marks a finished export
+    return study
+
+
+def commands(out: Path, datasets: dict, folds: str) -> list[str]:
+    """The nnU-Net v2 commands that plan, train and predict every mix (3d_fullres)."""
+    root = shlex.quote(str(out.resolve()))
+    fold_list = folds.split()
+    lines = [f"export nnUNet_raw={root}/nnUNet_raw nnUNet_preprocessed={root}/nnUNet_preprocessed "
+             f"nnUNet_results={root}/nnUNet_results",
+             "nnUNetv2_plan_and_preprocess -d " + " ".join(str(d["id"]) for d in datasets.values())
+             + " --verify_dataset_integrity"]
+    for d in datasets.values():
+        lines += [f"nnUNetv2_train {d['id']} 3d_fullres {fold}" for fold in fold_list]
+    for d in datasets.values():
+        lines.append(f"nnUNetv2_predict -i {root}/test/imagesTs -o {root}/predictions/{d['folder']} -d {d['id']} "
+                     f"-c 3d_fullres -f {' '.join(fold_list)}")
+    lines.append(f"diffusion-glioma nnunet-study score --out {root}")
+    return lines
+
+
+def score_study(out: str | Path, *, progress: bool = True) -> dict:
+    """Dice and HD95 (BraTS convention, bootstrap 95% intervals) of every mix's predictions."""
+    import json
+
+    out = Path(out)
+    if not (out / STUDY_FILE).is_file():
+        raise DataError(f"{out}: no {STUDY_FILE}; run `diffusion-glioma nnunet-study export` first")
+    study = json.loads((out / STUDY_FILE).read_text())
+    values = {int(k): v for k, v in study["label_values"].items()}
+    truth_dir = out / "test" / "labelsTs"
+    results = {}
+    for mix, dataset in sorted(study["datasets"].items(), key=lambda kv: kv[1]["id"]):  # JSON sorts the keys
+        folder = out / "predictions" / dataset["folder"]
+        missing = [c for c in study["test_cases"] if not (folder / f"{c}.nii.gz").is_file()]
+        if missing:
+            raise DataError(f"{folder}: no prediction for {len(missing)} test case(s) (e.g. {missing[0]}.nii.gz); "
+                            "run the nnUNetv2_predict line of commands.sh")
+        predictions, truths, spacing = [], [], None
+        for case in tqdm(study["test_cases"], desc=f"score {mix}", unit="case", disable=not progress):
+            truth = load_volume(truth_dir / f"{case}.nii.gz", kind="label")
+            prediction = load_volume(folder / f"{case}.nii.gz", kind="label")
+            if prediction.shape != truth.shape:
+                raise DataError(f"{prediction.path}: shape {prediction.shape} differs from the test label {truth.shape}")
+            spacing = spacing or truth.spacing
+            predictions.append(regions_of(torch.from_numpy(nnunet.to_common(prediction.array, values).astype(np.int64))))
+            truths.append(regions_of(torch.from_numpy(nnunet.to_common(truth.array, values).astype(np.int64))))
+        # Volumes of different grids are scored one by one; the means and intervals pool the cases.
+        results[mix] = _pooled_scores(predictions, truths, spacing)
+    summary = {"test_cases": len(study["test_cases"]), "scores": results}
+    write_json(out / "scores.json", summary)
+    with atomic_path(out / "scores.md") as tmp:
+        tmp.write_text(_markdown(study, results))
+    _bars(out / "scores.png", results)
+    return summary
+
+
+def _pooled_scores(predictions: list[torch.Tensor], truths: list[torch.Tensor], spacing) -> dict:
+    same_grid = len({p.shape for p in predictions}) == 1
+    if same_grid:
+        return dice_and_hd95(torch.stack(predictions), torch.stack(truths), spacing)
+    per_case = [dice_and_hd95(p[None], t[None], spacing, bootstrap=1) for p, t in zip(predictions, truths)]
+    out = {}
+    for region in REGIONS:
+        dice = torch.tensor([c[region]["dice"] for c in per_case], dtype=torch.float64)
+        hd95 = torch.tensor([c[region]["hd95"] for c in per_case], dtype=torch.float64)
+        out[region] = {"dice": float(dice.mean()), "hd95": float(hd95.mean()), "n": len(per_case),
+                       "dice_ci95": bootstrap_interval(dice, 1000, 0), "hd95_ci95": bootstrap_interval(hd95, 1000, 0)}
+    return out
+
+
+def _markdown(study: dict, results: dict) -> str:
+    lines = ["# nnU-Net study", "", f"{len(study['test_cases'])} held-out real test cases, shared by every mix; "
+             "nnU-Net v2 3d_fullres; Dice [bootstrap 95% interval] (HD95 mm) by the BraTS convention.", "",
+             "| trained on | cases | WT | TC | ET |", "|---|---|---|---|---|"]
+    for mix, scores in results.items():
+        cells = [f"{scores[r]['dice']:.3f} [{scores[r]['dice_ci95'][0]:.2f}, {scores[r]['dice_ci95'][1]:.2f}] "
+                 f"({scores[r]['hd95']:.1f})" for r in REGIONS]
+        lines.append(f"| {mix} | {len(study['datasets'][mix]['cases'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bars(path: Path, results: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / max(len(results), 1)
+    for i, (mix, scores) in enumerate(results.items()):
+        ax.bar(np.arange(len(REGIONS)) + i * width, [scores[r]["dice"] for r in REGIONS], width, label=mix,
+               yerr=np.array([[scores[r]["dice"] - scores[r]["dice_ci95"][0], scores[r]["dice_ci95"][1] - scores[r]["dice"]]
+                              for r in REGIONS]).T)
+    ax.set_xticks(np.arange(len(REGIONS)) + 0.4 - width / 2, REGIONS)
+    ax.set_ylim(0, 1)
+    ax.set_title("nnU-Net Dice on the held-out real test cases", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
