@@ -1,46 +1,53 @@
-"""The transfer study: for a list of target-case counts, train on the target disease from scratch and
-by fine-tuning from a model pretrained on the source disease; score both on held-out target cases and
-plot the scores against the count.
+"""The transfer study: for each count of target cases and each seed, three arms at equal compute
+(from scratch, fine-tuned from a model pretrained on the source disease, and trained jointly on
+both); every model is scored on the same held-out target cases (paired metrics inside the head,
+KID on tumour slices) beside a trivial and a real-vs-real reference.
 
-    python scripts/transfer_study.py --config configs/demo.yaml --out runs/transfer --counts 1 2 3 \
-        --source-steps 1500 --target-steps 300
+    diffusion-glioma phantom --out runs/phantom_transfer --n-adult 16 --n-pediatric 9 --spacing 3
+    python scripts/transfer_study.py --config configs/transfer_phantom.yaml --out runs/transfer \
+        --counts 1 4 --test-cases 5 --seeds 0 1 2 --source-steps 600 --target-steps 200
 
-The config gives the data cache (prepared, holding both diseases), the model and the optimiser; the
-runs go to OUT/source, OUT/scratch_N and OUT/finetuned_N (re-running resumes), the numbers to
-OUT/transfer.json and the plot to OUT/transfer.png.
+The config gives the data (prepared into its cache first), the model and the optimiser; runs go to
+OUT/seedS/{source,scratch_N,finetuned_N,joint_N} (re-running resumes), the numbers to
+OUT/transfer.json and OUT/transfer.md, the plot to OUT/transfer.png.
 """
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 from diffusion_glioma.errors import DiffusionGliomaError
-from diffusion_glioma.evaluation.transfer import run_transfer_study
+from diffusion_glioma.evaluation.transfer import markdown_table, run_transfer_study
 from diffusion_glioma.training.config import load_train_config
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="training config (data.cache, model, optim)")
+    parser.add_argument("--config", required=True, help="training config (data, model, optim)")
     parser.add_argument("--out", required=True, help="study folder")
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 5, 10, 20], help="target training cases")
     parser.add_argument("--source", default="glioblastoma", help="source disease (pretraining)")
     parser.add_argument("--target", default="pediatric_diffuse_glioma", help="target disease")
     parser.add_argument("--source-steps", type=int, default=2000)
     parser.add_argument("--target-steps", type=int, default=500)
-    parser.add_argument("--test-cases", type=int, default=2, help="target cases held out for scoring")
+    parser.add_argument("--test-cases", type=int, default=5, help="target cases held out for scoring (default 5)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver++ steps when scoring")
+    parser.add_argument("--features", choices=["auto", "inception", "random"], default="auto",
+                        help="2D features for KID (auto: the FID Inception when installed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         results = run_transfer_study(
             load_train_config(args.config), args.out, counts=args.counts, source=args.source, target=args.target,
             source_steps=args.source_steps, target_steps=args.target_steps, test_cases=args.test_cases,
-            sample_steps=args.sample_steps)
+            seeds=args.seeds, sample_steps=args.sample_steps, features=args.features, progress=not args.quiet)
     except DiffusionGliomaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for mode in ("scratch", "finetuned"):
-        print(mode, json.dumps({c: round(r["ssim"], 4) for c, r in results[mode].items()}))
+    table = markdown_table(results)
+    (Path(args.out) / "transfer.md").write_text(table)
+    print(table)
     print(f"plot: {args.out}/transfer.png")
     return 0
 

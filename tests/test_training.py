@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -214,22 +215,35 @@ def test_two_processes_split_the_cases_and_keep_one_model(tiny_cache, tmp_path):
     assert (tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_transfer_study_runs_at_cpu_scale(tiny_cache, tmp_path):
-    """Scratch vs fine-tuned for 1 pediatric case, scored on the other one, plotted."""
+def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_out(tiny_cache, tmp_path):
+    """Scratch, fine-tuned and joint arms for 1 pediatric case and 2 seeds, scored on the other one."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import transfer_study
 
     config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "unused", diffusion={"prediction_type": "epsilon"})
-    assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "study"), "--counts", "1",
+    study = tmp_path / "study"
+    assert transfer_study.main(["--config", str(config), "--out", str(study), "--counts", "1", "--seeds", "0", "1",
                                 "--source-steps", "4", "--target-steps", "3", "--test-cases", "1",
-                                "--sample-steps", "2"]) == 0
-    results = json.loads((tmp_path / "study" / "transfer.json").read_text())
+                                "--sample-steps", "2", "--features", "random", "--quiet"]) == 0
+    results = json.loads((study / "transfer.json").read_text())
     assert results["held_out"] == ["BraTS-PED-00001-000"]
-    for mode in ("scratch", "finetuned"):
-        scores = results[mode]["1"]
-        assert -1 <= scores["ssim"] <= 1 and scores["fid_3d"] is None  # one held-out case: no FID
-    assert (tmp_path / "study" / "transfer.png").stat().st_size > 5000
-    assert (tmp_path / "study" / "finetuned_1" / "pipeline" / "training.json").is_file()
+    facts = lambda run: json.loads((study / run / "pipeline" / "training.json").read_text())  # noqa: E731
+    # Equal compute: scratch and joint train 4 + 3 steps; fine-tuning 3 on top of the 4-step source model.
+    assert facts("seed0/scratch_1")["steps"] == facts("seed1/joint_1")["steps"] == 7
+    assert facts("seed0/finetuned_1")["steps"] == 3 and facts("seed0/source")["steps"] == 4
+    assert facts("seed0/scratch_1")["cases"] == ["BraTS-PED-00000-000"]
+    assert sorted(facts("seed1/joint_1")["cases"]) == [f"BraTS-GLI-0000{i}-000" for i in range(3)] + ["BraTS-PED-00000-000"]
+    for run in ("seed0/source", "seed0/scratch_1", "seed0/finetuned_1", "seed0/joint_1"):
+        assert "BraTS-PED-00001-000" not in facts(run)["cases"]
+    for arm in ("scratch", "fine-tuned", "joint"):
+        entry = results["arms"][arm]["1"]
+        assert set(entry["per_seed"]) == {"0", "1"}
+        assert entry["mean"]["ssim"] == pytest.approx(np.mean([s["ssim"] for s in entry["per_seed"].values()]))
+        assert entry["sd"]["psnr"] is not None and entry["per_seed"]["0"]["kid_2d"] is not None
+    # Seeds differ: the two scratch models are not the same model.
+    assert results["arms"]["scratch"]["1"]["per_seed"]["0"] != results["arms"]["scratch"]["1"]["per_seed"]["1"]
+    assert list(results["references"]) == ["mean-fill inside the head"]  # one held-out case: no real-vs-real
+    assert (study / "transfer.png").stat().st_size > 5000 and "| joint | 1 |" in (study / "transfer.md").read_text()
     # Asking for more cases than there are is refused before any training.
     assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "s2"), "--counts", "5",
                                 "--test-cases", "1"]) == 2

@@ -39,7 +39,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
     modalities, shape = tuple(index["modalities"]), tuple(index["preprocess"]["shape"])
     classes = tuple(config.model.disease_classes)
     dataset = CachedCases(config.data.cache, diseases=list(classes), only_diseases=config.data.only_diseases,
-                          limit=config.data.limit_cases)
+                          limit=config.data.limit_cases, case_ids=config.data.case_ids)
     generator_net = CGANGenerator(modalities=modalities, disease_classes=classes, volume_shape=shape,
                                   noise_dim=gan.noise_dim, base_channels=gan.base_channels, levels=gan.levels)
     discriminator = CGANDiscriminator(modalities=modalities, disease_classes=classes, volume_shape=shape,

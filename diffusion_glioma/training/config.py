@@ -16,6 +16,7 @@ class DataSection(StrictModel):
     config: Path | None = Field(None, description="data config YAML used to prepare `raw`")
     only_diseases: list[str] | None = Field(None, description="train on cases of these diseases only")
     limit_cases: int | None = Field(None, ge=1, description="train on the first N cases only (few-shot runs)")
+    case_ids: list[str] | None = Field(None, description="train on exactly these cases (studies that choose them)")
     num_workers: int = Field(0, ge=0)
     memory_cache_gb: float = Field(0.0, ge=0, description="keep cases in memory up to this many GB per process "
                                    "and per loader worker; 0 reads each case from the cache when it is needed")

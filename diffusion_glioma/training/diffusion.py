@@ -105,6 +105,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     model, source_weights = build_model(config, index)
     dataset = CachedCases(config.data.cache, diseases=list(model.config.disease_classes),
                           only_diseases=config.data.only_diseases, limit=config.data.limit_cases,
+                          case_ids=config.data.case_ids,
                           memory_cache_gb=config.data.memory_cache_gb)
     if config.optim.gradient_checkpointing:
         model.enable_gradient_checkpointing()
