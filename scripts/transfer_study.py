@@ -5,7 +5,7 @@ KID on tumour slices) beside a trivial and a real-vs-real reference.
 
     diffusion-glioma phantom --out runs/phantom_transfer --n-adult 16 --n-pediatric 9 --spacing 3
     python scripts/transfer_study.py --config configs/transfer_phantom.yaml --out runs/transfer \
-        --counts 1 4 --test-cases 5 --seeds 0 1 2 --source-steps 600 --target-steps 200
+        --counts 1 4 --test-cases 5 --seeds 0 1 2 --source-steps 300 --target-steps 100 --slices-per-case 2
 
 The config gives the data (prepared into its cache first), the model and the optimiser; runs go to
 OUT/seedS/{source,scratch_N,finetuned_N,joint_N} (re-running resumes), the numbers to
@@ -35,13 +35,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver++ steps when scoring")
     parser.add_argument("--features", choices=["auto", "inception", "random"], default="auto",
                         help="2D features for KID (auto: the FID Inception when installed)")
+    parser.add_argument("--slices-per-case", type=int, default=4, help="axial tumour slices per held-out case for KID")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         results = run_transfer_study(
             load_train_config(args.config), args.out, counts=args.counts, source=args.source, target=args.target,
             source_steps=args.source_steps, target_steps=args.target_steps, test_cases=args.test_cases,
-            seeds=args.seeds, sample_steps=args.sample_steps, features=args.features, progress=not args.quiet)
+            seeds=args.seeds, sample_steps=args.sample_steps, features=args.features,
+            slices_per_case=args.slices_per_case, progress=not args.quiet)
     except DiffusionGliomaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,6 @@ from .fidelity import kid_over_subsets, paired_similarity, trivial_references
 
 ARMS = ("scratch", "fine-tuned", "joint")
 METRICS = ("ssim", "psnr", "mae", "kid_2d")
-SLICES_PER_CASE = 4  # axial slices through the tumour, per held-out case
 
 
 def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], seed: int,
@@ -53,7 +52,7 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], s
     return train(config, resume=True)
 
 
-def tumour_slices(volume: torch.Tensor, labels: torch.Tensor, count: int = SLICES_PER_CASE) -> torch.Tensor:
+def tumour_slices(volume: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
     """(modality, x, y, z) in [0, 1] -> (count * modality, 1, x, y): axial slices spread over the tumour
     (over the head when there is none), every modality."""
     region = labels > 1 if (labels > 1).any() else labels > 0
@@ -65,7 +64,8 @@ def tumour_slices(volume: torch.Tensor, labels: torch.Tensor, count: int = SLICE
 class Scorer:
     """Scores sampled volumes against the held-out real ones; the real side is computed once."""
 
-    def __init__(self, test: CachedCases, features: str, seed: int):
+    def __init__(self, test: CachedCases, features: str, seed: int, slices_per_case: int = 4):
+        self.slices_per_case = slices_per_case
         if features == "auto":
             features = "inception" if shipped_inception_path() else "random"
         self.extractor = InceptionFeatures() if features == "inception" else RandomFeatures(2, 1, seed)
@@ -80,7 +80,8 @@ class Scorer:
         self.real_features = self._features(self.real)
 
     def _features(self, volumes: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self.extractor(tumour_slices(v, l)) for v, l in zip(volumes, self.labels)])
+        return torch.cat([self.extractor(tumour_slices(v, lab, self.slices_per_case))
+                          for v, lab in zip(volumes, self.labels)])
 
     def score(self, synthetic: list[torch.Tensor]) -> dict:
         paired = [paired_similarity(r[c].numpy(), s[c].numpy(), h)
@@ -115,7 +116,8 @@ def sample(pipeline_dir: Path, test: CachedCases, target: str, steps: int, seed:
 
 def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int], source: str, target: str,
                        source_steps: int, target_steps: int, test_cases: int = 5, seeds: list[int] = (0, 1, 2),
-                       sample_steps: int = 25, features: str = "auto", progress: bool = True) -> dict:
+                       sample_steps: int = 25, features: str = "auto", slices_per_case: int = 4,
+                       progress: bool = True) -> dict:
     out = Path(out)
     if base.data.raw is not None:  # as the training loop does: prepare the raw folder first (resumable)
         from ..config import DataConfig, load_config
@@ -140,11 +142,11 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
     for count, ids in training.items():
         check_no_leak({c: c for c in ids + source_ids}, set(held_out_ids), "transfer study")
     test = CachedCases(base.data.cache, diseases=classes, case_ids=held_out_ids)
-    scorer = Scorer(test, features, seed=0)
+    scorer = Scorer(test, features, seed=0, slices_per_case=slices_per_case)
 
     results = {"source": source, "target": target, "counts": counts, "seeds": list(seeds), "held_out": held_out_ids,
                "source_cases": len(source_ids), "source_steps": source_steps, "target_steps": target_steps,
-               "batch_size": base.optim.batch_size, "features": scorer.features,
+               "batch_size": base.optim.batch_size, "features": scorer.features, "slices_per_case": slices_per_case,
                "references": scorer.references(seed=0), "arms": {arm: {} for arm in ARMS}}
     total = source_steps + target_steps
     jobs = [(seed, count, arm) for seed in seeds for count in counts for arm in ARMS]

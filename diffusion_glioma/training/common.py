@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def write_run_config(output_dir: Path, config, resume: bool) -> None:
         tmp.write_text(text)
 
 
+def effective_mixed_precision(asked: str) -> str:
+    """bf16 autocast on a CPU without native bf16 (AVX-512 BF16 or AMX) is emulated: measured 36x
+    slower than fp32 on an AMD EPYC here, while 2x faster on a CPU that has it (docs/benchmarks.md).
+    A config written on one machine should not crawl on another, so such a run trains in fp32."""
+    from ..precision import fast_bf16
+
+    if asked == "bf16" and not torch.cuda.is_available() and not fast_bf16("cpu"):
+        warnings.warn("optim.mixed_precision bf16: this CPU has no native bf16 (emulated bf16 is ~36x slower "
+                      "here); training in fp32 instead", stacklevel=2)
+        return "no"
+    return asked
+
+
 def start_run(config, resume: bool):
     """The Accelerator, the run folder (refused without `resume` when it holds checkpoints), the
     resolved config beside it, the seed, and the prepared data."""
@@ -122,7 +136,7 @@ def start_run(config, resume: bool):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
-        mixed_precision=config.optim.mixed_precision,
+        mixed_precision=effective_mixed_precision(config.optim.mixed_precision),
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         log_with=_tensorboard_or_none(),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
