@@ -5,7 +5,7 @@ KID on tumour slices) beside a trivial and a real-vs-real reference.
 
     diffusion-glioma phantom --out runs/phantom_transfer --n-adult 16 --n-pediatric 9 --spacing 3
     python scripts/transfer_study.py --config configs/transfer_phantom.yaml --out runs/transfer \
-        --counts 1 4 --test-cases 5 --seeds 0 1 2 --source-steps 300 --target-steps 100 --slices-per-case 2
+        --counts 1 4 --test-cases 5 --seeds 0 1 2 --source-steps 200 --target-steps 60 --slices-per-case 2
 
 The config gives the data (prepared into its cache first), the model and the optimiser; runs go to
 OUT/seedS/{source,scratch_N,finetuned_N,joint_N} (re-running resumes), the numbers to

@@ -1,6 +1,7 @@
 """The cGAN baseline: trains without NaNs, varies with the noise, resumes, and feeds generate."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ GAN = {"noise_dim": 8, "base_channels": 8, "levels": 2, "dropout": 0.2}
 
 
 def gan_config(path, cache, output_dir, **sections):
-    return write_config(path, cache, output_dir, gan=GAN, **sections)
+    return write_config(path, cache, output_dir, **{"gan": GAN, **sections})
 
 
 def test_generator_varies_with_noise_and_discriminator_judges_the_pair():
@@ -72,3 +73,59 @@ def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path
     report = evaluate(phantom_dir, [tmp_path / "pairs"], tmp_path / "report", names=["cgan"], max_slices=2,
                       features="random", segmentation_steps=0, progress=False)
     assert report["sets"]["cgan"]["paired"]["pairs"] == 4 and report["sets"]["cgan"]["fid_3d"] > 0
+
+
+def test_patch_discriminator_is_spectrally_normalised_and_judges_patches():
+    from diffusion_glioma.models.cgan import PatchDiscriminator
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator(volume_shape=(16, 16, 16), base_channels=8, levels=2).train()
+    labels = torch.ones(2, 16, 16, 16, dtype=torch.long)
+    for _ in range(30):  # the power iteration converges over forward passes in training mode
+        logits = d(torch.rand(2, 4, 16, 16, 16), labels, torch.tensor([1, 2]))
+    assert logits.shape == (2, 1, 4, 4, 4)  # one logit per patch
+    for block in d.blocks:
+        weight = block[0].weight.detach().flatten(1)
+        assert torch.linalg.matrix_norm(weight, ord=2) == pytest.approx(1.0, abs=0.05)
+
+
+def test_pix2pix_trains_with_l1_and_a_gan_fine_tunes_few_shot(tiny_cache, phantom_dir, tmp_path):  # noqa: F811
+    """pix2pix kind: the L1 term falls; then cross-disease adaptation: a GAN pretrained on adults is
+    fine-tuned on one pediatric case with FreezeD and L2-SP."""
+    source = gan_config(tmp_path / "p.yaml", tiny_cache, tmp_path / "pix2pix", gan={**GAN, "kind": "pix2pix"},
+                        data={"only_diseases": ["glioblastoma"]},
+                        optim={"steps": 40, "lr_schedule": "constant", "warmup_steps": 0}, validation={"every": 40})
+    assert main(["train", "--config", str(source)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "pix2pix" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean([m["l1"] for m in metrics[:5]]), np.mean([m["l1"] for m in metrics[-5:]])
+    assert last < 0.8 * first, (first, last)
+    saved = tmp_path / "pix2pix" / "pipeline" / "discriminator" / "config.json"
+    assert json.loads(saved.read_text())["_class_name"] == "PatchDiscriminator"
+
+    fine = gan_config(tmp_path / "f.yaml", tiny_cache, tmp_path / "fine", gan={**GAN, "kind": "pix2pix"},
+                      data={"only_diseases": ["pediatric_diffuse_glioma"], "limit_cases": 1},
+                      finetune={"source": str(tmp_path / "pix2pix" / "pipeline"), "freeze_discriminator_layers": 1,
+                                "ewc_weight": 1.0}, optim={"steps": 6})
+    assert main(["train", "--config", str(fine)]) == 0
+    before = load_file(str(saved.parent / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "fine" / "pipeline" / "discriminator" / "diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in before if k.startswith("blocks.0.") and "original" in k]
+    trained = [k for k in before if k.startswith("blocks.1.") and "original" in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # FreezeD
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    metrics = [json.loads(line) for line in (tmp_path / "fine" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["source_drift"] >= 0 for m in metrics) and metrics[-1]["source_drift"] > 0
+    facts = json.loads((tmp_path / "fine" / "pipeline" / "training.json").read_text())
+    assert facts["cases"] == ["BraTS-PED-00000-000"]
+    masks = tmp_path / "masks"  # the pediatric case it trained on (the adult masks hold labels it never saw)
+    shutil.copytree(phantom_dir / "BraTS-PED-00000-000", masks / "BraTS-PED-00000-000")
+    shutil.copy(phantom_dir / "label_schemes.json", masks)
+    records = generate_dataset(tmp_path / "fine" / "pipeline", masks, tmp_path / "out", GenerateOptions(per_mask=1),
+                               progress=False)
+    assert len(records) == 1 and records[0]["disease"] == "pediatric_diffuse_glioma"
+
+    # A bce GAN cannot fine-tune from a pix2pix source, nor any GAN from a diffusion pipeline.
+    wrong = gan_config(tmp_path / "w.yaml", tiny_cache, tmp_path / "wrong",
+                       finetune={"source": str(tmp_path / "pix2pix" / "pipeline")}, optim={"steps": 2})
+    with pytest.raises(Exception, match="PatchDiscriminator, but gan.kind 'bce'"):
+        main(["--debug", "train", "--config", str(wrong)])

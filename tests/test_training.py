@@ -269,7 +269,9 @@ def test_untrained_classes_start_from_the_mean_of_the_trained_ones(tiny_cache, t
     assert torch.equal(rows[2], rows_before[1])  # the mean of the one trained disease
 
     # With two trained diseases, a class new to the model starts from their mean.
-    extended = loop._with_classes(model, ["none", "glioblastoma", "pediatric_diffuse_glioma", "dipg"],
+    from diffusion_glioma.training.common import with_classes
+
+    extended = with_classes(model, ["none", "glioblastoma", "pediatric_diffuse_glioma", "dipg"],
                                   ["glioblastoma", "pediatric_diffuse_glioma"])
     torch.testing.assert_close(extended.class_embedding.weight[3].detach(), (rows[1] + rows[2]) / 2)
 

@@ -11,7 +11,9 @@ Every model samples the masks of the same held-out target cases (never trained o
 scored against the real volumes inside the head (SSIM, PSNR, MAE) and on 2D features of tumour
 slices (KID, mean ± sd over subsets; the FID Inception when installed). The references beside them:
 mean-fill inside the head (a trivial generator) and another held-out real case (real but unpaired).
-Scores are reported as mean ± sd over seeds. `scripts/transfer_study.py` runs it.
+Scores are reported as mean ± sd over seeds. `scripts/transfer_study.py` runs it, for the diffusion
+model or, with a `gan:` config, for the GAN baselines (fine-tuned with the config's `finetune` options
+other than `source`: FreezeD, L2-SP).
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], s
         "data": base.data.model_copy(update={"case_ids": case_ids, "only_diseases": None, "limit_cases": None,
                                              "raw": None, "config": None}),
         "optim": base.optim.model_copy(update={"steps": steps}),
-        "finetune": FinetuneSection(source=str(source)) if source else None,
+        "finetune": (base.finetune.model_copy(update={"source": str(source)}) if base.finetune
+                     else FinetuneSection(source=str(source))) if source else None,
     })
     pipeline = output_dir / "pipeline"
     if (pipeline / "model_index.json").is_file():  # done in an earlier run of the study: resume
         return pipeline
+    if config.gan is not None:  # the GAN baselines go through the same study
+        from ..training.cgan import train_cgan
+
+        return train_cgan(config, resume=True)
     return train(config, resume=True)
 
 

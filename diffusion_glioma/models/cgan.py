@@ -1,4 +1,4 @@
-"""The conditional GAN baseline: the diffusion model is judged against it, so it is a real one.
+"""The GAN baselines: the diffusion model is judged against them, so they are real ones.
 
 Generator: a noise vector and the condition (one-hot mask in the common scheme, disease class
 through a label embedding) -> transposed-convolution upsampling -> every modality, tanh. Noise is
@@ -6,6 +6,12 @@ also injected at every resolution, so samples for one mask vary. Discriminator: 
 convolutions with LeakyReLU and dropout judging (volume, mask, class), ending in a sigmoid (the
 training loss uses the logit form of binary cross-entropy, which is the same loss computed stably).
 Both are diffusers `ModelMixin` + `ConfigMixin`: safetensors + config.json, `from_pretrained`.
+
+The pix2pix-style baseline (`gan.kind: pix2pix`) keeps the generator and judges with
+`PatchDiscriminator`: spectral-normalised strided convolutions ending in a map of logits, one per
+overlapping patch (Isola et al. 2017; Miyato et al. 2018), trained with an L1 term toward the real
+volume. Both discriminators are a list of `blocks`, so few-shot adaptation can freeze the first
+ones (FreezeD, Mo et al. 2020).
 """
 
 from __future__ import annotations
@@ -69,7 +75,32 @@ class CGANGenerator(ModelMixin, ConfigMixin):
         return torch.where(labels[:, None] == 0, torch.full_like(out, -1.0), out)
 
 
-class CGANDiscriminator(ModelMixin, ConfigMixin):
+class _ConditionedDiscriminator(ModelMixin, ConfigMixin):
+    """What both discriminators share: (volume, one-hot mask, class embedding) through `blocks`."""
+
+    def _condition(self, volume: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        mask = one_hot(labels, self.config.num_labels, volume.dtype)
+        embedded = self.class_embedding(class_labels.long())[:, :, None, None, None].expand(-1, -1, *volume.shape[2:])
+        h = torch.cat([volume, mask, embedded.to(volume.dtype)], dim=1)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def probability(self, volume: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(volume, labels, class_labels))
+
+
+def _blocks(in_channels: int, base_channels: int, levels: int, make) -> tuple[nn.ModuleList, int]:
+    blocks, channels = [], in_channels
+    for i in range(levels):
+        blocks.append(make(channels, base_channels * 2 ** i))
+        channels = base_channels * 2 ** i
+    return nn.ModuleList(blocks), channels
+
+
+class CGANDiscriminator(_ConditionedDiscriminator):
+    """The proposal's discriminator: strided convolutions with dropout, one logit per volume."""
+
     @register_to_config
     def __init__(self, modalities: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f"), num_labels: int = len(COMMON_LABELS),
                  disease_classes: tuple[str, ...] = ("none", "glioblastoma", "pediatric_diffuse_glioma"),
@@ -77,22 +108,37 @@ class CGANDiscriminator(ModelMixin, ConfigMixin):
                  dropout: float = 0.3, embedding_dim: int = 4):
         super().__init__()
         self.class_embedding = nn.Embedding(len(disease_classes), embedding_dim)
-        channels = len(modalities) + num_labels + embedding_dim
-        layers = []
-        for i in range(levels):
-            out_channels = base_channels * 2 ** i
-            layers += [nn.Conv3d(channels, out_channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Dropout3d(dropout)]
-            channels = out_channels
-        self.features = nn.Sequential(*layers)
+        block = lambda i, o: nn.Sequential(nn.Conv3d(i, o, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # noqa: E731
+                                           nn.Dropout3d(dropout))
+        self.blocks, channels = _blocks(len(modalities) + num_labels + embedding_dim, base_channels, levels, block)
         coarse = [s // 2 ** levels for s in volume_shape]
         self.classify = nn.Linear(channels * coarse[0] * coarse[1] * coarse[2], 1)
 
     def forward(self, volume: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """The logit of "real" for each (volume, mask, class); `torch.sigmoid` of it is the probability."""
-        mask = one_hot(labels, self.config.num_labels, volume.dtype)
-        embedded = self.class_embedding(class_labels.long())[:, :, None, None, None].expand(-1, -1, *volume.shape[2:])
-        h = self.features(torch.cat([volume, mask, embedded.to(volume.dtype)], dim=1))
-        return self.classify(h.flatten(1)).squeeze(1)
+        return self.classify(self._condition(volume, labels, class_labels).flatten(1)).squeeze(1)
 
-    def probability(self, volume: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self(volume, labels, class_labels))
+
+class PatchDiscriminator(_ConditionedDiscriminator):
+    """pix2pix's PatchGAN in 3D with spectral normalisation: a logit per overlapping patch of
+    (volume, mask, class) instead of one per volume, so it judges local texture everywhere; the
+    receptive field of each logit grows with `levels` (3 levels: 46 voxels)."""
+
+    @register_to_config
+    def __init__(self, modalities: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f"), num_labels: int = len(COMMON_LABELS),
+                 disease_classes: tuple[str, ...] = ("none", "glioblastoma", "pediatric_diffuse_glioma"),
+                 volume_shape: tuple[int, int, int] = (32, 32, 32), base_channels: int = 32, levels: int = 3,
+                 dropout: float = 0.0, embedding_dim: int = 4):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.class_embedding = nn.Embedding(len(disease_classes), embedding_dim)
+        block = lambda i, o: nn.Sequential(sn(nn.Conv3d(i, o, 4, stride=2, padding=1)), nn.LeakyReLU(0.2))  # noqa: E731
+        self.blocks, channels = _blocks(len(modalities) + num_labels + embedding_dim, base_channels, levels, block)
+        self.classify = sn(nn.Conv3d(channels, 1, 3, padding=1))  # the patch logits
+
+    def forward(self, volume: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """(b, 1, x / 2**levels, y / 2**levels, z / 2**levels) logits of "real", one per patch."""
+        return self.classify(self._condition(volume, labels, class_labels))
+
+
+DISCRIMINATORS = {"bce": CGANDiscriminator, "pix2pix": PatchDiscriminator}

@@ -250,3 +250,39 @@ def ema_copy(model, ema):
     if ema is not None:
         ema.copy_to(copy.parameters())
     return copy.to(model.device).eval()
+
+
+def with_classes(model, classes: list[str], trained: list[str]):
+    """The same network (any model with a `class_embedding` and `disease_classes` in its config) with
+    the classes `classes`; every disease class that never saw data (new
+    here, or declared by the source run but not trained) starts from the mean embedding of the
+    diseases that did, so fine-tuning begins from "a tumour of some kind" rather than from noise.
+    "none" (index 0) keeps its own row: it was trained by class dropout."""
+    old_classes = list(model.config.disease_classes)
+    extended = type(model).from_config({**model.config, "disease_classes": tuple(classes)})
+    state = model.state_dict()
+    old = state["class_embedding.weight"]
+    seen = [i for i, name in enumerate(old_classes) if i > 0 and name in trained]
+    start = old[seen].mean(dim=0) if seen else old[0]
+    rows = [old[old_classes.index(name)] if name in old_classes and (i == 0 or name in trained) else start
+            for i, name in enumerate(classes)]
+    state["class_embedding.weight"] = torch.stack(rows)
+    extended.load_state_dict(state)
+    return extended
+
+
+def source_drift(model, source_weights: dict) -> torch.Tensor:
+    """Mean over every weight of (theta - theta_source)^2: what the L2-SP penalty multiplies."""
+    params = dict(model.named_parameters())
+    penalty = sum(((params[k] - w) ** 2).sum() for k, w in _prefixed(source_weights, params).items())
+    return penalty / sum(w.numel() for w in source_weights.values())
+
+
+def _prefixed(weights: dict, params: dict) -> dict:
+    """Match source weight names to (possibly DDP-wrapped, `module.`-prefixed) parameter names."""
+    out = {}
+    for name in params:
+        key = name[len("module."):] if name.startswith("module.") else name
+        if key in weights:
+            out[name] = weights[key]
+    return out

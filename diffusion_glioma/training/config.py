@@ -75,11 +75,17 @@ class FinetuneSection(StrictModel):
     source: str = Field(description="pretrained pipeline folder (or hub id) to start from")
     mode: Literal["full", "frozen_encoder"] = "full"
     ewc_weight: float = Field(0.0, ge=0, description="weight of an L2 penalty toward the source weights "
-                              "(EWC with a uniform Fisher, i.e. L2-SP); 0 disables it")
+                              "(EWC with a uniform Fisher, i.e. L2-SP; the generator's, for a GAN); 0 disables it")
+    freeze_discriminator_layers: int = Field(0, ge=0, description="GAN only: the first N discriminator blocks keep "
+                                             "the source weights (FreezeD, Mo et al. 2020)")
 
 
 class GanSection(StrictModel):
-    """The cGAN baseline (its presence selects the GAN loop; `model.preset` is then unused)."""
+    """The GAN baselines (its presence selects the GAN loop; `model.preset` is then unused)."""
+
+    kind: Literal["bce", "pix2pix"] = Field("bce", description="bce: the proposal's cGAN (global discriminator, "
+                                            "BCE only); pix2pix: spectral-norm PatchGAN + L1 toward the real volume")
+    l1_weight: float = Field(100.0, ge=0, description="pix2pix only: weight of the L1 term (pix2pix's lambda)")
 
     noise_dim: int = Field(64, ge=1)
     base_channels: int = Field(32, ge=4)
@@ -112,8 +118,13 @@ class TrainConfig(StrictModel):
             raise ValueError("data.config is only used to prepare data.raw; give data.raw too")
         if self.model.disease_classes[:1] != ["none"]:
             raise ValueError("model.disease_classes must start with 'none'")
-        if self.gan is not None and (self.finetune is not None or self.optim.gradient_accumulation_steps != 1):
-            raise ValueError("the cGAN loop supports neither finetune nor gradient accumulation")
+        if self.gan is not None and self.optim.gradient_accumulation_steps != 1:
+            raise ValueError("the GAN loop does not support gradient accumulation")
+        if self.gan is not None and self.finetune is not None and self.finetune.mode != "full":
+            raise ValueError("finetune.mode frozen_encoder is for the diffusion model; a GAN freezes discriminator "
+                             "blocks with finetune.freeze_discriminator_layers")
+        if self.gan is None and self.finetune is not None and self.finetune.freeze_discriminator_layers:
+            raise ValueError("finetune.freeze_discriminator_layers needs a gan section")
         return self
 
 

@@ -28,8 +28,9 @@ from ..io import write_json
 from ..models.unet3d import DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (check_ranks_agree, ema_copy, trained_classes, training_facts, StepSampler, TrainingError, checkpoints, collate, load_checkpoint, save_checkpoint,
-                     start_run, step_generator, stop_if_diverged)
+from .common import (StepSampler, TrainingError, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
+                     save_checkpoint, source_drift, start_run, step_generator, stop_if_diverged, trained_classes,
+                     training_facts, with_classes)
 from .config import TrainConfig
 
 
@@ -60,30 +61,12 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
                                 f"model was trained with {source_grid[key]}; prepare the data with its settings")
     classes = list(source_config.disease_classes)
     new = [d for d in config.model.disease_classes if d not in classes]
-    model = _with_classes(source.unet, classes + new, trained_classes(config.finetune.source, classes))
+    model = with_classes(source.unet, classes + new, trained_classes(config.finetune.source, classes))
     source_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if config.finetune.mode == "frozen_encoder":
         for module in (model.conv_in, model.down_levels, model.downsamplers):
             module.requires_grad_(False)
     return model, source_weights
-
-
-def _with_classes(model: DenoiserUNet3D, classes: list[str], trained: list[str]) -> DenoiserUNet3D:
-    """The same network with the classes `classes`; every disease class that never saw data (new
-    here, or declared by the source run but not trained) starts from the mean embedding of the
-    diseases that did, so fine-tuning begins from "a tumour of some kind" rather than from noise.
-    "none" (index 0) keeps its own row: it was trained by class dropout."""
-    old_classes = list(model.config.disease_classes)
-    extended = DenoiserUNet3D.from_config({**model.config, "disease_classes": tuple(classes)})
-    state = model.state_dict()
-    old = state["class_embedding.weight"]
-    seen = [i for i, name in enumerate(old_classes) if i > 0 and name in trained]
-    start = old[seen].mean(dim=0) if seen else old[0]
-    rows = [old[old_classes.index(name)] if name in old_classes and (i == 0 or name in trained) else start
-            for i, name in enumerate(classes)]
-    state["class_embedding.weight"] = torch.stack(rows)
-    extended.load_state_dict(state)
-    return extended
 
 
 def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -234,23 +217,6 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     if source_weights is not None and config.finetune.ewc_weight > 0:
         loss = loss + config.finetune.ewc_weight * source_drift(model, source_weights)
     return loss
-
-
-def source_drift(model, source_weights: dict) -> torch.Tensor:
-    """Mean over every weight of (theta - theta_source)^2: what the L2-SP penalty multiplies."""
-    params = dict(model.named_parameters())
-    penalty = sum(((params[k] - w) ** 2).sum() for k, w in _prefixed(source_weights, params).items())
-    return penalty / sum(w.numel() for w in source_weights.values())
-
-
-def _prefixed(weights: dict, params: dict) -> dict:
-    """Match source weight names to (possibly DDP-wrapped, `module.`-prefixed) parameter names."""
-    out = {}
-    for name in params:
-        key = name[len("module."):] if name.startswith("module.") else name
-        if key in weights:
-            out[name] = weights[key]
-    return out
 
 
 def _ema_pipeline(model: DenoiserUNet3D, ema, scheduler, preprocess: dict | None) -> MaskToMRIPipeline:
