@@ -12,8 +12,8 @@ import torch
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
 from diffusion_glioma.evaluation.features import RandomFeatures
-from diffusion_glioma.evaluation.fidelity import (frechet_distance, kernel_inception_distance, kid_over_subsets,
-                                                  memorisation, ms_ssim_diversity, paired_similarity,
+from diffusion_glioma.evaluation.fidelity import (frechet_distance, inception_score, kernel_inception_distance,
+                                                  kid_over_subsets, memorisation, ms_ssim_diversity, paired_similarity,
                                                   trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
 
@@ -70,6 +70,15 @@ def test_similarity_diversity_and_memorisation_known_answers():
     assert ms_ssim_diversity(varied) < 0.5 and ms_ssim_diversity(copies[:1]) is None
     net = RandomFeatures(3, 1, seed=0)
     assert torch.equal(net(base), RandomFeatures(3, 1, seed=0)(base))  # the same extractor everywhere
+
+
+def test_inception_score_known_answers():
+    confident_balanced = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 5)
+    assert inception_score(confident_balanced) == pytest.approx(2.0, rel=1e-6)  # the number of classes
+    assert inception_score(torch.tensor([[1.0, 0.0]] * 10)) == pytest.approx(1.0)  # always the same class
+    assert inception_score(torch.full((10, 2), 0.5)) == pytest.approx(1.0)  # never confident
+    unsure = torch.tensor([[0.8, 0.2], [0.2, 0.8]] * 5)
+    assert 1.0 < inception_score(unsure) < 2.0 and inception_score(unsure[:1]) is None
 
 
 def test_memorisation_looks_past_the_source_case():
@@ -274,6 +283,8 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     for regime, scores in cls["regimes"].items():
         if scores is not None:  # None when the training split lacks one of the diseases
             assert scores["n"] == (4 if regime == "real -> synthetic" else 1)
+    if cls["regimes"]["real -> real"] is not None:
+        assert 1.0 <= cls["domain_inception_score"]["synthetic"] <= 2.0
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
 
 

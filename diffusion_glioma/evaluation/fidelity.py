@@ -76,6 +76,18 @@ def kid_over_subsets(real: torch.Tensor, synthetic: torch.Tensor, subsets: int =
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "subsets": subsets, "subset_size": size}
 
 
+def inception_score(probabilities: torch.Tensor) -> float | None:
+    """exp(E_x KL(p(y|x) || p(y))) from (n, classes) predicted probabilities (Salimans et al. 2016).
+    With a domain classifier (the StyleGAN2 tumour study's measure) it runs from 1 (every volume
+    gets the same prediction, or none is confident) to the number of classes (each volume is
+    confidently one class and the classes are balanced)."""
+    if len(probabilities) < 2:
+        return None
+    p = probabilities.double().clamp_min(1e-12)
+    marginal = p.mean(dim=0, keepdim=True)
+    return float(torch.exp((p * (p.log() - marginal.log())).sum(dim=1).mean()))
+
+
 def ms_ssim_diversity(volumes: torch.Tensor, max_pairs: int = 50, seed: int = 0) -> float | None:
     """Mean MS-SSIM between distinct volumes of a set, per channel averaged (lower = more diverse).
     Three scales with a 5-voxel kernel, so that it is defined at VOLUME_SIZE."""

@@ -21,6 +21,7 @@ from ..data.preprocess import prepare_case
 from ..labels import BRATS_REGIONS
 from ..precision import fast_bf16
 from ..provenance import check_no_leak
+from .fidelity import inception_score
 
 REGIONS = ("WT", "TC", "ET")
 GRID = PreprocessConfig(shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
@@ -197,7 +198,17 @@ def classification_study(train_real: list[dict], train_synthetic: list[dict], te
         usable = model in trained and test_cases
         out["regimes"][regime] = classification_scores(trained[model], test_cases, classes) if usable else None
     out["regimes"]["head size only -> real"] = head_size_scores(train_real, test, classes)
+    if "real" in trained:  # the StyleGAN2 study's domain Inception score, under the real-trained classifier
+        out["domain_inception_score"] = {
+            "real (held out)": inception_score(predicted_probabilities(trained["real"], test)),
+            "synthetic": inception_score(predicted_probabilities(trained["real"], train_synthetic))
+            if train_synthetic else None}
     return out
+
+
+@torch.no_grad()
+def predicted_probabilities(model: torch.nn.Module, cases: list[dict]) -> torch.Tensor:
+    return torch.cat([torch.softmax(model(c["image"][None]).float(), dim=1) for c in cases])
 
 
 def held_out_split(real: list[dict], synthetic: list[dict], seed: int, generator_cases: set[str] = frozenset()):

@@ -141,6 +141,13 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
         for regime, scores in cls.get("regimes", {}).items():
             lines.append(f"| {n} | {regime} | {_fmt(scores['accuracy']) if scores else 'n/a'} | "
                          f"{_fmt(scores['balanced_accuracy']) if scores else 'n/a'} |")
+    lines += ["", "Domain Inception score under the real-trained disease classifier (1 = no confident, distinct "
+              "predictions; 2 = confidently one disease each, both diseases equally often):", "",
+              "| set | held-out real | synthetic |", "|---|---|---|"]
+    for n in names:
+        score = results["sets"][n]["segmentation"].get("classification", {}).get("domain_inception_score")
+        if score:
+            lines.append(f"| {n} | {_fmt(score['real (held out)'])} | {_fmt(score['synthetic'])} |")
     return lines
 
 
