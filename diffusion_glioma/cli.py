@@ -189,6 +189,19 @@ def cmd_nnunet_study(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import commands, load_grid, run_sweep, settings
+
+    if args.print_commands:
+        print("\n".join(commands(args.config, args.grid, args.out, len(settings(load_grid(args.grid))))))
+        return 0
+    run_sweep(args.config, args.grid, args.out, only=args.only, progress=not args.quiet)
+    if args.only is None:
+        print((Path(args.out) / "sweep.md").read_text())
+        print(f"sweep.json and sweep.png in {args.out}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_to_hub
 
@@ -300,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_nnunet_study)
+
+    p = sub.add_parser("sweep", help="train, generate and evaluate one run per setting of a grid, then rank them")
+    p.add_argument("--config", required=True, help="base training config (diffusion or GAN)")
+    p.add_argument("--grid", required=True, help="sweep YAML: parameters (config keys -> values), mode, evaluate")
+    p.add_argument("--out", required=True, help="sweep folder: run-NNN/, sweep.md, sweep.json, sweep.png")
+    p.add_argument("--only", type=int, help="run only this run number (a job array task)")
+    p.add_argument("--print-commands", action="store_true", help="print one command per run and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     p.add_argument("--model", required=True, help="pipeline folder")

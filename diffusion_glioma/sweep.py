@@ -1,0 +1,167 @@
+"""Hyper-parameter sweeps: train, generate and evaluate one run per setting, then rank them.
+
+    diffusion-glioma sweep --config configs/cgan.yaml --grid configs/sweep_cgan.yaml --out runs/sweep
+    diffusion-glioma sweep ... --print-commands     # one command per run, for a cluster's job array
+    diffusion-glioma sweep ... --only 3             # run number 3 alone (what a job array task runs)
+
+The grid file names any config keys (dotted, as on the command line) and their values:
+
+    mode: grid            # every combination; or random: `samples` draws from the combinations
+    samples: 8
+    seed: 0
+    parameters:
+      optim.learning_rate: [1.0e-4, 3.0e-4]
+      gan.dropout: [0.0, 0.3]
+    evaluate:
+      real: runs/phantom_heldout   # real cases the generator never trained on: masks to sample, volumes to score
+      rank_by: ssim                # ssim, psnr, kid_2d, fid_3d, classifier_accuracy
+      features: auto               # 2D features for KID (auto: Inception when installed)
+      sample_steps: 25
+      segmentation_steps: 0        # > 0 adds the segmentation study and the classifier regimes
+
+Each run trains (resuming), generates from the evaluation masks (resuming) and evaluates; its scores
+go to RUN/result.json, so a killed sweep picks up where it stopped. The ranked table goes to
+OUT/sweep.md and OUT/sweep.json, a bar chart to OUT/sweep.png.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_yaml
+from .errors import DataError
+from .io import atomic_path, write_json
+
+METRICS = {  # name -> (where in report.json, higher is better)
+    "ssim": True, "psnr": True, "kid_2d": False, "fid_3d": False, "classifier_accuracy": True}
+
+
+def load_grid(path: str | Path) -> dict:
+    grid = load_yaml(path)
+    parameters = grid.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise DataError(f"{path}: needs a `parameters:` mapping of config keys to lists of values")
+    for key, values in parameters.items():
+        if not isinstance(values, list) or not values:
+            raise DataError(f"{path}: parameters.{key} must be a non-empty list of values")
+    if grid.get("mode", "grid") not in ("grid", "random"):
+        raise DataError(f"{path}: mode must be grid or random")
+    evaluate = grid.get("evaluate") or {}
+    if "real" not in evaluate:
+        raise DataError(f"{path}: needs evaluate.real, a folder of real cases the runs are scored on")
+    if evaluate.get("rank_by", "ssim") not in METRICS:
+        raise DataError(f"{path}: evaluate.rank_by must be one of {sorted(METRICS)}")
+    return grid
+
+
+def settings(grid: dict) -> list[dict]:
+    """Every combination (grid), or `samples` of them drawn without replacement (random)."""
+    keys = list(grid["parameters"])
+    combos = [dict(zip(keys, values)) for values in itertools.product(*grid["parameters"].values())]
+    if grid.get("mode", "grid") == "random":
+        rng = np.random.default_rng(grid.get("seed", 0))
+        picks = rng.permutation(len(combos))[: min(int(grid.get("samples", 8)), len(combos))]
+        combos = [combos[i] for i in sorted(picks)]
+    return combos
+
+
+def commands(config: str, grid_path: str, out: str, count: int) -> list[str]:
+    base = f"diffusion-glioma sweep --config {shlex.quote(config)} --grid {shlex.quote(grid_path)} --out {shlex.quote(out)}"
+    return [f"{base} --only {i}" for i in range(count)] + [f"{base}  # after all runs: the ranked table"]
+
+
+def run_sweep(config: str | Path, grid_path: str | Path, out: str | Path, *, only: int | None = None,
+              progress: bool = True) -> dict:
+    from .training.config import load_train_config
+
+    grid, out = load_grid(grid_path), Path(out)
+    combos = settings(grid)
+    if only is not None and not 0 <= only < len(combos):
+        raise DataError(f"--only {only}: the sweep has runs 0 to {len(combos) - 1}")
+    for i, overrides in enumerate(combos):
+        load_train_config(config, {**overrides, "output_dir": str(out / f"run-{i:03d}")})  # every run's config is valid
+    results = []
+    for i, overrides in enumerate(combos):
+        if only is not None and i != only:
+            continue
+        results.append(_run(config, overrides, out / f"run-{i:03d}", grid["evaluate"], progress))
+    if only is not None:
+        return {"runs": results}
+    return _rank(out, combos, results, grid["evaluate"].get("rank_by", "ssim"))
+
+
+def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: bool) -> dict:
+    """Train, generate and evaluate one setting (each step resumes); RUN/result.json when done."""
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    from .evaluation.report import evaluate
+    from .generate import GenerateOptions, generate_dataset
+    from .training.config import load_train_config
+
+    train_config = load_train_config(config, {**overrides, "output_dir": str(run_dir / "train")})
+    if train_config.gan is not None:
+        from .training.cgan import train_cgan as train
+    else:
+        from .training.diffusion import train
+    pipeline = train(train_config, resume=True)
+    synthetic = run_dir / "synthetic"
+    generate_dataset(pipeline, evaluate_spec["real"], synthetic,
+                     GenerateOptions(steps=int(evaluate_spec.get("sample_steps", 25))), progress=progress)
+    segmentation_steps = int(evaluate_spec.get("segmentation_steps", 0))
+    report = evaluate(evaluate_spec["real"], [synthetic], run_dir / "report", names=["run"],
+                      features=evaluate_spec.get("features", "auto"), segmentation_steps=segmentation_steps,
+                      progress=progress)
+    run = report["sets"]["run"]
+    modalities = [m for m in run["paired"] if m != "pairs"]
+    mean = lambda values: float(np.mean([v for v in values if v is not None])) if any(  # noqa: E731
+        v is not None for v in values) else None
+    scores = {"ssim": mean([run["paired"][m]["ssim"] for m in modalities]),
+              "psnr": mean([run["paired"][m]["psnr"] for m in modalities]),
+              "kid_2d": mean([(run["per_modality"][m]["kid_2d"] or {}).get("mean") for m in modalities]),
+              "fid_3d": run["fid_3d"], "classifier_accuracy": None}
+    regimes = (run.get("segmentation") or {}).get("classification", {}).get("regimes", {})
+    if regimes.get("synthetic -> real"):
+        scores["classifier_accuracy"] = regimes["synthetic -> real"]["balanced_accuracy"]
+    result = {"overrides": overrides, "scores": scores, "run": str(run_dir)}
+    write_json(result_file, result)
+    return result
+
+
+def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> dict:
+    higher = METRICS[rank_by]
+    key = lambda r: (r["scores"][rank_by] is None, -(r["scores"][rank_by] or 0) if higher else (r["scores"][rank_by] or 0))  # noqa: E731
+    ranked = sorted(results, key=key)
+    summary = {"rank_by": rank_by, "higher_is_better": higher, "runs": ranked}
+    write_json(out / "sweep.json", summary)
+    names = list(combos[0])
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    lines = [f"# Sweep: {len(ranked)} runs ranked by {rank_by} ({'higher' if higher else 'lower'} is better)", "",
+             "| rank | run | " + " | ".join(names) + " | " + " | ".join(METRICS) + " |",
+             "|---|---|" + "---|" * (len(names) + len(METRICS))]
+    for rank, r in enumerate(ranked, 1):
+        lines.append(f"| {rank} | {Path(r['run']).name} | " + " | ".join(str(r["overrides"][n]) for n in names)
+                     + " | " + " | ".join(fmt(r["scores"][m]) for m in METRICS) + " |")
+    with atomic_path(out / "sweep.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    _figure(out / "sweep.png", ranked, rank_by)
+    return summary
+
+
+def _figure(path: Path, ranked: list[dict], rank_by: str) -> None:
+    from .figures import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(ranked) + 2), 3.4))
+    labels = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) for r in ranked]
+    ax.bar(range(len(ranked)), [r["scores"][rank_by] or 0 for r in ranked], color="tab:orange")
+    ax.set_xticks(range(len(ranked)), labels, fontsize=7)
+    ax.set_ylabel(rank_by)
+    ax.set_title(f"sweep ranked by {rank_by}", fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path)
