@@ -84,11 +84,9 @@ def cmd_train(args) -> int:
         "output_dir": args.output_dir, "optim.steps": args.steps, "data.limit_cases": args.limit_cases,
         "finetune.source": args.source}.items() if value is not None}
     config = load_train_config(args.config, overrides)
-    if config.gan is not None:  # the cGAN baseline, through the same run machinery
-        from .training.cgan import train_cgan as train
-    else:
-        from .training.diffusion import train
-    folder = train(config, resume=args.resume)
+    from .training import train_for_config
+
+    folder = train_for_config(config, resume=args.resume)  # diffusion, GAN or VAE: the same run machinery
     print(f"pipeline saved: {folder}")
     return 0
 
@@ -155,7 +153,8 @@ def cmd_evaluate(args) -> int:
 
     evaluate(args.real, args.synthetic, args.out, names=args.names, features=args.features,
              inception_weights=args.inception_weights, max_slices=args.max_slices,
-             segmentation_steps=args.segmentation_steps, features_3d=args.features_3d, progress=not args.quiet)
+             segmentation_steps=args.segmentation_steps, features_3d=args.features_3d,
+             anomaly_steps=args.anomaly_steps, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -288,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
     p.add_argument("--segmentation-steps", type=int, default=200,
                    help="training steps of the in-package segmenter for mask consistency and utility (0: skip)")
+    p.add_argument("--anomaly-steps", type=int, help="training steps of the VAE anomaly model in the segmentation "
+                                                      "study (default: --segmentation-steps; 0: skip it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

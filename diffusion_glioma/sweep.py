@@ -104,12 +104,10 @@ def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: 
     from .generate import GenerateOptions, generate_dataset
     from .training.config import load_train_config
 
+    from .training import train_for_config
+
     train_config = load_train_config(config, {**overrides, "output_dir": str(run_dir / "train")})
-    if train_config.gan is not None:
-        from .training.cgan import train_cgan as train
-    else:
-        from .training.diffusion import train
-    pipeline = train(train_config, resume=True)
+    pipeline = train_for_config(train_config, resume=True)
     synthetic = run_dir / "synthetic"
     generate_dataset(pipeline, evaluate_spec["real"], synthetic,
                      GenerateOptions(steps=int(evaluate_spec.get("sample_steps", 25))), progress=progress)

@@ -266,7 +266,7 @@ def test_dice_and_hd95_known_answers():
 def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     # A synthetic set that is a copy of the real one.
     report = evaluate(phantom_dir, [phantom_dir], tmp_path / "r", names=["copy"], max_slices=2, features="random",
-                      segmentation_steps=150, progress=False)
+                      segmentation_steps=150, anomaly_steps=5, progress=False)
     seg = report["sets"]["copy"]["segmentation"]
     assert seg["train_real"] == 4 and seg["train_synthetic"] == 4  # the held-out case's copy is not trained on
     assert set(seg["utility"]) == {"real", "synthetic", "real+synthetic", "half real+synthetic"}
@@ -285,6 +285,8 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
             assert scores["n"] == (4 if regime == "real -> synthetic" else 1)
     if cls["regimes"]["real -> real"] is not None:
         assert 1.0 <= cls["domain_inception_score"]["synthetic"] <= 2.0
+    assert set(seg["anomaly"]) == {"real", "synthetic", "real+synthetic"} and seg["anomaly"]["real"]["n"] == 1
+    assert "VAE anomaly-score classifier" in (tmp_path / "r" / "report.md").read_text()
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
 
 

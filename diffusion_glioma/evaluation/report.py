@@ -334,7 +334,7 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
 def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, names: list[str] | None = None,
              modalities: tuple[str, ...] = MODALITIES, features: str = "auto", inception_weights=None,
              max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
-             progress: bool = True) -> dict:
+             anomaly_steps: int | None = None, progress: bool = True) -> dict:
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
     if len(names) != len(synthetic):
@@ -379,7 +379,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         for name, folder in zip(names, synthetic):
             results["sets"][name]["segmentation"] = segmentation_study(
                 real_cases, prepare_items(with_masks(sets[name])), segmentation_steps, seed,
-                generator_cases=generator_training_cases(folder))
+                generator_cases=generator_training_cases(folder), anomaly_steps=anomaly_steps)
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
                                          "32^3 grid of 6 mm; a third of the real cases held out for testing, drawn "
                                          "from outside the generator's training record; nothing derived from a "

@@ -239,7 +239,8 @@ def training_mixes(train_real: list, train_synthetic: list) -> dict[str, list]:
 
 
 def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
-                       spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset()) -> dict:
+                       spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset(),
+                       anomaly_steps: int | None = None) -> dict:
     """Mask consistency and the four training regimes, tested on held-out real cases.
 
     Test cases come only from real cases outside the generator's training record (`generator_cases`),
@@ -263,4 +264,10 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
         target = regions_of(torch.stack([c["labels"] for c in synthetic]))
         out["mask_consistency"] = dice_and_hd95(predict(models["real"], synthetic), target, spacing)
     out["classification"] = classification_study(train_real, train_synthetic, test, steps, seed)
+    if anomaly_steps is None or anomaly_steps > 0:  # the VAE anomaly-score classifier, same split
+        from .anomaly import anomaly_study
+
+        out["anomaly"] = anomaly_study({"real": train_real, "synthetic": train_synthetic,
+                                        "real+synthetic": train_real + train_synthetic}, test,
+                                       steps if anomaly_steps is None else anomaly_steps, seed)
     return out

@@ -31,7 +31,7 @@ from ..io import write_json
 from ..pipeline import load_pipeline
 from ..provenance import check_no_leak
 from ..training.config import FinetuneSection, TrainConfig
-from ..training.diffusion import train
+from ..training import train_for_config
 from .features import InceptionFeatures, RandomFeatures, shipped_inception_path
 from .fidelity import kid_over_subsets, paired_similarity, trivial_references
 
@@ -52,11 +52,7 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], s
     pipeline = output_dir / "pipeline"
     if (pipeline / "model_index.json").is_file():  # done in an earlier run of the study: resume
         return pipeline
-    if config.gan is not None:  # the GAN baselines go through the same study
-        from ..training.cgan import train_cgan
-
-        return train_cgan(config, resume=True)
-    return train(config, resume=True)
+    return train_for_config(config, resume=True)  # any model kind goes through the same study
 
 
 def tumour_slices(volume: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:

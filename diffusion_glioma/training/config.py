@@ -98,6 +98,18 @@ class GanSection(StrictModel):
     diversity_samples: int = Field(3, ge=2, description="samples of one mask whose spread is logged (mode collapse)")
 
 
+class VaeSection(StrictModel):
+    """The VAE baseline (its presence selects the VAE loop; `model.preset` is then unused)."""
+
+    latent_dim: int = Field(64, ge=1)
+    base_channels: int = Field(32, ge=4)
+    levels: int = Field(3, ge=1, le=5)
+    beta: float = Field(1.0, ge=0, description="weight of the KL term, which is divided by the voxels per volume "
+                        "(the reconstruction term is the mean squared error per head voxel)")
+    healthy_only: bool = Field(False, description="the anomaly model: conditioned on the head alone and trained on "
+                               "healthy tissue only (tumour voxels excluded from the loss)")
+
+
 class TrainConfig(StrictModel):
     output_dir: Path
     seed: int = 0
@@ -111,9 +123,14 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     finetune: FinetuneSection | None = None
     gan: GanSection | None = None
+    vae: VaeSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.gan is not None and self.vae is not None:
+            raise ValueError("give either a gan or a vae section, not both")
+        if self.vae is not None and (self.finetune is not None or self.optim.gradient_accumulation_steps != 1):
+            raise ValueError("the VAE loop supports neither finetune nor gradient accumulation")
         if self.data.config is not None and self.data.raw is None:
             raise ValueError("data.config is only used to prepare data.raw; give data.raw too")
         if self.model.disease_classes[:1] != ["none"]:

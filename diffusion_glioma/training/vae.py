@@ -1,0 +1,126 @@
+"""The VAE baseline's Accelerate loop: the same run folder, data order, checkpoints, resume, logs,
+EMA and validation figures as the other loops (`training/common.py`).
+
+Loss: mean squared error per head voxel + beta x KL / voxels per volume. The pipeline folder holds
+a `CGANPipeline` around the EMA decoder (sampling draws the latent from the prior), with the
+encoder beside it (`encoder/`) for reconstruction and anomaly scores.
+
+    diffusion-glioma train --config configs/vae.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.cache import read_index
+from ..data.dataset import CachedCases
+from ..io import write_json
+from ..models.cgan import CGANGenerator
+from ..models.vae import VAEEncoder, healthy_labels, kl_divergence
+from ..pipeline import CGANPipeline
+from .cgan import _validation_figure
+from .common import (StepSampler, checkpoints, collate, ema_copy, load_checkpoint, save_checkpoint, start_run,
+                     step_generator, stop_if_diverged, training_facts)
+from .config import TrainConfig
+
+ENCODER_FOLDER = "encoder"
+
+
+def vae_loss(encoder, decoder, real: torch.Tensor, labels: torch.Tensor, diseases: torch.Tensor, beta: float,
+             healthy_only: bool, rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """(loss, parts) of one batch: reconstruction inside the head (outside the tumour for the anomaly
+    model) plus the KL term; the latent is drawn by the reparameterisation trick."""
+    condition = healthy_labels(labels) if healthy_only else labels
+    mean, log_variance = encoder(real, condition, diseases)
+    z = mean + (0.5 * log_variance).exp() * torch.randn(mean.shape, generator=rng, device=mean.device)
+    reconstruction = decoder(z, condition, diseases, generator=rng)
+    counted = labels > 0 if not healthy_only else labels == 1  # head; for the anomaly model healthy head only
+    error = ((reconstruction - real) ** 2).mean(dim=1)[counted].mean()
+    kl = kl_divergence(mean, log_variance) / labels[0].numel()
+    return error + beta * kl, {"reconstruction": error, "kl": kl}
+
+
+def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
+    vae = config.vae
+    output_dir = Path(config.output_dir)
+    accelerator = start_run(config, resume)
+    existing = checkpoints(output_dir / "checkpoints")
+
+    index = read_index(config.data.cache)
+    modalities, shape = tuple(index["modalities"]), tuple(index["preprocess"]["shape"])
+    classes = tuple(config.model.disease_classes)
+    dataset = CachedCases(config.data.cache, diseases=list(classes), only_diseases=config.data.only_diseases,
+                          limit=config.data.limit_cases, case_ids=config.data.case_ids)
+    encoder = VAEEncoder(modalities=modalities, disease_classes=classes, volume_shape=shape,
+                         latent_dim=vae.latent_dim, base_channels=vae.base_channels, levels=vae.levels)
+    decoder = CGANGenerator(modalities=modalities, disease_classes=classes, volume_shape=shape,
+                            noise_dim=vae.latent_dim, base_channels=vae.base_channels, levels=vae.levels)
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *decoder.parameters()], lr=config.optim.learning_rate,
+                                  weight_decay=config.optim.weight_decay)
+    ema = EMAModel(decoder.parameters(), decay=config.ema.decay, use_ema_warmup=config.ema.warmup,
+                   model_cls=CGANGenerator, model_config=decoder.config) if config.ema.enabled else None
+    encoder, decoder, optimizer = accelerator.prepare(encoder, decoder, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    step = 0
+    if resume and existing:
+        step, path = existing[-1]
+        load_checkpoint(accelerator, path)
+        accelerator.print(f"resumed from {path} (step {step})")
+    unwrapped = accelerator.unwrap_model(decoder)
+    per_step = config.optim.batch_size * accelerator.num_processes
+    loader = accelerator.prepare_data_loader(DataLoader(
+        dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
+        sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
+    metrics_log = output_dir / "logs" / "metrics.jsonl"
+    metrics_log.parent.mkdir(parents=True, exist_ok=True)
+    validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
+
+    progress = tqdm(total=config.optim.steps, initial=step, desc="train vae", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    for batch in loader:
+        rng = step_generator(accelerator.device, config.seed, step, accelerator.process_index)
+        loss, parts = vae_loss(encoder, decoder, batch["image"].float(), batch["labels"], batch["disease"], vae.beta,
+                               vae.healthy_only, rng)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_([*encoder.parameters(), *decoder.parameters()], config.optim.max_grad_norm)
+        optimizer.step()
+        stop_if_diverged(accelerator, {"loss": loss}, step, output_dir)
+        if ema is not None:
+            ema.step(unwrapped.parameters())
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.optim.steps:
+            logs = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
+                    "steps_per_second": step / max(time.perf_counter() - started, 1e-9)}
+            if accelerator.is_main_process:
+                with metrics_log.open("a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        if step % config.checkpoints.every == 0 or step == config.optim.steps:
+            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
+        if (step % config.validation.every == 0 or step == config.optim.steps) and accelerator.is_main_process:
+            _validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
+                               output_dir / "validation" / f"step-{step:07d}.png", config.seed)
+    progress.close()
+
+    folder = output_dir / "pipeline"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        CGANPipeline(ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
+        accelerator.unwrap_model(encoder).save_pretrained(str(folder / ENCODER_FOLDER))
+        write_json(folder / "training.json", {**training_facts(config, index, dataset), "kind": "vae",
+                                              "healthy_only": vae.healthy_only})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return folder
