@@ -4,7 +4,6 @@ score classifier (known answers, and a healthy-tissue VAE that finds phantom tum
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from diffusion_glioma.cli import main
