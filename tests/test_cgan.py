@@ -13,6 +13,7 @@ from diffusion_glioma.generate import GenerateOptions, generate_dataset
 from diffusion_glioma.models.cgan import CGANDiscriminator, CGANGenerator
 from diffusion_glioma.pipeline import CGANPipeline, load_pipeline
 from diffusion_glioma.training import cgan as loop
+from diffusion_glioma.training import common
 from diffusion_glioma.training.config import load_train_config
 from tests.helpers import interrupt_after_checkpoint
 from tests.test_training import tiny_cache, write_config  # noqa: F401  (tiny_cache is a fixture)
@@ -49,7 +50,7 @@ def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path
     assert metrics[-1]["sample_diversity"] > 1e-4  # samples of one mask differ
     assert (tmp_path / "straight" / "validation" / "step-0000012.png").is_file()
 
-    restore = interrupt_after_checkpoint(monkeypatch, loop, at_step=8)
+    restore = interrupt_after_checkpoint(monkeypatch, common, at_step=8)  # the loops' shared bookkeeping saves
     interrupted = gan_config(tmp_path / "b.yaml", tiny_cache, tmp_path / "interrupted", validation={"every": 12})
     with pytest.raises(KeyboardInterrupt):
         loop.train_cgan(load_train_config(interrupted))

@@ -31,8 +31,8 @@ from ..figures import FigureRow, write_slices_figure
 from ..io import write_json
 from ..models.cgan import DISCRIMINATORS, CGANGenerator
 from ..pipeline import CGANPipeline, load_pipeline
-from .common import (StepSampler, TrainingError, checkpoints, collate, ema_copy, load_checkpoint, save_checkpoint,
-                     source_drift, start_run, step_generator, stop_if_diverged, trained_classes, training_facts,
+from .common import (StepSampler, TrainingError, checkpoints, collate, ema_copy, load_checkpoint, source_drift,
+                     start_run, step_bookkeeping, step_generator, stop_if_diverged, trained_classes, training_facts,
                      with_classes)
 from .config import TrainConfig
 
@@ -119,8 +119,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
     if accelerator.is_main_process:
         accelerator.init_trackers("train_cgan", config={"steps": config.optim.steps})
-    metrics_log = output_dir / "logs" / "metrics.jsonl"
-    metrics_log.parent.mkdir(parents=True, exist_ok=True)
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
     real_target = 1.0 - gan.label_smoothing
 
@@ -161,27 +160,18 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         step += 1
         progress.update(1)
 
-        if step % config.log_every == 0 or step == config.optim.steps:
-            logs = {"loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach()),
-                    "loss_adversarial": float(loss_adversarial.detach()),
-                    **({"l1": float(l1.detach())} if l1 is not None else {}),
-                    **({"source_drift": float(source_drift(generator_net, source_weights).detach())}
-                       if source_weights is not None else {}),
-                    "d_real": float(torch.sigmoid(d_real.detach()).mean()),
-                    "d_fake": float(torch.sigmoid(d_fake.detach()).mean()),
-                    "sample_diversity": sample_diversity(unwrapped, validation_batch, gan.diversity_samples,
-                                                         accelerator.device),
-                    "steps_per_second": step / max(time.perf_counter() - started, 1e-9)}
-            accelerator.log(logs, step=step)
-            if accelerator.is_main_process:
-                with metrics_log.open("a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-            progress.set_postfix(d=f"{logs['loss_d']:.3f}", g=f"{logs['loss_g']:.3f}")
-        if step % config.checkpoints.every == 0 or step == config.optim.steps:
-            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
-        if (step % config.validation.every == 0 or step == config.optim.steps) and accelerator.is_main_process:
-            _validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
-                               output_dir / "validation" / f"step-{step:07d}.png", config.seed)
+        step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
+            "loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach()),
+            "loss_adversarial": float(loss_adversarial.detach()),
+            **({"l1": float(l1.detach())} if l1 is not None else {}),
+            **({"source_drift": float(source_drift(generator_net, source_weights).detach())}
+               if source_weights is not None else {}),
+            "d_real": float(torch.sigmoid(d_real.detach()).mean()),
+            "d_fake": float(torch.sigmoid(d_fake.detach()).mean()),
+            "sample_diversity": sample_diversity(unwrapped, validation_batch, gan.diversity_samples, accelerator.device),
+            "steps_per_second": step / max(time.perf_counter() - started, 1e-9)},
+            lambda path: validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
+                                           path, config.seed), postfix=("loss_d", "loss_g"))
     progress.close()
 
     # 3. The pipeline folder: the EMA generator, usable by `generate --model`.
@@ -215,7 +205,7 @@ def sample_diversity(generator_net: CGANGenerator, batch: dict, samples: int, de
 
 
 @torch.no_grad()
-def _validation_figure(generator_net: CGANGenerator, batch: dict, diseases: list[str], modalities, path: Path,
+def validation_figure(generator_net: CGANGenerator, batch: dict, diseases: list[str], modalities, path: Path,
                        seed: int) -> None:
     pipe = CGANPipeline(generator_net)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(batch["case_id"]))]

@@ -286,3 +286,23 @@ def _prefixed(weights: dict, params: dict) -> dict:
         if key in weights:
             out[name] = weights[key]
     return out
+
+
+def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress, make_logs, validate,
+                     postfix: tuple[str, ...]) -> None:
+    """What the baseline loops do after every step: logs (trackers and logs/metrics.jsonl) every
+    `log_every` steps, a checkpoint every `checkpoints.every`, a validation figure every
+    `validation.every` (`validate(path)`), and always at the last step. `make_logs` is only called
+    when a log is due (some logs cost a forward pass)."""
+    last = step == config.optim.steps
+    if step % config.log_every == 0 or last:
+        logs = make_logs()
+        accelerator.log(logs, step=step)
+        if accelerator.is_main_process:
+            with (output_dir / "logs" / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        progress.set_postfix({key: f"{logs[key]:.4f}" for key in postfix})
+    if step % config.checkpoints.every == 0 or last:
+        save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
+    if (step % config.validation.every == 0 or last) and accelerator.is_main_process:
+        validate(output_dir / "validation" / f"step-{step:07d}.png")

@@ -10,7 +10,6 @@ encoder beside it (`encoder/`) for reconstruction and anomaly scores.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from ..io import write_json
 from ..models.cgan import CGANGenerator
 from ..models.vae import VAEEncoder, healthy_labels, kl_divergence
 from ..pipeline import CGANPipeline
-from .cgan import _validation_figure
-from .common import (StepSampler, checkpoints, collate, ema_copy, load_checkpoint, save_checkpoint, start_run,
+from .cgan import validation_figure
+from .common import (StepSampler, checkpoints, collate, ema_copy, load_checkpoint, start_run, step_bookkeeping,
                      step_generator, stop_if_diverged, training_facts)
 from .config import TrainConfig
 
@@ -80,8 +79,9 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
     loader = accelerator.prepare_data_loader(DataLoader(
         dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
         sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
-    metrics_log = output_dir / "logs" / "metrics.jsonl"
-    metrics_log.parent.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_vae", config={"steps": config.optim.steps})
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
 
     progress = tqdm(total=config.optim.steps, initial=step, desc="train vae", unit="step",
@@ -100,18 +100,11 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
             ema.step(unwrapped.parameters())
         step += 1
         progress.update(1)
-        if step % config.log_every == 0 or step == config.optim.steps:
-            logs = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
-                    "steps_per_second": step / max(time.perf_counter() - started, 1e-9)}
-            if accelerator.is_main_process:
-                with metrics_log.open("a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        if step % config.checkpoints.every == 0 or step == config.optim.steps:
-            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
-        if (step % config.validation.every == 0 or step == config.optim.steps) and accelerator.is_main_process:
-            _validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
-                               output_dir / "validation" / f"step-{step:07d}.png", config.seed)
+        step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
+            "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
+            "steps_per_second": step / max(time.perf_counter() - started, 1e-9)},
+            lambda path: validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
+                                           path, config.seed), postfix=("loss",))
     progress.close()
 
     folder = output_dir / "pipeline"
