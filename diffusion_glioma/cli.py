@@ -154,7 +154,8 @@ def cmd_evaluate(args) -> int:
     evaluate(args.real, args.synthetic, args.out, names=args.names, features=args.features,
              inception_weights=args.inception_weights, max_slices=args.max_slices,
              segmentation_steps=args.segmentation_steps, features_3d=args.features_3d,
-             anomaly_steps=args.anomaly_steps, progress=not args.quiet)
+             anomaly_steps=args.anomaly_steps, segmentation_seeds=args.segmentation_seeds,
+             nnunet_study=args.nnunet_study, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, default=8, help="slices per axis per volume for 2D metrics")
     p.add_argument("--segmentation-steps", type=int, default=200,
                    help="training steps of the in-package segmenter for mask consistency and utility (0: skip)")
+    p.add_argument("--segmentation-seeds", type=int, nargs="+",
+                   help="repeat the segmentation study with these seeds (split and training) and report mean ± sd")
+    p.add_argument("--nnunet-study", help="a scored `nnunet-study` folder whose nnU-Net results join the report")
     p.add_argument("--anomaly-steps", type=int, help="training steps of the VAE anomaly model in the segmentation "
                                                       "study (default: --segmentation-steps; 0: skip it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

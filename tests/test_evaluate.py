@@ -132,6 +132,10 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
             assert references[name][m]["ssim"] < sets["slightly"]["paired"][m]["ssim"]
             assert references[name][m]["mae"] > sets["slightly"]["paired"][m]["mae"]
     assert "reference: noise inside the head" in (out / "report.md").read_text()
+    for m in ("t1n", "t1c", "t2w", "t2f"):  # real but unpaired data beats both trivial generators
+        real_vs_real = references["real vs another real case"][m]["ssim"]
+        assert real_vs_real > references["mean-fill inside the head"][m]["ssim"]
+        assert real_vs_real > references["noise inside the head"][m]["ssim"]
     assert sets["identical"]["fid_3d"] < sets["slightly"]["fid_3d"] < sets["very"]["fid_3d"]
     assert sets["slightly"]["paired"]["t2f"]["ssim"] > sets["very"]["paired"]["t2f"]["ssim"]
     assert sets["slightly"]["per_modality"]["t1c"]["fid_2d"] < sets["very"]["per_modality"]["t1c"]["fid_2d"]
@@ -436,3 +440,19 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
     assert scores["real"]["WT"]["dice"] == pytest.approx(1.0) and scores["real"]["WT"]["hd95"] == pytest.approx(0.0)
     assert scores["synthetic"]["WT"]["dice"] == 0.0 and scores["synthetic"]["WT"]["hd95"] == pytest.approx(373.13)
     assert "| half real+synthetic |" in capsys.readouterr().out and (out / "scores.png").stat().st_size > 3000
+    # The scores join the evaluation report.
+    report = evaluate(phantom_dir, [tmp_path / "synthetic"], tmp_path / "r", features="random", max_slices=2,
+                      segmentation_steps=0, nnunet_study=out, progress=False)
+    assert report["nnunet_study"]["scores"]["real"]["WT"]["dice"] == pytest.approx(1.0)
+    assert "## nnU-Net study" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_segmentation_scores_across_seeds():
+    from diffusion_glioma.evaluation.segmentation import across_seeds
+
+    run = lambda dice: {"utility": {"real": {r: {"dice": dice, "hd95": 10.0} for r in ("WT", "TC", "ET")},  # noqa: E731
+                                    "synthetic": None}}
+    spread = across_seeds([run(0.6), run(0.8)], [0, 1])
+    assert spread["utility"]["real"]["WT"]["dice_mean"] == pytest.approx(0.7)
+    assert spread["utility"]["real"]["WT"]["dice_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert spread["utility"]["synthetic"] is None and spread["seeds"] == [0, 1]

@@ -334,7 +334,8 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
 def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, names: list[str] | None = None,
              modalities: tuple[str, ...] = MODALITIES, features: str = "auto", inception_weights=None,
              max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
-             anomaly_steps: int | None = None, progress: bool = True) -> dict:
+             anomaly_steps: int | None = None, segmentation_seeds: list[int] | None = None,
+             nnunet_study: str | Path | None = None, progress: bool = True) -> dict:
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
     if len(names) != len(synthetic):
@@ -372,18 +373,26 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
         results["sets"][name] = entry
     if segmentation_steps > 0:
-        from .segmentation import prepare_items, segmentation_study
+        from .segmentation import across_seeds, prepare_items, segmentation_study
 
         with_masks = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
         real_cases = prepare_items(with_masks(sets["real"]))
         for name, folder in zip(names, synthetic):
-            results["sets"][name]["segmentation"] = segmentation_study(
-                real_cases, prepare_items(with_masks(sets[name])), segmentation_steps, seed,
-                generator_cases=generator_training_cases(folder), anomaly_steps=anomaly_steps)
+            synthetic_cases = prepare_items(with_masks(sets[name]))
+            runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s,
+                                       generator_cases=generator_training_cases(folder), anomaly_steps=anomaly_steps)
+                    for s in (segmentation_seeds or [seed])]
+            results["sets"][name]["segmentation"] = runs[0]
+            if len(runs) > 1:
+                results["sets"][name]["segmentation"]["across_seeds"] = across_seeds(runs, segmentation_seeds)
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
                                          "32^3 grid of 6 mm; a third of the real cases held out for testing, drawn "
                                          "from outside the generator's training record; nothing derived from a "
                                          "held-out case is trained on")
+    if nnunet_study is not None:  # nnU-Net's scores from the user's GPUs, beside the in-package study
+        from .nnunet_study import score_study
+
+        results["nnunet_study"] = score_study(nnunet_study, progress=progress)
     slices = min(len(_pooled_2d(d, modalities[0], set(d.indices()))) for d in data.values())
     dimensions = 2048 if extractors.inception else None
     if dimensions and slices < dimensions:

@@ -271,3 +271,19 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
                                         "real+synthetic": train_real + train_synthetic}, test,
                                        steps if anomaly_steps is None else anomaly_steps, seed)
     return out
+
+
+def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """Mean and sd over segmentation-study runs with different seeds (each its own held-out split
+    and training), per regime and region: how much of a difference between regimes is luck."""
+    out = {"seeds": list(seeds), "utility": {}}
+    for regime in runs[0].get("utility", {}):
+        scores = [r["utility"].get(regime) for r in runs if "utility" in r]
+        if not all(scores):
+            out["utility"][regime] = None
+            continue
+        out["utility"][regime] = {region: {"dice_mean": float(np.mean([s[region]["dice"] for s in scores])),
+                                           "dice_sd": float(np.std([s[region]["dice"] for s in scores], ddof=1)),
+                                           "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores]))}
+                                  for region in REGIONS}
+    return out

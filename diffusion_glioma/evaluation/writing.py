@@ -108,6 +108,14 @@ def markdown(results: dict, names: list[str], modalities) -> str:
                          f"{_fmt(fixed['ms_ssim']) if fixed else 'n/a'} |")
     if "segmentation_setup" in results:
         lines += _segmentation_markdown(results, names)
+    if "nnunet_study" in results:
+        lines += ["", "## nnU-Net study", "", f"nnU-Net v2 (3d_fullres) trained on each mix on the user's GPUs, "
+                  f"tested on {results['nnunet_study']['test_cases']} shared held-out real cases; Dice [bootstrap 95% "
+                  "interval] (HD95 mm), BraTS convention.", "", "| trained on | WT | TC | ET |", "|---|---|---|---|"]
+        for mix, scores in results["nnunet_study"]["scores"].items():
+            lines.append(f"| {mix} | " + " | ".join(
+                f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, {_fmt(scores[r]['dice_ci95'][1], 2)}] "
+                f"({_fmt(scores[r]['hd95'])})" for r in REGIONS) + " |")
     lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
               "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
     lines += [f"Note: {note}" for note in results["notes"]]
@@ -131,6 +139,11 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
                      f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})" if scores else "n/a"
                      for r in REGIONS]
             lines.append(f"| {n} | {regime} | " + " | ".join(cells) + " |")
+        spread = seg.get("across_seeds")
+        for regime, scores in (spread or {}).get("utility", {}).items():
+            if scores:
+                lines.append(f"| {n} | {regime}, mean ± sd over seeds {spread['seeds']} | " + " | ".join(
+                    f"{scores[r]['dice_mean']:.3f} ± {scores[r]['dice_sd']:.3f}" for r in REGIONS) + " |")
     lines += ["", "Disease classifier (MONAI Classifier):", "",
               "| set | trained on -> tested on | accuracy | balanced accuracy |", "|---|---|---|---|"]
     for n in names:
