@@ -52,6 +52,8 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
     """A README.md for a pipeline folder, written from what the folder knows."""
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
+    if index.get("_class_name") == "CGANPipeline":
+        return _baseline_card(folder, index, report, license)
     unet = _read_json(folder / "unet" / "config.json")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     training = _read_json(folder / "training.json")
@@ -120,6 +122,53 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
         "of the training data and may not show rare appearances; check the evaluation report before relying on them.",
         "", f"Written by diffusion_glioma {__version__}.", "",
     ]
+    return "\n".join(lines)
+
+
+GENERATOR_WEIGHTS = Path("generator") / "diffusion_pytorch_model.safetensors"
+
+
+def _baseline_card(folder: Path, index: dict, report, license: str) -> str:
+    """The card of a GAN or VAE baseline pipeline (a `CGANPipeline` folder)."""
+    generator = _read_json(folder / "generator" / "config.json")
+    if not generator or not (folder / GENERATOR_WEIGHTS).is_file():
+        raise HubError(f"{folder}: not a pipeline folder (no generator/config.json or {GENERATOR_WEIGHTS})")
+    training = _read_json(folder / "training.json")
+    config = training.get("config", {})
+    gan, vae = config.get("gan"), config.get("vae")
+    if vae is not None or training.get("kind") == "vae":
+        kind = ("mask-conditioned 3D VAE (decoder shipped; latent drawn from N(0, I) when sampling; encoder in "
+                "`encoder/`)" + (", trained on healthy tissue only (an anomaly model)" if (vae or {}).get("healthy_only")
+                                else ""))
+    elif (gan or {}).get("kind") == "pix2pix":
+        kind = "pix2pix-style 3D GAN (spectral-norm PatchGAN + L1; discriminator in `discriminator/`)"
+    else:
+        kind = "conditional 3D GAN (the proposal's BCE cGAN; discriminator in `discriminator/`)"
+    data = config.get("data") or {}
+    data_source = str(data.get("raw") or data.get("cache") or "unknown")
+    numbers = _read_json(Path(report)) if report else {}
+    metadata = {"license": license, "library_name": "diffusers",
+                "tags": [t for t in TAGS if t != "diffusion"] + ["gan" if vae is None else "vae", "baseline"]
+                + (["phantom"] if "phantom" in data_source else [])}
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
+             f"# {folder.name}: {kind.split(' (')[0]}, a baseline for mask-conditioned brain-tumour MRI", "",
+             f"A `CGANPipeline` from diffusion_glioma: a {kind}. It is a baseline the diffusion model is measured "
+             "against; `generate --model` samples it like the diffusion model.", "",
+             "## Model", "",
+             f"- Generator: {count_parameters(folder / GENERATOR_WEIGHTS) / 1e6:.2f} M parameters, base width "
+             f"{generator.get('base_channels')}, {generator.get('levels')} upsampling levels, input vector "
+             f"{generator.get('noise_dim')}.",
+             f"- Modalities: {', '.join(generator.get('modalities', []))}; disease classes: "
+             f"{', '.join(generator.get('disease_classes', []))}.",
+             f"- Grid: {(index.get('preprocess') or {}).get('shape')} voxels of "
+             f"{(index.get('preprocess') or {}).get('spacing')} mm.", "",
+             "## Training", "",
+             f"- Data: {len(training.get('cases', []))} cases from `{data_source}`; steps: {training.get('steps', '?')}.",
+             f"- Fine-tuned from: {(config.get('finetune') or {}).get('source', 'no (trained from scratch)')}.", ""]
+    if numbers:
+        lines += ["## Evaluation", "", "```json", json.dumps(numbers, indent=2)[:4000], "```", ""]
+    lines += ["## Intended use and limitations", "", "Research use only, as a baseline; not for diagnosis.", "",
+              f"Written by diffusion_glioma {__version__}.", ""]
     return "\n".join(lines)
 
 

@@ -102,6 +102,9 @@ def test_pix2pix_trains_with_l1_and_a_gan_fine_tunes_few_shot(tiny_cache, phanto
     assert last < 0.8 * first, (first, last)
     saved = tmp_path / "pix2pix" / "pipeline" / "discriminator" / "config.json"
     assert json.loads(saved.read_text())["_class_name"] == "PatchDiscriminator"
+    from diffusion_glioma.hub import model_card
+
+    assert "pix2pix-style 3D GAN" in model_card(tmp_path / "pix2pix" / "pipeline")
 
     fine = gan_config(tmp_path / "f.yaml", tiny_cache, tmp_path / "fine", gan={**GAN, "kind": "pix2pix"},
                       data={"only_diseases": ["pediatric_diffuse_glioma"], "limit_cases": 1},

@@ -52,5 +52,9 @@ def test_vae_baseline_trains_and_generates(tiny_cache, phantom_dir, tmp_path):  
     records = generate_dataset(tmp_path / "vae" / "pipeline", phantom_dir, tmp_path / "out",
                                GenerateOptions(per_mask=2, limit=1), progress=False)
     assert len(records) == 2 and (tmp_path / "vae" / "validation" / "step-0000030.png").is_file()
+    from diffusion_glioma.hub import model_card
+
+    card = model_card(tmp_path / "vae" / "pipeline")
+    assert "mask-conditioned 3D VAE" in card and "- Data: 5 cases" in card
     both = write_config(tmp_path / "b.yaml", tiny_cache, tmp_path / "b", vae=VAE, gan={"noise_dim": 8})
     assert main(["train", "--config", str(both)]) == 2  # one line: either a gan or a vae section
