@@ -14,4 +14,4 @@ done
 diffusion-glioma evaluate --real runs/phantom_heldout \
   --synthetic "$out/synthetic_diffusion" "$out/synthetic_cgan" "$out/synthetic_pix2pix" "$out/synthetic_vae" \
   --names diffusion cgan pix2pix vae --out "$out/report" --features "${FEATURES:-auto}" --max-slices 4 \
-  --segmentation-steps 200 --quiet
+  --segmentation-steps 150 --anomaly-steps 0 --quiet
