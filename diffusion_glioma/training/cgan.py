@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.cache import read_index
@@ -31,7 +30,7 @@ from ..figures import FigureRow, write_slices_figure
 from ..io import write_json
 from ..models.cgan import DISCRIMINATORS, CGANGenerator
 from ..pipeline import CGANPipeline, load_pipeline
-from .common import (StepSampler, TrainingError, checkpoints, collate, ema_copy, load_checkpoint, source_drift,
+from .common import (TrainingError, checkpoints, collate, ema_copy, resume_and_loader, source_drift,
                      start_run, step_bookkeeping, step_generator, stop_if_diverged, trained_classes, training_facts,
                      with_classes)
 from .config import TrainConfig
@@ -107,16 +106,8 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
     if source_weights is not None:
         source_weights = {k: v.to(accelerator.device) for k, v in source_weights.items()}
 
-    step = 0
-    if resume and existing:
-        step, path = existing[-1]
-        load_checkpoint(accelerator, path)
-        accelerator.print(f"resumed from {path} (step {step})")
+    step, loader = resume_and_loader(accelerator, config, dataset, existing if resume else [])
     unwrapped = accelerator.unwrap_model(generator_net)
-    per_step = config.optim.batch_size * accelerator.num_processes
-    loader = accelerator.prepare_data_loader(DataLoader(
-        dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
-        sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
     if accelerator.is_main_process:
         accelerator.init_trackers("train_cgan", config={"steps": config.optim.steps})
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)

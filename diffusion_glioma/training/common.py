@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..errors import DiffusionGliomaError
 from ..io import atomic_path
@@ -306,3 +306,19 @@ def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress,
         save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
     if (step % config.validation.every == 0 or last) and accelerator.is_main_process:
         validate(output_dir / "validation" / f"step-{step:07d}.png")
+
+
+def resume_and_loader(accelerator, config, dataset, existing: list):
+    """(step, data loader) for the baseline loops: the newest of `existing` checkpoints restored (none:
+    step 0), and the loader that serves exactly the batches of the remaining steps, in the order an
+    uninterrupted run would have seen them."""
+    step = 0
+    if existing:
+        step, path = existing[-1]
+        load_checkpoint(accelerator, path)
+        accelerator.print(f"resumed from {path} (step {step})")
+    per_step = config.optim.batch_size * accelerator.num_processes
+    loader = accelerator.prepare_data_loader(DataLoader(
+        dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
+        sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
+    return step, loader

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.cache import read_index
@@ -25,7 +24,7 @@ from ..models.cgan import CGANGenerator
 from ..models.vae import VAEEncoder, healthy_labels, kl_divergence
 from ..pipeline import CGANPipeline
 from .cgan import validation_figure
-from .common import (StepSampler, checkpoints, collate, ema_copy, load_checkpoint, start_run, step_bookkeeping,
+from .common import (checkpoints, collate, ema_copy, resume_and_loader, start_run, step_bookkeeping,
                      step_generator, stop_if_diverged, training_facts)
 from .config import TrainConfig
 
@@ -69,16 +68,8 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    step = 0
-    if resume and existing:
-        step, path = existing[-1]
-        load_checkpoint(accelerator, path)
-        accelerator.print(f"resumed from {path} (step {step})")
+    step, loader = resume_and_loader(accelerator, config, dataset, existing if resume else [])
     unwrapped = accelerator.unwrap_model(decoder)
-    per_step = config.optim.batch_size * accelerator.num_processes
-    loader = accelerator.prepare_data_loader(DataLoader(
-        dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
-        sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
     if accelerator.is_main_process:
         accelerator.init_trackers("train_vae", config={"steps": config.optim.steps})
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
