@@ -159,6 +159,15 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
         assert (out / figure).stat().st_size > 5000
     assert "| identical |" in capsys.readouterr().out
     assert "## By disease" in (out / "report.md").read_text()
+    # The comparison table: one row per set in the given order, then the references that give it meaning.
+    rows = {row["set"]: row for row in report["comparison"]}
+    assert [r["set"] for r in report["comparison"]][:3] == ["identical", "slightly", "very"]
+    assert rows["identical"]["ssim"] == pytest.approx(1.0) and rows["identical"]["fid_3d"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["slightly"]["ssim"] > rows["very"]["ssim"] and rows["slightly"]["mae"] < rows["very"]["mae"]
+    assert rows["slightly"]["ssim"] > rows["reference: mean-fill inside the head"]["ssim"]
+    assert rows["reference: real cases"]["diversity"] == report["real_diversity_ms_ssim"]
+    assert rows["very"]["dice_trained_on"] is None  # no segmentation study was asked for
+    assert "| slightly | " in (out / "report.md").read_text().split("## Comparison")[1].split("## Overall")[0]
 
 
 def _manifest_set(folder, cases, per_mask: int, noise: float):
@@ -292,6 +301,10 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     assert set(seg["anomaly"]) == {"real", "synthetic", "real+synthetic"} and seg["anomaly"]["real"]["n"] == 1
     assert "VAE anomaly-score classifier" in (tmp_path / "r" / "report.md").read_text()
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
+    rows = {row["set"]: row for row in report["comparison"]}
+    assert rows["copy"]["dice_trained_on"] == seg["utility"]["synthetic"]["WT"]["dice"]
+    assert rows["copy"]["dice_consistency"] == seg["mask_consistency"]["WT"]["dice"]
+    assert rows["reference: real cases"]["dice_trained_on"] == seg["utility"]["real"]["WT"]["dice"]
 
 
 def test_3d_features_from_any_torchscript_network(phantom_dir, tmp_path):
@@ -456,3 +469,30 @@ def test_segmentation_scores_across_seeds():
     assert spread["utility"]["real"]["WT"]["dice_mean"] == pytest.approx(0.7)
     assert spread["utility"]["real"]["WT"]["dice_sd"] == pytest.approx(0.1414, abs=1e-4)
     assert spread["utility"]["synthetic"] is None and spread["seeds"] == [0, 1]
+
+
+def test_comparison_table_shows_scores_over_seeds():
+    """The comparison row of a set reads the study's mean ± sd over seeds (segmenter WT Dice and the
+    classifier's balanced accuracy), the real-trained models give the reference row."""
+    from diffusion_glioma.evaluation.segmentation import across_seeds
+    from diffusion_glioma.evaluation.writing import comparison_rows
+
+    def run(dice, accuracy):
+        dice_of = lambda d: {r: {"dice": d, "hd95": 5.0} for r in ("WT", "TC", "ET")}  # noqa: E731
+        regimes = {"real -> real": {"balanced_accuracy": 1.0}, "synthetic -> real": {"balanced_accuracy": accuracy},
+                   "head size only -> real": None}
+        return {"utility": {"real": dice_of(0.9), "synthetic": dice_of(dice)}, "classification": {"regimes": regimes}}
+
+    seg = run(0.4, 0.5)
+    seg["across_seeds"] = across_seeds([run(0.4, 0.5), run(0.6, 1.0)], [0, 1])
+    assert seg["across_seeds"]["classification"]["head size only -> real"] is None
+    paired = {m: {"ssim": 0.5, "psnr": 20.0, "mae": 0.1} for m in ("t1n", "t2f")}
+    results = {"sets": {"model": {"fid_3d": 1.0, "kid_3d": None, "paired": paired, "diversity_ms_ssim": 0.8,
+                                  "fixed_mask_diversity": None, "segmentation": seg}},
+               "paired_references": {"mean-fill inside the head": paired}, "real_diversity_ms_ssim": 0.7}
+    rows = {r["set"]: r for r in comparison_rows(results, ["model"], ("t1n", "t2f"))}
+    assert rows["model"]["dice_trained_on"] == {"mean": pytest.approx(0.5), "sd": pytest.approx(0.1414, abs=1e-4)}
+    assert rows["model"]["balanced_accuracy"]["mean"] == pytest.approx(0.75)
+    assert rows["reference: real cases"]["dice_trained_on"]["mean"] == pytest.approx(0.9)
+    assert rows["reference: mean-fill inside the head"]["ssim"] == pytest.approx(0.5)
+    assert "reference: head size only" not in rows

@@ -275,7 +275,8 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
 
 def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and sd over segmentation-study runs with different seeds (each its own held-out split
-    and training), per regime and region: how much of a difference between regimes is luck."""
+    and training), per regime and region, and the classifiers' balanced accuracy per regime (over the
+    seeds whose training split held both diseases): how much of a difference between regimes is luck."""
     out = {"seeds": list(seeds), "utility": {}}
     for regime in runs[0].get("utility", {}):
         scores = [r["utility"].get(regime) for r in runs if "utility" in r]
@@ -286,4 +287,11 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
                                            "dice_sd": float(np.std([s[region]["dice"] for s in scores], ddof=1)),
                                            "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores]))}
                                   for region in REGIONS}
+    out["classification"] = {}
+    for regime in runs[0].get("classification", {}).get("regimes", {}):
+        scores = [r.get("classification", {}).get("regimes", {}).get(regime) for r in runs]
+        accuracy = [s["balanced_accuracy"] for s in scores if s]
+        out["classification"][regime] = ({"balanced_accuracy_mean": float(np.mean(accuracy)),
+                                          "balanced_accuracy_sd": float(np.std(accuracy, ddof=1)), "runs": len(accuracy)}
+                                         if len(accuracy) >= 2 else None)
     return out

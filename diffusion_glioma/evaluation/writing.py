@@ -15,6 +15,7 @@ from .segmentation import REGIONS
 def write_report(out: Path, results: dict, data: dict, names: list[str], modalities, real_by_key: dict,
                  segmentation: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    results["comparison"] = comparison_rows(results, names, modalities)
     write_json(out / "report.json", finite(results))
     _histograms(out / "histograms.png", data, names, modalities)
     _metric_bars(out / "metrics.png", results, names)
@@ -39,8 +40,11 @@ def finite(obj):
 def _fmt(value, digits=3) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, dict) and "mean" in value:  # KID over subsets
-        return f"{value['mean']:.{digits}g} ± {value['std']:.2g}"
+    if isinstance(value, dict) and "sd" in value:  # a score over seeds
+        return f"{value['mean']:.{digits}g} ± {value['sd']:.2g}"
+    if isinstance(value, dict) and "mean" in value:  # KID over subsets (one subset: both whole sets, no spread)
+        spread = f" ± {value['std']:.2g}" if value.get("subsets", 2) > 1 else ""
+        return f"{value['mean']:.{digits}g}{spread}"
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
@@ -49,6 +53,79 @@ def _fmt(value, digits=3) -> str:
 def _mean_over(per_modality: dict, key: str):
     values = [v[key] for v in per_modality.values() if v.get(key) is not None and math.isfinite(v[key])]
     return float(np.mean(values)) if values else None
+
+
+COMPARISON_COLUMNS = {
+    "fid_3d": "FID 3D", "kid_3d": "KID 3D", "ssim": "SSIM (head)", "psnr": "PSNR dB (head)", "mae": "MAE (head)",
+    "diversity": "diversity across masks", "fixed_mask_diversity": "diversity at a fixed mask",
+    "dice_trained_on": "WT Dice, segmenter trained on it -> real",
+    "dice_consistency": "WT Dice, mask consistency", "balanced_accuracy": "balanced accuracy, classifier trained on it -> real"}
+
+
+def comparison_rows(results: dict, names: list[str], modalities) -> list[dict]:
+    """One row per synthetic set with the headline numbers, and the rows that give them meaning:
+    the trivial generators and real but unpaired data (paired scores), the real set's own diversity,
+    and the segmenter and classifier trained on real cases (the same held-out splits for every set:
+    the split depends on the seed and the generator's training record, which the compared generators
+    share). Scores over several seeds are mean and sd."""
+    mean = lambda block, key: _mean_over({m: block[m] for m in modalities}, key)  # noqa: E731
+    rows = []
+    for n in names:
+        s = results["sets"][n]
+        seg = s.get("segmentation") or {}
+        consistency = seg.get("mask_consistency")
+        fixed = s["fixed_mask_diversity"]
+        rows.append({"set": n, "fid_3d": s["fid_3d"], "kid_3d": s["kid_3d"], "ssim": mean(s["paired"], "ssim"),
+                     "psnr": mean(s["paired"], "psnr"), "mae": mean(s["paired"], "mae"),
+                     "diversity": s["diversity_ms_ssim"], "fixed_mask_diversity": fixed["ms_ssim"] if fixed else None,
+                     "dice_trained_on": _wt_dice(seg, "synthetic"),
+                     "dice_consistency": consistency["WT"]["dice"] if consistency else None,
+                     "balanced_accuracy": _balanced_accuracy(seg, "synthetic -> real")})
+    for reference, per_modality in results.get("paired_references", {}).items():
+        rows.append({"set": f"reference: {reference}", "ssim": mean(per_modality, "ssim"),
+                     "psnr": mean(per_modality, "psnr"), "mae": mean(per_modality, "mae")})
+    first = next((results["sets"][n].get("segmentation") or {} for n in names), {})
+    rows.append({"set": "reference: real cases", "diversity": results["real_diversity_ms_ssim"],
+                 "dice_trained_on": _wt_dice(first, "real"), "balanced_accuracy": _balanced_accuracy(first, "real -> real")})
+    if (first.get("classification") or {}).get("regimes", {}).get("head size only -> real"):
+        rows.append({"set": "reference: head size only",
+                     "balanced_accuracy": _balanced_accuracy(first, "head size only -> real")})
+    return rows
+
+
+def _wt_dice(seg: dict, regime: str):
+    """WT Dice of a segmenter trained on `regime`: mean and sd over seeds when the study ran several."""
+    spread = ((seg.get("across_seeds") or {}).get("utility") or {}).get(regime)
+    if spread:
+        return {"mean": spread["WT"]["dice_mean"], "sd": spread["WT"]["dice_sd"]}
+    scores = (seg.get("utility") or {}).get(regime)
+    return scores["WT"]["dice"] if scores else None
+
+
+def _balanced_accuracy(seg: dict, regime: str):
+    spread = ((seg.get("across_seeds") or {}).get("classification") or {}).get(regime)
+    if spread:
+        return {"mean": spread["balanced_accuracy_mean"], "sd": spread["balanced_accuracy_sd"]}
+    scores = (seg.get("classification") or {}).get("regimes", {}).get(regime)
+    return scores["balanced_accuracy"] if scores else None
+
+
+def _memorisation_text(mem: dict) -> str:
+    if not mem["nearest"]:  # the real set shares no case with the generator's training record
+        return "n/a (no training case among the real cases)"
+    return f"{len(mem['suspicious'])} of {len(mem['nearest'])}"
+
+
+def _comparison_markdown(rows: list[dict]) -> list[str]:
+    lines = ["## Comparison", "", "Every set against the same real cases; the reference rows give each column its "
+             "meaning (SSIM, PSNR and MAE are means over modalities; the segmentation and classification columns "
+             "are scored on the study's held-out real cases, see below).", "",
+             "| set | " + " | ".join(COMPARISON_COLUMNS.values()) + " |",
+             "|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    for row in rows:
+        lines.append(f"| {row['set']} | " + " | ".join(_fmt(row[k]) if row.get(k) is not None else "-"
+                                                      for k in COMPARISON_COLUMNS) + " |")
+    return lines + [""]
 
 
 def markdown(results: dict, names: list[str], modalities) -> str:
@@ -62,6 +139,7 @@ def markdown(results: dict, names: list[str], modalities) -> str:
              "MAE compare a synthetic volume with the real volume of the same mask, inside the head only; the "
              "reference rows give what a trivial generator (mean-fill, noise) and real but unpaired data (another "
              "real case) score.", "",
+             *_comparison_markdown(results["comparison"]),
              "## Overall", "",
              "| set | FID 3D | KID 3D | diversity across masks | diversity at a fixed mask | pairs | memorisation flags |",
              "|---|---|---|---|---|---|---|"]
@@ -72,7 +150,7 @@ def markdown(results: dict, names: list[str], modalities) -> str:
         fixed_text = f"{_fmt(fixed['ms_ssim'])} ({fixed['masks']} masks)" if fixed else "n/a (one sample per mask)"
         mem = s["memorisation"]
         lines.append(f"| {n} | {_fmt(s['fid_3d'])} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
-                     f"{fixed_text} | {s['paired']['pairs']} | {len(mem['suspicious'])} of {len(mem['nearest'])} |")
+                     f"{fixed_text} | {s['paired']['pairs']} | {_memorisation_text(mem)} |")
     lines += ["", "Memorisation: a synthetic volume is flagged when it lies closer (3D features) to a training case "
               "other than the one its mask came from than the "
               f"{_fmt(100 * results['sets'][names[0]]['memorisation']['quantile'] if names else 5.0)}th percentile of "
