@@ -99,7 +99,11 @@ def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: 
     """Train, generate and evaluate one setting (each step resumes); RUN/result.json when done."""
     result_file = run_dir / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if result["overrides"] != overrides:  # the grid changed under a finished sweep
+            raise DataError(f"{result_file}: a run of other settings ({result['overrides']}, this grid asks for "
+                            f"{overrides}); choose another --out")
+        return result
     from .evaluation.report import evaluate
     from .generate import GenerateOptions, generate_dataset
     from .training.config import load_train_config
@@ -151,15 +155,41 @@ def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> d
     return summary
 
 
+def training_curve(run_dir: str | Path) -> tuple[str, list[int], list[float]] | None:
+    """(name, steps, values) of a run's training loss from its metrics log: `loss` for the diffusion
+    model and the VAE, the generator's `loss_g` for the GANs."""
+    log = Path(run_dir) / "train" / "logs" / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    for name in ("loss", "loss_g"):
+        points = [(r["step"], r[name]) for r in records if name in r]
+        if points:
+            return name, [p[0] for p in points], [p[1] for p in points]
+    return None
+
+
 def _figure(path: Path, ranked: list[dict], rank_by: str) -> None:
+    """The ranked scores beside each run's training loss (the same ranking can hide a run that had
+    not converged)."""
     from .figures import pyplot, save_png
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(ranked) + 2), 3.4))
+    fig, (ax, curves) = plt.subplots(1, 2, figsize=(max(4, 1.4 * len(ranked) + 2) + 4.5, 3.4))
     labels = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) for r in ranked]
     ax.bar(range(len(ranked)), [r["scores"][rank_by] or 0 for r in ranked], color="tab:orange")
     ax.set_xticks(range(len(ranked)), labels, fontsize=7)
     ax.set_ylabel(rank_by)
     ax.set_title(f"sweep ranked by {rank_by}", fontsize=9)
+    for label, r in zip(labels, ranked):
+        curve = training_curve(r["run"])
+        if curve:
+            curves.plot(curve[1], curve[2], label=label.replace("\n", ", "))
+            curves.set_ylabel(curve[0])
+    curves.set_yscale("log")
+    curves.set_xlabel("step")
+    curves.set_title("training loss", fontsize=9)
+    if curves.lines:
+        curves.legend(fontsize=6)
     fig.tight_layout()
     save_png(fig, path)

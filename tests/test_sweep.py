@@ -49,8 +49,15 @@ def test_sweep_trains_evaluates_ranks_and_resumes(tiny_cache, phantom_dir, tmp_p
     table = (out / "sweep.md").read_text()
     assert "| 1 | run-00" in table and "optim.learning_rate" in table
     assert (out / "sweep.png").stat().st_size > 3000
+    name, steps, values = sweep.training_curve(out / "run-001")  # the figure's loss panel reads each run's log
+    assert name == "loss" and steps == [1, 2, 3, 4] and all(v > 0 for v in values)
     with pytest.raises(DiffusionGliomaError, match="--only 5: the sweep has runs 0 to 1"):
         main(["--debug", "sweep", "--config", str(base), "--grid", str(grid), "--out", str(out), "--only", "5"])
+    changed = tmp_path / "changed.yaml"  # a grid edited under a finished sweep does not reuse its runs
+    changed.write_text(yaml.safe_dump({"parameters": {"optim.learning_rate": [2.0e-3, 3.0e-3]},
+                                       "evaluate": {"real": str(phantom_dir)}}))
+    with pytest.raises(DiffusionGliomaError, match="run-000/result.json: a run of other settings"):
+        main(["--debug", "sweep", "--config", str(base), "--grid", str(changed), "--out", str(out)])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"parameters": {"optim.learning_rate": 1e-4}, "evaluate": {"real": "x"}}))
     with pytest.raises(DiffusionGliomaError, match="parameters.optim.learning_rate must be a non-empty list"):
