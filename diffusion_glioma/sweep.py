@@ -140,8 +140,10 @@ def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> d
     key = lambda r: (r["scores"][rank_by] is None, -(r["scores"][rank_by] or 0) if higher else (r["scores"][rank_by] or 0))  # noqa: E731
     ranked = sorted(results, key=key)
     summary = {"rank_by": rank_by, "higher_is_better": higher, "runs": ranked}
-    write_json(out / "sweep.json", summary)
     names = list(combos[0])
+    if "seed" in names and len(names) > 1:
+        summary["over_seeds"] = over_seeds(ranked)
+    write_json(out / "sweep.json", summary)
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     lines = [f"# Sweep: {len(ranked)} runs ranked by {rank_by} ({'higher' if higher else 'lower'} is better)", "",
              "| rank | run | " + " | ".join(names) + " | " + " | ".join(METRICS) + " |",
@@ -149,10 +151,41 @@ def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> d
     for rank, r in enumerate(ranked, 1):
         lines.append(f"| {rank} | {Path(r['run']).name} | " + " | ".join(str(r["overrides"][n]) for n in names)
                      + " | " + " | ".join(fmt(r["scores"][m]) for m in METRICS) + " |")
+    if "over_seeds" in summary:
+        others = [n for n in names if n != "seed"]
+        lines += ["", "Each setting over its seeds (mean ± sd): a difference smaller than the sd is a reseed's.", "",
+                  "| " + " | ".join(others) + " | seeds | " + " | ".join(METRICS) + " |",
+                  "|" + "---|" * (len(others) + 1 + len(METRICS))]
+        for group in summary["over_seeds"]:
+            cells = [fmt(group["scores"][m]["mean"]) + (f" ± {group['scores'][m]['sd']:.2g}"
+                                                       if group["scores"][m]["sd"] is not None else "")
+                     if group["scores"][m] else "n/a" for m in METRICS]
+            lines.append("| " + " | ".join(str(group["setting"][n]) for n in others)
+                         + f" | {len(group['seeds'])} | " + " | ".join(cells) + " |")
     with atomic_path(out / "sweep.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     _figure(out / "sweep.png", ranked, rank_by)
     return summary
+
+
+def over_seeds(runs: list[dict]) -> list[dict]:
+    """The runs grouped by every setting but `seed`, each metric as mean and sd over the group's seeds,
+    in the order the groups first appear."""
+    groups: dict[str, dict] = {}
+    for r in runs:
+        setting = {k: v for k, v in r["overrides"].items() if k != "seed"}
+        group = groups.setdefault(json.dumps(setting, sort_keys=True), {"setting": setting, "seeds": [], "runs": []})
+        group["seeds"].append(r["overrides"]["seed"])
+        group["runs"].append(r)
+    out = []
+    for group in groups.values():
+        scores = {}
+        for m in METRICS:
+            values = [r["scores"][m] for r in group["runs"] if r["scores"][m] is not None]
+            scores[m] = {"mean": float(np.mean(values)),
+                         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None} if values else None
+        out.append({"setting": group["setting"], "seeds": group["seeds"], "scores": scores})
+    return out
 
 
 def training_curve(run_dir: str | Path) -> tuple[str, list[int], list[float]] | None:

@@ -62,3 +62,20 @@ def test_sweep_trains_evaluates_ranks_and_resumes(tiny_cache, phantom_dir, tmp_p
     bad.write_text(yaml.safe_dump({"parameters": {"optim.learning_rate": 1e-4}, "evaluate": {"real": "x"}}))
     with pytest.raises(DiffusionGliomaError, match="parameters.optim.learning_rate must be a non-empty list"):
         main(["--debug", "sweep", "--config", str(base), "--grid", str(bad), "--out", str(out)])
+
+
+def test_sweep_with_a_seed_key_summarises_each_setting_over_its_seeds(tmp_path):
+    """Runs that differ only in `seed` are one setting: its mean and sd per metric (the sd says how
+    much of a difference between settings a reseed alone makes)."""
+    def run(seed, lr, ssim):
+        scores = {m: None for m in sweep.METRICS}
+        scores["ssim"] = ssim
+        return {"overrides": {"seed": seed, "optim.learning_rate": lr}, "scores": scores, "run": str(tmp_path / "x")}
+
+    runs = [run(0, 1e-3, 0.30), run(1, 1e-3, 0.32), run(0, 1e-4, 0.20), run(1, 1e-4, 0.21)]
+    summary = sweep._rank(tmp_path, [r["overrides"] for r in runs], runs, "ssim")
+    groups = {g["setting"]["optim.learning_rate"]: g for g in summary["over_seeds"]}
+    assert groups[1e-3]["seeds"] == [1, 0] and groups[1e-3]["scores"]["ssim"]["mean"] == pytest.approx(0.31)
+    assert groups[1e-3]["scores"]["ssim"]["sd"] == pytest.approx(0.01414, abs=1e-4)
+    assert groups[1e-4]["scores"]["psnr"] is None
+    assert "| 0.001 | 2 | 0.31 ± 0.014 |" in (tmp_path / "sweep.md").read_text()
