@@ -156,10 +156,10 @@ def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> d
         lines += ["", "Each setting over its seeds (mean ± sd): a difference smaller than the sd is a reseed's.", "",
                   "| " + " | ".join(others) + " | seeds | " + " | ".join(METRICS) + " |",
                   "|" + "---|" * (len(others) + 1 + len(METRICS))]
+        spread = lambda score: "n/a" if score is None else fmt(score["mean"]) + (  # noqa: E731
+            f" ± {score['sd']:.2g}" if score["sd"] is not None else "")
         for group in summary["over_seeds"]:
-            cells = [fmt(group["scores"][m]["mean"]) + (f" ± {group['scores'][m]['sd']:.2g}"
-                                                       if group["scores"][m]["sd"] is not None else "")
-                     if group["scores"][m] else "n/a" for m in METRICS]
+            cells = [spread(group["scores"][m]) for m in METRICS]
             lines.append("| " + " | ".join(str(group["setting"][n]) for n in others)
                          + f" | {len(group['seeds'])} | " + " | ".join(cells) + " |")
     with atomic_path(out / "sweep.md") as tmp:
@@ -177,13 +177,14 @@ def over_seeds(runs: list[dict]) -> list[dict]:
         group = groups.setdefault(json.dumps(setting, sort_keys=True), {"setting": setting, "seeds": [], "runs": []})
         group["seeds"].append(r["overrides"]["seed"])
         group["runs"].append(r)
+    from .evaluation.fidelity import mean_and_sd
+
     out = []
     for group in groups.values():
         scores = {}
         for m in METRICS:
             values = [r["scores"][m] for r in group["runs"] if r["scores"][m] is not None]
-            scores[m] = {"mean": float(np.mean(values)),
-                         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None} if values else None
+            scores[m] = mean_and_sd(values) if values else None
         out.append({"setting": group["setting"], "seeds": group["seeds"], "scores": scores})
     return out
 

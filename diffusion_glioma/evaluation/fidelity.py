@@ -20,6 +20,12 @@ VOLUME_SIZE = (32, 32, 32)  # 3D features and diversity are computed at this siz
 SLICE_SIZE = (64, 64)
 
 
+def mean_and_sd(values: list[float]) -> dict:
+    """{"mean", "sd"} of repeated scores (runs with different seeds); sd is the sample standard
+    deviation, None for a single value."""
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+
 def frechet_distance(real: torch.Tensor, synthetic: torch.Tensor) -> float | None:
     """FID between two feature sets (MONAI's FIDMetric); None when a set has fewer than 2 members."""
     from monai.metrics import FIDMetric

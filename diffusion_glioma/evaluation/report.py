@@ -353,17 +353,18 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     results: dict = {"feature_extractor": extractors.description,
                      "counts": {n: len(d.items) for n, d in data.items()}, "sets": {}}
     notes = []
+    training_records = {name: generator_training_cases(folder) for name, folder in zip(names, synthetic)}
     everything_real = set(real_data.indices())
     results["real_diversity_ms_ssim"] = _across_set_diversity(real_data, everything_real)
     results["paired_references"] = _paired_references(real_data, everything_real, modalities)
-    for name, folder in zip(names, synthetic):
+    for name in names:
         syn = data[name]
         entry = _block(real_data, syn, modalities, everything_real, set(syn.indices()), seed, by_slices=True)
         entry["by_disease"] = {}
         for disease in sorted({i.disease for i in syn.items if i.disease} & {i.disease for i in sets["real"]}):
             entry["by_disease"][disease] = _block(real_data, syn, modalities, set(real_data.indices(disease)),
                                                   set(syn.indices(disease)), seed, by_slices=False)
-        training = generator_training_cases(folder)
+        training = training_records[name]
         mem = memorisation([i.item_id for i in sets["real"]], torch.stack(real_data.f3d_all),
                            [i.item_id for i in syn.items], torch.stack(syn.f3d_all),
                            [i.source or i.key for i in syn.items], training=training or None)
@@ -377,10 +378,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
 
         with_masks = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
         real_cases = prepare_items(with_masks(sets["real"]))
-        for name, folder in zip(names, synthetic):
+        for name in names:
             synthetic_cases = prepare_items(with_masks(sets[name]))
             runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s,
-                                       generator_cases=generator_training_cases(folder), anomaly_steps=anomaly_steps)
+                                       generator_cases=training_records[name], anomaly_steps=anomaly_steps)
                     for s in (segmentation_seeds or [seed])]
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
@@ -410,8 +411,9 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     results["notes"] = notes
 
     # 3. Report and figures.
-    from .writing import write_report
+    from .writing import comparison_rows, write_report
 
+    results["comparison"] = comparison_rows(results, names, modalities)
     write_report(out, results, data, names, modalities, real_by_key, segmentation_steps > 0)
     return results
 

@@ -21,7 +21,7 @@ from ..data.preprocess import prepare_case
 from ..labels import BRATS_REGIONS
 from ..precision import fast_bf16
 from ..provenance import check_no_leak
-from .fidelity import inception_score
+from .fidelity import inception_score, mean_and_sd
 
 REGIONS = ("WT", "TC", "ET")
 GRID = PreprocessConfig(shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0))
@@ -291,7 +291,6 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
     for regime in runs[0].get("classification", {}).get("regimes", {}):
         scores = [r.get("classification", {}).get("regimes", {}).get(regime) for r in runs]
         accuracy = [s["balanced_accuracy"] for s in scores if s]
-        out["classification"][regime] = ({"balanced_accuracy_mean": float(np.mean(accuracy)),
-                                          "balanced_accuracy_sd": float(np.std(accuracy, ddof=1)), "runs": len(accuracy)}
+        out["classification"][regime] = ({"balanced_accuracy": mean_and_sd(accuracy), "runs": len(accuracy)}
                                          if len(accuracy) >= 2 else None)
     return out

@@ -15,7 +15,6 @@ from .segmentation import REGIONS
 def write_report(out: Path, results: dict, data: dict, names: list[str], modalities, real_by_key: dict,
                  segmentation: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results["comparison"] = comparison_rows(results, names, modalities)
     write_json(out / "report.json", finite(results))
     _histograms(out / "histograms.png", data, names, modalities)
     _metric_bars(out / "metrics.png", results, names)
@@ -105,7 +104,7 @@ def _wt_dice(seg: dict, regime: str):
 def _balanced_accuracy(seg: dict, regime: str):
     spread = ((seg.get("across_seeds") or {}).get("classification") or {}).get(regime)
     if spread:
-        return {"mean": spread["balanced_accuracy_mean"], "sd": spread["balanced_accuracy_sd"]}
+        return spread["balanced_accuracy"]
     scores = (seg.get("classification") or {}).get("regimes", {}).get(regime)
     return scores["balanced_accuracy"] if scores else None
 
