@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import DiffusionGliomaError
+from .errors import ConfigError, DiffusionGliomaError
 
 
 def _data_config(args):
@@ -32,9 +32,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def cmd_phantom(args) -> int:
     from .data.phantom import write_cohort
 
+    if bool(args.truth_draws) != bool(args.truth_out) or args.truth_draws < 0:
+        raise ConfigError("--truth-draws K (K >= 1) and --truth-out DIR go together")
+
     folders = write_cohort(args.out, n_adult=args.n_adult, n_pediatric=args.n_pediatric, spacing=args.spacing,
-                           seed=args.seed, first_index=args.first_index, progress=not args.quiet)
+                           seed=args.seed, first_index=args.first_index, truth_draws=args.truth_draws,
+                           truth_out=args.truth_out, progress=not args.quiet)
     print(f"wrote {len(folders)} phantom cases (BraTS 2023 layout, {args.spacing:g} mm) to {args.out}")
+    if args.truth_draws:
+        print(f"wrote {args.truth_draws} same-mask truth draws per case to {args.truth_out} (manifest.jsonl)")
     return 0
 
 
@@ -231,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-index", type=int, default=0,
                    help="number of the first case (e.g. 100 for held-out subjects no 0-based cohort contains)")
+    p.add_argument("--truth-draws", type=int, default=0,
+                   help="K subjects per case that share its mask bit for bit (what a perfect sampler draws)")
+    p.add_argument("--truth-out", help="folder for the truth draws (a set with a manifest, like generate's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_phantom)
 

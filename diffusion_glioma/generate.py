@@ -6,8 +6,10 @@ Every mask is read in its own layout, mapped to the common scheme, put on the mo
 K times, and each volume is written back on the exact grid and affine of its mask. One output is
 one (mask, k) pair; its files are written under temporary names and renamed, and its manifest
 record is written last, so an output is done exactly when its record exists. Re-running skips the
-done ones and redoes the partial ones; under `accelerate launch` the masks are split between
-processes and each output is owned by exactly one of them.
+done ones, redoes the partial ones and deletes the temporaries a killed run left; an output's name
+depends on its own mask and draw only, so a grown mask folder adds outputs and renames none. Under
+`accelerate launch` the masks are split between processes and each output is owned by exactly one of
+them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +32,7 @@ from .data.layouts import SEG, Case, Layout, discover_cases, write_label_schemes
 from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
 from .errors import DataError, DiffusionGliomaError
 from .figures import FigureRow, to_ras, write_slices_figure
-from .io import atomic_path, load_volume, save_volume, write_json
+from .io import atomic_path, is_temporary, load_volume, remove_stale_temporaries, save_volume, write_json
 from .provenance import read_sources
 from .pipeline import load_pipeline
 from .precision import resolve_dtype
@@ -148,20 +151,23 @@ class Writer:
     """Where the files of one output go, for each format."""
 
     def __init__(self, out: Path, options: GenerateOptions, modalities: list[str], tumour_labels: list[int],
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, str] | None = None, brats_numbers: dict[str, int] | None = None):
         self.sources = sources or {}  # mask case id -> the real case it descends from (augment-masks' manifest)
+        self.brats_numbers = brats_numbers or {}  # mask case id -> its BraTS case number (BRATS_NAMES)
         self.out, self.options, self.modalities = out, options, modalities
         self.nnunet_values = nnunet.label_values(tumour_labels)
         self.root = out / f"Dataset{options.dataset_id:03d}_{options.dataset_name}" if options.format == "nnunet" else out
 
-    def files(self, oid: str, index: int, disease: str) -> dict[str, Path]:
-        fmt = self.options.format
+    def files(self, case_id: str, k: int, disease: str) -> dict[str, Path]:
+        fmt, oid = self.options.format, output_id(case_id, k)
         if fmt == "pairs":
             return {**{m: self.root / oid / f"{m}.nii.gz" for m in self.modalities},
                     "mask": self.root / oid / "mask.nii.gz"}
         if fmt == "brats":
             prefix = "PED" if disease.startswith("pediatric") else "GLI"
-            name = f"BraTS-{prefix}-{90000 + index:05d}-000"  # 9xxxx: never a real BraTS case number
+            # 9xxxx is never a real BraTS case number; the draw takes the time-point field, so a
+            # patient-wise split keeps every draw of one mask together.
+            name = f"BraTS-{prefix}-{90000 + self.brats_numbers[case_id]:05d}-{k:03d}"
             return {**{m: self.root / name / f"{name}-{m}.nii.gz" for m in self.modalities},
                     "mask": self.root / name / f"{name}-seg.nii.gz"}
         return {**{m: self.root / "imagesTr" / f"{oid}_{c:04d}.nii.gz" for c, m in enumerate(self.modalities)},
@@ -221,15 +227,20 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     sources = read_sources(masks)
     if options.limit is not None:
         cases = cases[: options.limit]
+    if options.format == "brats" and options.per_mask > 1000:
+        raise DiffusionGliomaError("--format brats names a draw by its 3-digit time point: at most 1000 per mask")
     tumour_labels = sorted(v for v in known if v not in (BACKGROUND, HEAD))
-    writer = Writer(out, options, modalities, tumour_labels, sources)
+    # A local model by its absolute path, so the folder's provenance reads the same from any directory.
+    model_name = str(model_dir.resolve()) if model_dir.exists() else str(model_dir)
     identity = {
-        "generator": f"diffusion_glioma {__version__}", "model": str(model_dir), "model_hash": model_fingerprint(model_dir),
+        "generator": f"diffusion_glioma {__version__}", "model": model_name, "model_hash": model_fingerprint(model_dir),
         "masks": str(Path(masks).resolve()), "format": options.format, "sampler": options.sampler,
         "steps": options.steps, "guidance_scale": options.guidance_scale, "seed": options.seed,
         "per_mask": options.per_mask, "precision": str(pipeline._model.dtype).removeprefix("torch."),
     }
     _claim_output_folder(out, identity, state, dry_run)
+    numbers = _brats_numbers(out, [c.case_id for c in cases], state, write=not dry_run) if options.format == "brats" else {}
+    writer = Writer(out, options, modalities, tumour_labels, sources, numbers)
 
     # Outputs in a fixed order; this process takes every num_processes-th mask.
     plan = [(i, case, k) for i, case in enumerate(cases) for k in range(options.per_mask)]
@@ -237,15 +248,15 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     records_dir = out / ".records"
     todo, done = [], []
     for position, (i, case, k) in enumerate(mine):
-        record_path = records_dir / f"{output_id(case.case_id, k)}.json"
-        if record_path.is_file():
-            done.append(json.loads(record_path.read_text()))
+        record = _read_record(records_dir / f"{output_id(case.case_id, k)}.json")
+        if record is not None:
+            done.append(record)
         else:
             todo.append((position // options.batch_size, i, case, k))
     if dry_run:
         for _, i, case, k in todo:
             disease = resolve_disease(case, options, pipeline.disease_classes)
-            for path in writer.files(output_id(case.case_id, k), i * options.per_mask + k, disease).values():
+            for path in writer.files(case.case_id, k, disease).values():
                 print(path)
         print(f"{len(todo)} outputs to write, {len(done)} already done")
         return done
@@ -268,7 +279,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
                            num_inference_steps=options.steps, generator=generators, progress=False).volumes
         seconds = (time.perf_counter() - began) / len(chunk)
         for (i, case, k), job, volume in zip(chunk, batch_jobs, volumes.cpu().numpy()):
-            record = _write_output(writer, job, volume, i * options.per_mask + k, k, options, identity, seconds,
+            record = _write_output(writer, job, volume, k, options, identity, seconds,
                                    figure_rows if state.is_main_process else None)
             record["process"] = state.process_index
             write_json(records_dir / f"{output_id(case.case_id, k)}.json", record)
@@ -278,8 +289,8 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
 
     state.wait_for_everyone()
     if state.is_main_process:
-        all_records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-        with_order = sorted(all_records, key=lambda r: (r["index"]))
+        all_records = [r for p in sorted(records_dir.glob("*.json")) if (r := _read_record(p)) is not None]
+        with_order = sorted(all_records, key=lambda r: (r["case_id"], r["k"]))
         manifest = out / "manifest.jsonl"
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in with_order)
         with atomic_path(manifest) as tmp:
@@ -328,11 +339,11 @@ def _mask_job(case: Case, options: GenerateOptions, preprocess: PreprocessConfig
     return load_mask(case, preprocess, known, resolve_disease(case, options, pipeline.disease_classes))
 
 
-def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, k: int, options: GenerateOptions,
+def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, k: int, options: GenerateOptions,
                   identity: dict, seconds: float, figure_rows: list | None = None) -> dict:
     """Model-space volume in [-1, 1] -> [0, 1] on the mask's grid, background 0, float32."""
     oid = output_id(job.case.case_id, k)
-    files = writer.files(oid, index, job.disease)
+    files = writer.files(job.case.case_id, k, job.disease)
     outside_head = job.source_common == BACKGROUND
     images = {}
     for channel, modality in enumerate(writer.modalities):
@@ -349,7 +360,7 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, index: int, 
     save_volume(files["mask"], writer.mask_array(job), job.geometry.source_affine_array,
                 qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
     return {
-        "output": oid, "index": index, "source_mask": str(job.case.seg), "case_id": job.case.case_id, "k": k,
+        "output": oid, "source_mask": str(job.case.seg), "case_id": job.case.case_id, "k": k,
         "derived_from": writer.sources.get(job.case.case_id, job.case.case_id),  # the real case, through augmentation
         "label_scheme": job.case.labels,
         "disease": job.disease, "seed": output_seed(options.seed, job.case.case_id, k),
@@ -374,15 +385,54 @@ def _check_or_claim(out: Path, identity: dict, write: bool) -> None:
     marker = out / "generation.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
-        differing = sorted(k for k in identity if previous.get(k) != identity[k])
+        # Known weights are the same model wherever they lie; the path decides only without a hash.
+        compared = [k for k in identity if not (k == "model" and identity["model_hash"] != "unknown")]
+        differing = sorted(k for k in compared if previous.get(k) != identity[k])
         if differing:
             raise DataError(f"{out}: holds a dataset generated with other settings ({', '.join(differing)}); "
                             "choose another --out")
+        if write:  # no writer runs before the barrier after this: what a killed run left can go
+            remove_stale_temporaries(out)
         return
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: folder is not empty and holds no diffusion_glioma dataset; choose another --out")
     if write:
         write_json(marker, identity)
+
+
+def _read_record(path: Path) -> dict | None:
+    """A finished output's record, or None: absent, a temporary, or unreadable (then it is removed and
+    its output is redone, since the record is what marks an output as done)."""
+    if is_temporary(path) or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and {"output", "case_id", "k", "files"} <= set(record):
+            return record
+    except ValueError:
+        pass
+    print(f"{path}: unreadable output record; that output is written again", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return None
+
+
+BRATS_NAMES = "brats_names.json"
+
+
+def _brats_numbers(out: Path, case_ids: list[str], state, write: bool) -> dict[str, int]:
+    """{mask case id: BraTS case number}, kept in the output folder: a mask keeps its number when
+    masks are added, and a new mask takes the next free one (in sorted order within a run)."""
+    path = out / BRATS_NAMES
+    # Every process assigns the same numbers from the same file (a rename makes it whole or absent).
+    numbers: dict[str, int] = json.loads(path.read_text()) if path.is_file() else {}
+    for case_id in sorted(set(case_ids) - set(numbers)):
+        numbers[case_id] = max(numbers.values(), default=-1) + 1
+    if max(numbers.values(), default=0) > 9999:
+        raise DiffusionGliomaError(f"{out}: more than 10,000 masks do not fit BraTS' 5-digit case numbers")
+    if write and state.is_main_process:
+        write_json(path, numbers)
+    state.wait_for_everyone()
+    return numbers
 
 
 def _labels_seen(model_dir: Path) -> list[int]:

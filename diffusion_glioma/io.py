@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -132,11 +133,51 @@ def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, *, qfor
     return Path(path)
 
 
-def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically (sorted keys, readable indentation)."""
+# What `atomic_path` names its temporaries: a leftover of a killed run, never a finished file.
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+(\.[A-Za-z0-9]+)*$")
+
+
+def is_temporary(path: Path) -> bool:
+    return _TEMPORARY.match(Path(path).name) is not None
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporaries a killed writer left under `folder` (only safe when no writer is running)."""
+    removed = 0
+    for path in Path(folder).rglob(".*"):
+        if path.is_file() and is_temporary(path):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def write_json(path: str | Path, obj, *, sort_keys: bool = False) -> Path:
+    """Write JSON atomically with readable indentation. Keys stay in the order given, because some
+    readers give it meaning (nnU-Net reads its regions in file order)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default) + "\n")
     return Path(path)
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_id(value, where: str) -> str:
+    """An id that becomes a file name: letters, digits, '.', '_', '-', no path separators."""
+    if not isinstance(value, str) or not _SAFE_ID.fullmatch(value) or ".." in value:
+        raise DataError(f"{where}: id {value!r} is not a plain name (letters, digits, '.', '_', '-')")
+    return value
+
+
+def inside(folder: str | Path, relative, where: str) -> Path:
+    """`folder / relative`, refusing absolute paths and any path that leaves `folder` (`..`, links)."""
+    folder = Path(folder)
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise DataError(f"{where}: path {relative!r} must be relative to {folder}")
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"{where}: path {relative!r} leaves {folder}")
+    return path
 
 
 def _json_default(obj):

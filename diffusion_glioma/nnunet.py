@@ -14,8 +14,11 @@ from .io import write_json
 from .labels import BRATS_REGIONS, CAVITY, COMMON_LABELS, CORE, CYST, ENHANCING, OEDEMA
 
 ORDER = (OEDEMA, CORE, ENHANCING, CYST, CAVITY)
+# In the order nnU-Net paints them; each region's first value is the label it paints, so every label
+# needs a region that starts with it (a cyst inside the core would otherwise come back as core).
+# Written in this order (dict order is file order; nnU-Net reads regions in file order).
 REGION_NAMES = {"whole_tumor": BRATS_REGIONS["WT"], "tumor_core": BRATS_REGIONS["TC"],
-                "enhancing_tumor": BRATS_REGIONS["ET"], "resection_cavity": (CAVITY,)}
+                "enhancing_tumor": BRATS_REGIONS["ET"], "cyst": (CYST,), "resection_cavity": (CAVITY,)}
 
 
 def label_values(tumour_labels) -> dict[int, int]:

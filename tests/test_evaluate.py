@@ -363,15 +363,21 @@ def test_held_out_cases_come_from_outside_the_generator_and_nothing_derived_is_t
 
 def test_curation_keeps_volumes_whose_mask_a_real_trained_segmenter_recovers(phantom_dir, tmp_path, capsys):
     """Each adult phantom's images paired with its own mask (consistent) and with another adult's mask
-    (the tumour lies elsewhere): the curated manifest keeps the consistent ones, points at the original
-    files, and `evaluate` reads it as a set."""
+    (the tumour lies elsewhere): the curated folder keeps the consistent ones with their files, and
+    `evaluate` reads it as a set."""
     cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir() and "GLI" in p.name)
     synthetic = tmp_path / "synthetic"
     synthetic.mkdir()
     records = []
     for i, case in enumerate(cases):
         for tag, mask_case in (("own", case), ("other", cases[(i + 1) % len(cases)])):
-            files = {image.name.split("-")[-1].split(".")[0]: str(image) for image in case.glob("*-t*.nii.gz")}
+            files = {}
+            for image in case.glob("*-t*.nii.gz"):  # a manifest names files inside its own folder
+                modality = image.name.split("-")[-1].split(".")[0]
+                target = synthetic / f"{case.name}_{tag}" / f"{modality}.nii.gz"
+                target.parent.mkdir(exist_ok=True)
+                shutil.copy(image, target)
+                files[modality] = str(target.relative_to(synthetic))
             records.append({"output": f"{case.name}_{tag}", "case_id": mask_case.name, "files": files,
                             "source_mask": str(next(mask_case.glob("*-seg.nii.gz"))), "label_scheme": "brats_gli",
                             "disease": "glioblastoma", "derived_from": mask_case.name})
@@ -434,6 +440,11 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
                  f"v({str(out / 'nnUNet_raw' / study['datasets']['real+synthetic']['folder'])!r}, num_processes=1)")
         result = subprocess.run([str(NNUNET_PYTHON), "-c", check], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        from tests.test_dataset_trust import decodes_back  # nnU-Net's LabelManager gives every label file back
+
+        for dataset in study["datasets"].values():
+            decoded = decodes_back(out / "nnUNet_raw" / dataset["folder"])
+            assert decoded.returncode == 0, decoded.stdout[-2000:] + decoded.stderr[-2000:]
     with pytest.raises(DiffusionGliomaError, match="already holds an exported study"):
         main(["--debug", "nnunet-study", "export", "--real", str(phantom_dir), "--synthetic",
               str(tmp_path / "synthetic"), "--out", str(out), "--quiet"])

@@ -58,7 +58,7 @@ def test_every_format_lands_on_the_mask_grid(model_dir, phantom_dir, tmp_path, f
                                progress=False)
     assert len(records) == 10
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in manifest] == list(range(10))
+    assert [(r["case_id"], r["k"]) for r in manifest] == sorted((r["case_id"], r["k"]) for r in manifest)
     for record in manifest:
         seg = nib.load(record["source_mask"])
         for name, rel in record["files"].items():
@@ -80,11 +80,11 @@ def test_every_format_lands_on_the_mask_grid(model_dir, phantom_dir, tmp_path, f
         assert any(p.name.startswith("BraTS-PED-9") for p in out.iterdir())
         # read back as written, though a PED mask without oedema alone could be either release
         reread = {c.case_id: c.labels for c in discover_cases(out)}
-        assert reread["BraTS-PED-90006-000"] == "brats_peds_2024" and reread["BraTS-GLI-90000-000"] == "brats_gli"
+        assert reread["BraTS-PED-90003-001"] == "brats_peds_2024" and reread["BraTS-GLI-90000-001"] == "brats_gli"
     if fmt == "nnunet":
         dataset = out / "Dataset501_SyntheticGlioma"
         info = json.loads((dataset / "dataset.json").read_text())
-        assert info["numTraining"] == 10 and info["regions_class_order"] == [1, 2, 3]
+        assert info["numTraining"] == 10 and info["regions_class_order"] == [1, 2, 3, 4]  # WT, TC, ET, cyst
         assert len(list((dataset / "imagesTr").iterdir())) == 40
         assert set(np.unique(mask)) <= {0, 1, 2, 3, 4}
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .layouts import write_label_schemes
-from ..io import save_volume, write_json
+from ..io import atomic_path, save_volume, write_json
 
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 
@@ -147,8 +147,13 @@ def _random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray
     return rz @ ry @ rx
 
 
-def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.SeedSequence) -> dict:
+def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.SeedSequence, draw: int = 0) -> dict:
     """One phantom subject on an RAS grid at `spacing` mm.
+
+    `seed` fixes the mask: head outline, tumour and its labels. `draw` picks one of the subjects that
+    share that mask exactly and differ in all the mask leaves free (interior anatomy, tissue signal,
+    tumour texture, bias field, noise): draws of one seed are the truth's conditional draws, what a
+    perfect mask-conditioned sampler would produce. Draw 0 is the cohort's subject.
 
     Returns `images` (modality -> float32 array, background 0), `seg` (this profile's label values),
     `affine` (voxel -> RAS mm) and a `record` of the random choices made.
@@ -185,44 +190,58 @@ def make_subject(profile: DiseaseProfile, spacing: float, seed: int | np.random.
 
     # 2. Tumour, placed and drawn in template coordinates so that it follows the subject's anatomy; the
     #    healthy tissue around it is pushed aside (mass effect) rather than replaced.
-    place, draw = TUMOUR_MODELS[profile.disease]
+    place, draw_tumour = TUMOUR_MODELS[profile.disease]
     white_matter = {"wm": warp(tpl.tissues["wm"], template_world)}  # all that placement looks at
     tumour_centre, radii = place(rng, template_world, warp(tpl.brain, template_world), white_matter)
     push = rng.uniform(*profile.mass_effect)
     displaced = _radial_push(template_world, tumour_centre, push, 1.3 * float(radii.mean()))
-    fractions = {name: warp(v, displaced) for name, v in tpl.tissues.items()}
     brain = warp(tpl.brain, displaced)
-    tumour, record = draw(rng, template_world, brain, fractions, tumour_centre, radii)
-    tumour_total = sum(tumour.values())
-    for name in fractions:
-        fractions[name] *= 1.0 - np.clip(tumour_total, 0.0, 1.0)
-    fractions.update(tumour)
-
-    # 3. Contrasts: partial-volume mix with per-subject signal jitter, tumour texture, bias field, Rician noise.
-    texture = 1.0 + 0.06 * _smooth_noise(rng, shape, coarse=12)
+    tumour, record = draw_tumour(rng, template_world, brain, {"wm": warp(tpl.tissues["wm"], displaced)},
+                                 tumour_centre, radii)
     head = brain > 0.5
-    snr = rng.uniform(20.0, 30.0)
-    images = {}
-    for m, modality in enumerate(MODALITIES):
-        signal = np.zeros(shape, dtype=np.float32)
-        for tissue, fraction in fractions.items():
-            level = TISSUE_SIGNAL[tissue][m] * (1.0 + rng.normal(0.0, 0.03))
-            if tissue in TUMOUR_TISSUES:
-                fraction = fraction * texture
-            signal += level * fraction
-        signal *= np.exp(0.12 * _smooth_noise(rng, shape, coarse=3))
-        sigma = TISSUE_SIGNAL["wm"][m] / snr
-        noisy = np.hypot(signal + rng.normal(0.0, sigma, shape), rng.normal(0.0, sigma, shape))
-        images[modality] = np.where(head, noisy, 0.0).astype(np.float32)  # skull-stripped like BraTS
-
     seg = np.zeros(shape, dtype=np.uint8)
     # Hard labels by the dominant tumour tissue where tumour dominates the voxel; order sets precedence.
     for tissue in ("oedema", "net", "necrosis", "cyst", "enhancing"):
         if tissue in tumour:
             seg[(tumour[tissue] >= 0.5) & head] = profile.label_values[tissue]
+    # Everything above is the mask; everything below is drawn from a stream of its own per draw.
+    free = np.random.default_rng([int(rng.integers(0, 2**62)), int(draw)])
+
+    # 3. Interior anatomy: a smooth displacement of grey/white/CSF that fades to nothing at the brain's
+    #    edge and around the tumour, so the head outline and the labels stay as they are.
+    tumour_total = sum(tumour.values())
+    edge_mm = ndimage.distance_transform_edt(head) * spacing
+    tumour_mm = ndimage.distance_transform_edt(tumour_total < 0.05) * spacing
+    taper = (np.clip(edge_mm / 12.0, 0.0, 1.0) * np.clip(tumour_mm / 8.0, 0.0, 1.0)).astype(np.float32)
+    interior = free.uniform(3.0, 6.0)
+    moved = displaced.copy()
+    for axis in range(3):
+        moved[axis] += interior * taper * _smooth_noise(free, shape, coarse=6)
+    fractions = {name: warp(v, moved) for name, v in tpl.tissues.items()}
+    for name in fractions:
+        fractions[name] *= 1.0 - np.clip(tumour_total, 0.0, 1.0)
+    fractions.update(tumour)
+
+    # 4. Contrasts: partial-volume mix with per-subject signal jitter, tumour texture, bias field, Rician noise.
+    texture = 1.0 + 0.06 * _smooth_noise(free, shape, coarse=12)
+    snr = free.uniform(20.0, 30.0)
+    images = {}
+    for m, modality in enumerate(MODALITIES):
+        signal = np.zeros(shape, dtype=np.float32)
+        for tissue, fraction in fractions.items():
+            level = TISSUE_SIGNAL[tissue][m] * (1.0 + free.normal(0.0, 0.03))
+            if tissue in TUMOUR_TISSUES:
+                fraction = fraction * texture
+            signal += level * fraction
+        signal *= np.exp(0.12 * _smooth_noise(free, shape, coarse=3))
+        sigma = TISSUE_SIGNAL["wm"][m] / snr
+        noisy = np.hypot(signal + free.normal(0.0, sigma, shape), free.normal(0.0, sigma, shape))
+        images[modality] = np.where(head, noisy, 0.0).astype(np.float32)  # skull-stripped like BraTS
+
     record.update(disease=profile.disease, label_scheme=profile.label_scheme, **anatomy,
                   ventricles=float(ventricles), mass_effect=float(push),
-                  warp_mm={str(k): round(float(v), 2) for k, v in warps.items()}, snr=float(snr))
+                  warp_mm={str(k): round(float(v), 2) for k, v in warps.items()}, snr=float(snr),
+                  draw=int(draw), interior_warp_mm=round(float(interior), 2))
     return {"images": images, "seg": seg, "affine": affine, "record": record}
 
 
@@ -324,36 +343,47 @@ def case_id(profile: DiseaseProfile, index: int) -> str:
 
 
 def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, spacing: float = 2.0,
-                 seed: int = 0, first_index: int = 0, progress: bool = True) -> list[Path]:
+                 seed: int = 0, first_index: int = 0, truth_draws: int = 0, truth_out: str | Path | None = None,
+                 progress: bool = True) -> list[Path]:
     """Write a phantom cohort in BraTS 2023 layout under `out`; returns the case folders.
 
     Case numbers start at `first_index`, and each subject follows from (seed, disease, number), so
     `first_index=100` gives held-out subjects that no cohort numbered from 0 contains.
+
+    With `truth_draws` K, `truth_out` receives K more subjects per case that share the case's mask bit
+    for bit (draws 1..K of `make_subject`), as a set in `generate`'s pairs layout with a manifest whose
+    records pair each draw with its case: the references of what a perfect sampler scores.
 
     Resumable: a case whose files are all present is kept (each file is written atomically), and
     the same seed always gives the same subjects.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if truth_draws and truth_out is None:
+        raise ValueError("truth_draws needs truth_out, the folder the draws go to")
     plan = [(GLIOBLASTOMA, first_index + i) for i in range(n_adult)]
     plan += [(PEDIATRIC_DMG, first_index + i) for i in range(n_pediatric)]
-    folders, records = [], []
+    folders, records, truth_records = [], [], []
     for profile, index in tqdm(plan, desc="phantom cohort", unit="case", disable=not progress):
         cid = case_id(profile, index)
         folder = out / cid
         names = [folder / f"{cid}-{m}.nii.gz" for m in (*MODALITIES, "seg")]
         subject_seed = np.random.SeedSequence([seed, list(PROFILES).index(profile.disease), index])
-        if all(p.is_file() for p in names):
-            folders.append(folder)
-            continue
-        subject = make_subject(profile, spacing, subject_seed)
-        arrays = [subject["images"][m] * 1000.0 for m in MODALITIES] + [subject["seg"]]
-        for path, array in zip(names, arrays):
-            data, affine = to_brats_orientation(array, subject["affine"])
-            dtype = np.uint8 if path.name.endswith("-seg.nii.gz") else np.int16
-            save_volume(path, np.rint(data), affine, dtype=dtype)
-        records.append({"case": cid, "seed": seed, **subject["record"]})
+        if not all(p.is_file() for p in names):
+            subject = make_subject(profile, spacing, subject_seed)
+            _write_subject(subject, names)
+            records.append({"case": cid, "seed": seed, **subject["record"]})
         folders.append(folder)
+        for k in range(1, truth_draws + 1):
+            oid = f"{cid}_syn{k:03d}"
+            files = {m: f"{oid}/{m}.nii.gz" for m in MODALITIES} | {"mask": f"{oid}/mask.nii.gz"}
+            targets = [Path(truth_out) / files[m] for m in (*MODALITIES, "mask")]
+            if not all(p.is_file() for p in targets):
+                _write_subject(make_subject(profile, spacing, subject_seed, draw=k), targets)
+            truth_records.append({"output": oid, "case_id": cid, "k": k, "derived_from": cid, "files": files,
+                                  "source_mask": str(names[-1].resolve()), "label_scheme": profile.label_scheme,
+                                  "disease": profile.disease, "model": None,
+                                  "generator": "phantom same-mask truth draw"})
     cohort_file = out / "phantom_cohort.json"
     previous = []
     if cohort_file.is_file():
@@ -369,4 +399,18 @@ def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, sp
     })
     # BraTS-PED label values alone cannot tell 2023 from 2024: the writer states the scheme.
     write_label_schemes(out, {"brats_gli": GLIOBLASTOMA.label_scheme, "brats_peds": PEDIATRIC_DMG.label_scheme})
+    if truth_draws:
+        import json
+
+        with atomic_path(Path(truth_out) / "manifest.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in truth_records))
     return folders
+
+
+def _write_subject(subject: dict, paths: list[Path]) -> None:
+    """The four contrasts (scaled to integers like scanner data) and the segmentation, in BraTS order."""
+    arrays = [subject["images"][m] * 1000.0 for m in MODALITIES] + [subject["seg"]]
+    for path, array in zip(paths, arrays):
+        data, affine = to_brats_orientation(array, subject["affine"])
+        is_seg = path.name.endswith(("-seg.nii.gz", "mask.nii.gz"))
+        save_volume(path, np.rint(data), affine, dtype=np.uint8 if is_seg else np.int16)

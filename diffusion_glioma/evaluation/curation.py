@@ -6,7 +6,7 @@ recovers, as GliomaGen kept its "high-quality" subset (598 of 2,124) for nnU-Net
 A segmenter (the in-package MONAI UNet of the segmentation study) is trained on the real cases and
 segments every synthetic volume, one at a time; a volume is kept when its whole-tumour Dice against
 the mask it was conditioned on reaches `min_dice`. The output folder holds a `manifest.jsonl` of
-the kept records with their files pointing at the originals (nothing is copied), so `evaluate`,
+the kept records and their files (hard links where the file system allows, else copies), so `evaluate`,
 the segmentation study and provenance read it like any generated set; `curation.json` holds every
 volume's score and `curation.png` their distribution with the threshold.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,28 @@ def curate(real: str | Path, synthetic: str | Path, out: str | Path, *, min_dice
     kept = [(record, s) for record, s in zip(records, scores) if s["WT"] >= min_dice]
 
     out.mkdir(parents=True, exist_ok=True)
+    for record, _ in kept:  # the kept files move in with the manifest: no path of a manifest leaves its folder
+        for relative in record["files"].values():
+            _link_or_copy(synthetic / relative, out / relative)
     with atomic_path(out / "manifest.jsonl") as tmp:
-        lines = []
-        for record, _ in kept:
-            files = {k: os.path.relpath(synthetic / v, out) for k, v in record["files"].items()}
-            lines.append(json.dumps({**record, "files": files, "curated_from": str(synthetic)}) + "\n")
-        tmp.write_text("".join(lines))
+        tmp.write_text("".join(json.dumps({**record, "curated_from": str(synthetic.resolve())}) + "\n"
+                               for record, _ in kept))
     summary = {"synthetic": str(synthetic), "real": str(real), "min_dice": min_dice, "measure": "WT Dice",
                "segmenter": f"MONAI UNet (16-32-64), {steps} steps on {len(real_items)} real cases, 32^3 grid of 6 mm",
                "kept": len(kept), "total": len(records), "scores": scores}
     write_json(out / "curation.json", summary)
     _histogram(out / "curation.png", [s["WT"] for s in scores], min_dice)
     return summary
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one (no extra space), else a copy; never half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def _histogram(path: Path, values: list[float], threshold: float) -> None:

@@ -22,7 +22,7 @@ from ..data.layouts import MODALITIES, discover_cases
 from ..data.preprocess import find_head
 from ..errors import DataError
 from ..figures import to_ras
-from ..io import load_volume
+from ..io import check_id, inside, load_volume
 from .features import InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
 from .fidelity import (SLICE_SIZE, VOLUME_SIZE, frechet_distance, kernel_inception_distance, kid_over_subsets,
                        memorisation, ms_ssim_diversity, paired_similarity, trivial_references)
@@ -44,15 +44,24 @@ def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
     manifest = folder / "manifest.jsonl"
     if manifest.is_file():
         items = []
-        for line in manifest.read_text().splitlines():
-            record = json.loads(line)
-            files = record["files"]
+        for number, line in enumerate(manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{number}"
+            try:
+                record = json.loads(line)
+                output, files, case_id = record["output"], record["files"], record["case_id"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{where}: not a record with 'output', 'case_id' and 'files'") from None
+            check_id(output, where)  # it names files in the studies' exports
+            if not isinstance(files, dict):
+                raise DataError(f"{where}: 'files' is not a mapping of name to path")
             missing = [m for m in modalities if m not in files]
             if missing:
-                raise DataError(f"{manifest}: output {record['output']} has no {missing} (the sets' modalities differ)")
-            items.append(Item(record["output"], record["case_id"], {m: folder / files[m] for m in modalities},
+                raise DataError(f"{where}: output {output} has no {missing} (the sets' modalities differ)")
+            items.append(Item(output, case_id, {m: inside(folder, files[m], where) for m in modalities},
                               Path(record["source_mask"]), record.get("label_scheme"), record.get("disease"),
-                              record.get("derived_from") or record["case_id"]))
+                              record.get("derived_from") or case_id))
         return items
     items = []
     for case in discover_cases(folder):
