@@ -29,21 +29,14 @@ SAMPLERS = {
 
 
 def make_scheduler(name: str, config) -> object:
-    """A sampler from a training scheduler's config. Every sampler clips its x0 estimate to the data
-    range: DDPM and DDIM through `clip_sample`, DPM-Solver++ through diffusers' thresholding with a
-    fixed maximum (a plain clip). Without it, epsilon prediction on the capped cosine schedule
-    amplifies the network's error about 2e4-fold at the first step and the solver diverges."""
+    """A sampler from a training scheduler's config. With thresholding on, every sampler hands its
+    x0 estimate to `_threshold_sample`, which the pipeline sets to the model's projection onto the
+    data (a clip in image space and the known background): without a clip, epsilon prediction on the
+    capped cosine schedule amplifies the network's error about 2e4-fold at the first step."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
-    if cls is not DPMSolverMultistepScheduler:
-        return cls.from_config(config, **extra)
-    limit = config.get("clip_sample_range", 1.0)
-    scheduler = cls.from_config(config, **extra, thresholding=True, sample_max_value=limit)
-    # diffusers' dynamic thresholding takes a quantile (which torch refuses above 16 M voxels, i.e. any
-    # research-size volume) and rescales by it; a fixed clip is what the data range asks for.
-    scheduler._threshold_sample = lambda x0: x0.clamp(-limit, limit)
-    return scheduler
+    return cls.from_config(config, **extra, thresholding=True)
 
 
 def training_scheduler(prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,
@@ -186,6 +179,11 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         if guided:
             mask = torch.cat([mask, mask])
             class_labels = torch.cat([torch.zeros_like(class_labels), class_labels])
+        # Every sampler projects its x0 estimate onto what a volume with this mask can be (diffusers'
+        # thresholding hook, which DDPM, DDIM and DPM-Solver++ all call on x0): a clip in image space
+        # and the known background. A clip in coefficient space would bound each band alike.
+        self.scheduler.register_to_config(thresholding=True)
+        self.scheduler._threshold_sample = lambda x0: self.unet.project_to_data(x0, labels)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = torch.cat([sample, sample]) if guided else sample

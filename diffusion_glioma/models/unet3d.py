@@ -150,6 +150,10 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         wavelet_mask: how a wavelet model sees the mask on its half-size grid: "mean" (the one-hot
             mask averaged over each 2x2x2 block: label fractions) or "haar" (the one-hot mask's own
             8 Haar coefficients per label, which keep where inside the block each label lies).
+        wavelet_band_scale: the standard deviation of each of the 8 Haar bands on the training data
+            (training measures it); `encode` divides by it so that every band meets the unit-variance
+            noise on equal terms (raw detail bands are 10-20x smaller than the low-pass band, and a
+            model then samples noise in them). None: raw coefficients (models trained before this).
     """
 
     _supports_gradient_checkpointing = True
@@ -169,6 +173,7 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         wavelet: bool = False,
         wavelet_mask: str = "mean",
+        wavelet_band_scale: tuple[float, ...] | None = None,
     ):
         super().__init__()
         # Checks up front, with the values, so a bad config fails before any allocation.
@@ -182,6 +187,9 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
             raise ValueError(f"disease_classes must start with 'none' (unconditional), got {list(disease_classes)}")
         if wavelet_mask not in ("mean", "haar"):
             raise ValueError(f"wavelet_mask must be 'mean' or 'haar', got {wavelet_mask!r}")
+        if wavelet_band_scale is not None and (not wavelet or len(wavelet_band_scale) != 8
+                                               or min(wavelet_band_scale) <= 0):
+            raise ValueError(f"wavelet_band_scale must be 8 positive values for a wavelet model, got {wavelet_band_scale}")
         if len(set(disease_classes)) != len(disease_classes):
             raise ValueError(f"disease_classes must be distinct, got {list(disease_classes)}")
 
@@ -245,13 +253,34 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         """Data in [-1, 1] lies in [-value_range, value_range] in the space the model diffuses in."""
         return LOW_PASS_GAIN if self.config.wavelet else 1.0
 
+    def _band_scale(self, like: torch.Tensor) -> torch.Tensor | None:
+        scale = self.config.wavelet_band_scale
+        if not self.config.wavelet or scale is None:
+            return None
+        per_channel = torch.tensor(scale, dtype=like.dtype, device=like.device).repeat(len(self.config.modalities))
+        return per_channel.view(1, -1, 1, 1, 1)  # channel 8 m + k is band k of modality m
+
     def encode(self, volumes: torch.Tensor) -> torch.Tensor:
         """(b, modalities, X, Y, Z) volumes -> the space the model diffuses in."""
-        return haar3d(volumes) if self.config.wavelet else volumes
+        if not self.config.wavelet:
+            return volumes
+        coefficients = haar3d(volumes)
+        scale = self._band_scale(coefficients)
+        return coefficients if scale is None else coefficients / scale
 
     def decode(self, sample: torch.Tensor) -> torch.Tensor:
         """The inverse of `encode`."""
-        return inverse_haar3d(sample) if self.config.wavelet else sample
+        if not self.config.wavelet:
+            return sample
+        scale = self._band_scale(sample)
+        return inverse_haar3d(sample if scale is None else sample * scale)
+
+    def project_to_data(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """An x0 estimate made a possible volume: clipped to [-1, 1] in image space (every band
+        alike, whatever its scale) and -1 outside the head, which the mask fixes."""
+        volumes = self.decode(x0.float()).clamp(-1.0, 1.0)
+        volumes = torch.where(labels[:, None] == 0, torch.full_like(volumes, -1.0), volumes)
+        return self.encode(volumes).to(x0.dtype)
 
     def sample_shape(self, batch: int, volume_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of the diffused tensor for volumes of `volume_shape` (x, y, z)."""

@@ -51,6 +51,15 @@ class DiffusionSection(StrictModel):
     num_train_timesteps: int = Field(1000, ge=10)
     class_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training a step unconditionally "
                                  "(class 0), which classifier-free guidance needs")
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (Hang et al. 2023): "
+                                    "the weight of each noise level as if predicting x0 with its SNR capped at "
+                                    "gamma; None (the default, which sampled a bimodal toy in both modes where "
+                                    "gamma 5 did not with DDIM: docs/training.md) weighs the target's loss "
+                                    "uniformly over t")
+    loss_in_head: bool = Field(True, description="count the loss only inside the head (the mask fixes the "
+                               "background, and the pipeline writes it)")
+    normalise_wavelet_bands: bool = Field(True, description="a new wavelet model divides each Haar band by its "
+                                          "standard deviation on the training data (measured at the start)")
 
 
 class EmaSection(StrictModel):

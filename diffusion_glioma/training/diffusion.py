@@ -43,6 +43,11 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
     if config.finetune is None:
         model = build_denoiser(config.model.preset, modalities=modalities,
                                disease_classes=tuple(config.model.disease_classes), **config.model.overrides)
+        if (model.config.wavelet and config.diffusion.normalise_wavelet_bands
+                and model.config.wavelet_band_scale is None):
+            scale = wavelet_band_scale(config.data.cache, model)
+            model = build_denoiser(config.model.preset, modalities=modalities, wavelet_band_scale=scale,
+                                   disease_classes=tuple(config.model.disease_classes), **config.model.overrides)
         return model, None
     source = load_pipeline(config.finetune.source)
     source_config = source.unet.config
@@ -67,6 +72,25 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
         for module in (model.conv_in, model.down_levels, model.downsamplers):
             module.requires_grad_(False)
     return model, source_weights
+
+
+def wavelet_band_scale(cache, model: DenoiserUNet3D, cases: int = 16) -> tuple[float, ...]:
+    """The standard deviation of each Haar band over the heads of the first cases of the cache
+    (each case is seeded the same way, so every process and a resumed run get the same numbers)."""
+    from ..models.wavelet import haar3d
+
+    dataset = CachedCases(cache, diseases=list(model.config.disease_classes), limit=cases)
+    sums, squares, count = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64), 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        coefficients = haar3d(item["image"].float()[None])[0].double()  # (modalities * 8, x, y, z)
+        head = F.max_pool3d((item["labels"] > 0).float()[None, None], 2)[0, 0] > 0
+        bands = coefficients.view(-1, 8, *coefficients.shape[1:])[:, :, head]  # (modality, band, voxels)
+        sums += bands.sum(dim=(0, 2))
+        squares += (bands**2).sum(dim=(0, 2))
+        count += bands.shape[0] * bands.shape[2]
+    variance = squares / count - (sums / count) ** 2
+    return tuple(round(float(v), 5) for v in variance.clamp_min(1e-8).sqrt())
 
 
 def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -213,10 +237,33 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     noisy = noise_scheduler.add_noise(x0, noise, t)
     prediction = model(noisy, t, batch["labels"], class_labels).sample.float()
     target = diffusion_target(noise_scheduler, x0, noise, t, config.diffusion.prediction_type).float()
-    loss = F.l1_loss(prediction, target) if config.diffusion.loss == "l1" else F.mse_loss(prediction, target)
+    error = (prediction - target).abs() if config.diffusion.loss == "l1" else (prediction - target) ** 2
+    if config.diffusion.loss_in_head:  # the background is the mask's: its loss only teaches a constant
+        head = (batch["labels"] > 0).float()[:, None]
+        if unwrapped.config.wavelet:  # every 2x2x2 block that touches the head
+            head = F.max_pool3d(head, 2)
+        per_case = (error * head).sum(dim=(1, 2, 3, 4)) / (head.sum(dim=(1, 2, 3, 4)) * error.shape[1]).clamp_min(1)
+    else:
+        per_case = error.mean(dim=(1, 2, 3, 4))
+    loss = (per_case * snr_weight(noise_scheduler, t, config)).mean()
     if source_weights is not None and config.finetune.ewc_weight > 0:
         loss = loss + config.finetune.ewc_weight * source_drift(model, source_weights)
     return loss
+
+
+def snr_weight(noise_scheduler, t: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """min-SNR-gamma (Hang et al. 2023), for every prediction target: each noise level weighs as an x0
+    loss with its SNR capped at gamma, so the nearly clean levels that carry texture and edges are not
+    drowned by the noisiest ones, nor the noisiest by the nearly clean ones."""
+    gamma = config.diffusion.snr_gamma
+    if gamma is None:
+        return torch.ones_like(t, dtype=torch.float32)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, t).float()
+    capped = snr.clamp(max=gamma)
+    kind = config.diffusion.prediction_type
+    return capped / snr if kind == "epsilon" else capped / (snr + 1) if kind == "v_prediction" else capped
 
 
 def _ema_pipeline(model: DenoiserUNet3D, ema, scheduler, preprocess: dict | None) -> MaskToMRIPipeline:
