@@ -29,14 +29,18 @@ SAMPLERS = {
 
 
 def make_scheduler(name: str, config) -> object:
-    """A sampler from a training scheduler's config. With thresholding on, every sampler hands its
-    x0 estimate to `_threshold_sample`, which the pipeline sets to the model's projection onto the
-    data (a clip in image space and the known background): without a clip, epsilon prediction on the
-    capped cosine schedule amplifies the network's error about 2e4-fold at the first step."""
+    """A sampler from a training scheduler's config. Every sampler hands its x0 estimate to diffusers'
+    thresholding hook, here a plain clip to the data range (diffusers' own dynamic thresholding takes a
+    quantile, which torch refuses above 16 M voxels); the pipeline replaces it with the model's
+    projection onto the data (`DenoiserUNet3D.project_to_data`). Without a clip, epsilon prediction on
+    the capped cosine schedule amplifies the network's error about 2e4-fold at the first step."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
-    return cls.from_config(config, **extra, thresholding=True)
+    limit = config.get("clip_sample_range", 1.0)
+    scheduler = cls.from_config(config, **extra, thresholding=True, sample_max_value=limit)
+    scheduler._threshold_sample = lambda x0: x0.clamp(-limit, limit)
+    return scheduler
 
 
 def training_scheduler(prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,

@@ -17,6 +17,7 @@ real cohorts. How the cohort differs from real data is written in docs/data_form
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,8 +388,6 @@ def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, sp
     cohort_file = out / "phantom_cohort.json"
     previous = []
     if cohort_file.is_file():
-        import json
-
         previous = json.loads(cohort_file.read_text()).get("subjects", [])
     known = {r["case"]: r for r in previous}
     known.update({r["case"]: r for r in records})
@@ -400,8 +399,6 @@ def write_cohort(out: str | Path, *, n_adult: int = 16, n_pediatric: int = 4, sp
     # BraTS-PED label values alone cannot tell 2023 from 2024: the writer states the scheme.
     write_label_schemes(out, {"brats_gli": GLIOBLASTOMA.label_scheme, "brats_peds": PEDIATRIC_DMG.label_scheme})
     if truth_draws:
-        import json
-
         with atomic_path(Path(truth_out) / "manifest.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in truth_records))
     return folders

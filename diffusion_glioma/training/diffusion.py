@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..data.cache import read_index
 from ..data.dataset import CachedCases
 from ..io import write_json
-from ..models.unet3d import DenoiserUNet3D, build_denoiser
+from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
 from .common import (StepSampler, TrainingError, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
@@ -41,13 +41,12 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
     """
     modalities = tuple(cache_index["modalities"])
     if config.finetune is None:
+        settings = {**PRESETS.get(config.model.preset, {}), **config.model.overrides}  # build_denoiser names a bad preset
+        measured = {}
+        if settings.get("wavelet") and config.diffusion.normalise_wavelet_bands and "wavelet_band_scale" not in settings:
+            measured["wavelet_band_scale"] = wavelet_band_scale(config.data.cache, config.model.disease_classes)
         model = build_denoiser(config.model.preset, modalities=modalities,
-                               disease_classes=tuple(config.model.disease_classes), **config.model.overrides)
-        if (model.config.wavelet and config.diffusion.normalise_wavelet_bands
-                and model.config.wavelet_band_scale is None):
-            scale = wavelet_band_scale(config.data.cache, model)
-            model = build_denoiser(config.model.preset, modalities=modalities, wavelet_band_scale=scale,
-                                   disease_classes=tuple(config.model.disease_classes), **config.model.overrides)
+                               disease_classes=tuple(config.model.disease_classes), **config.model.overrides, **measured)
         return model, None
     source = load_pipeline(config.finetune.source)
     source_config = source.unet.config
@@ -74,17 +73,24 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
     return model, source_weights
 
 
-def wavelet_band_scale(cache, model: DenoiserUNet3D, cases: int = 16) -> tuple[float, ...]:
-    """The standard deviation of each Haar band over the heads of the first cases of the cache
-    (each case is seeded the same way, so every process and a resumed run get the same numbers)."""
+def head_on_model_grid(labels: torch.Tensor, wavelet: bool) -> torch.Tensor:
+    """(b, 1, ...) float mask of the head on the grid the model diffuses on: for a wavelet model every
+    2x2x2 block that touches the head."""
+    head = (labels > 0).float()[:, None]
+    return F.max_pool3d(head, 2) if wavelet else head
+
+
+def wavelet_band_scale(cache, disease_classes, cases: int = 16) -> tuple[float, ...]:
+    """The standard deviation of each Haar band over the heads of the first cases of the cache (the
+    cache's fixed order gives every process and a resumed run the same numbers)."""
     from ..models.wavelet import haar3d
 
-    dataset = CachedCases(cache, diseases=list(model.config.disease_classes), limit=cases)
+    dataset = CachedCases(cache, diseases=list(disease_classes), limit=cases)
     sums, squares, count = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64), 0
     for i in range(len(dataset)):
         item = dataset[i]
         coefficients = haar3d(item["image"].float()[None])[0].double()  # (modalities * 8, x, y, z)
-        head = F.max_pool3d((item["labels"] > 0).float()[None, None], 2)[0, 0] > 0
+        head = head_on_model_grid(item["labels"][None], wavelet=True)[0, 0] > 0
         bands = coefficients.view(-1, 8, *coefficients.shape[1:])[:, :, head]  # (modality, band, voxels)
         sums += bands.sum(dim=(0, 2))
         squares += (bands**2).sum(dim=(0, 2))
@@ -239,9 +245,7 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     target = diffusion_target(noise_scheduler, x0, noise, t, config.diffusion.prediction_type).float()
     error = (prediction - target).abs() if config.diffusion.loss == "l1" else (prediction - target) ** 2
     if config.diffusion.loss_in_head:  # the background is the mask's: its loss only teaches a constant
-        head = (batch["labels"] > 0).float()[:, None]
-        if unwrapped.config.wavelet:  # every 2x2x2 block that touches the head
-            head = F.max_pool3d(head, 2)
+        head = head_on_model_grid(batch["labels"], unwrapped.config.wavelet)
         per_case = (error * head).sum(dim=(1, 2, 3, 4)) / (head.sum(dim=(1, 2, 3, 4)) * error.shape[1]).clamp_min(1)
     else:
         per_case = error.mean(dim=(1, 2, 3, 4))
