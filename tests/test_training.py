@@ -338,3 +338,27 @@ def test_bf16_config_trains_in_fp32_on_a_cpu_without_native_bf16(monkeypatch):
         assert effective_mixed_precision("bf16") == "no"
     monkeypatch.setattr(precision, "fast_bf16", lambda device: True)
     assert effective_mixed_precision("bf16") == "bf16" and effective_mixed_precision("no") == "no"
+
+
+def test_wavelet_bands_meet_the_noise_at_unit_variance(tiny_cache):
+    """The band scale measured on the cache makes every Haar band of the training heads unit-variance
+    in the space the model diffuses in, and decode undoes encode exactly."""
+    from diffusion_glioma.data.dataset import CachedCases
+    from diffusion_glioma.models.unet3d import build_denoiser
+
+    classes = ["none", "glioblastoma", "pediatric_diffuse_glioma"]
+    scale = loop.wavelet_band_scale(tiny_cache, classes)
+    assert max(scale) / min(scale) > 3  # raw detail bands are much smaller than the low-pass band
+    model = build_denoiser("tiny", wavelet=True, wavelet_band_scale=scale)
+    dataset = CachedCases(tiny_cache, diseases=classes)
+    coded, heads = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image = item["image"].float()[None]
+        encoded = model.encode(image)
+        torch.testing.assert_close(model.decode(encoded), image, atol=1e-5, rtol=0)
+        heads.append(loop.head_on_model_grid(item["labels"][None], wavelet=True)[0, 0] > 0)
+        coded.append(encoded[0].view(-1, 8, *encoded.shape[2:]))
+    bands = torch.cat([c[:, :, h] for c, h in zip(coded, heads)], dim=2)  # (modality, band, voxels)
+    std = bands.transpose(0, 1).reshape(8, -1).std(dim=1)
+    torch.testing.assert_close(std, torch.ones(8), atol=0.02, rtol=0)
