@@ -97,8 +97,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (for example 0/4)") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be between 0 and N - 1")
+    return index, count
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="pipeline folder (a training run's pipeline/) or hub id")
+    p.add_argument("--revision", help="a hub model's branch, tag or commit (default: main); the commit it "
+                                      "resolves to is recorded in generation.json")
+    p.add_argument("--shard", type=_shard, metavar="I/N", help="write only every N-th output from the I-th (0-based), "
+                   "for job arrays; then run the same command without --shard to write the manifest")
     p.add_argument("--masks", required=True, help="folder of masks: any supported layout, or plain label maps")
     p.add_argument("--out", required=True, help="output folder (one dataset per folder)")
     p.add_argument("--format", choices=["pairs", "brats", "nnunet"], default="pairs")
@@ -128,7 +142,7 @@ def cmd_generate(args) -> int:
         format=args.format, per_mask=args.per_mask, sampler=args.sampler, steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, disease=args.disease,
         limit=args.limit, dataset_id=args.dataset_id, dataset_name=args.dataset_name, precision=args.precision,
-        device=args.device)
+        device=args.device, revision=args.revision, shard=args.shard)
     records = generate_dataset(args.model, args.masks, args.out, options, layout=args.layout, labels=args.labels,
                                dry_run=args.dry_run, progress=not args.quiet)
     if not args.dry_run:
@@ -161,7 +175,8 @@ def cmd_evaluate(args) -> int:
              inception_weights=args.inception_weights, max_slices=args.max_slices,
              segmentation_steps=args.segmentation_steps, features_3d=args.features_3d,
              anomaly_steps=args.anomaly_steps, segmentation_seeds=args.segmentation_seeds,
-             nnunet_study=args.nnunet_study, progress=not args.quiet)
+             nnunet_study=args.nnunet_study, truth=args.truth, real_reference=args.real_reference,
+             progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -211,7 +226,7 @@ def cmd_sweep(args) -> int:
 def cmd_push(args) -> int:
     from .hub import push_to_hub
 
-    url = push_to_hub(args.model, args.repo_id, private=args.private, report=args.report)
+    url = push_to_hub(args.model, args.repo_id, private=not args.public, report=args.report)
     print(f"pushed {args.model} to {args.repo_id}: {url}")
     return 0
 
@@ -300,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-seeds", type=int, nargs="+",
                    help="repeat the segmentation study with these seeds (split and training) and report mean ± sd")
     p.add_argument("--nnunet-study", help="a scored `nnunet-study` folder whose nnU-Net results join the report")
+    p.add_argument("--truth", help="same-mask truth draws of the real cases (phantom --truth-draws): the reference "
+                                   "rows of a perfect sampler and a perfect regressor, and the spread columns")
+    p.add_argument("--real-reference", help="an independent real cohort (no case shared with --real): the floor of "
+                                            "FID and KID, at most as many volumes as the real set")
     p.add_argument("--anomaly-steps", type=int, help="training steps of the VAE anomaly model in the segmentation "
                                                       "study (default: --segmentation-steps; 0: skip it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -340,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", help="upload a pipeline folder with a model card to the Hugging Face Hub")
     p.add_argument("--model", required=True, help="pipeline folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
-    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     p.add_argument("--report", help="evaluation report JSON whose numbers go into the card")
     p.set_defaults(func=cmd_push)
 
@@ -353,12 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # diffusers' and the hub's loading bars too, not only ours
+        from diffusers.utils import logging as diffusers_logging
+        from huggingface_hub.utils import disable_progress_bars
+
+        diffusers_logging.disable_progress_bar()
+        disable_progress_bars()
     try:
         return int(args.func(args) or 0)
     except DiffusionGliomaError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only folder, a full disk, a file where a folder should be
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; finished outputs are kept (each is written under a temporary "
+              "name, then renamed)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, run the same command again to resume", file=sys.stderr)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -72,6 +74,8 @@ class GenerateOptions:
     dataset_id: int = 501
     dataset_name: str = "SyntheticGlioma"
     precision: str = "auto"  # bf16 where the hardware has it (precision.resolve_dtype)
+    revision: str | None = None  # a hub model's branch, tag or commit (recorded as the commit it resolved to)
+    shard: tuple[int, int] | None = None  # (i, n): this job writes every n-th output from the i-th (job arrays)
     device: str | None = None  # default: this process's accelerator device, else the CPU
 
 
@@ -204,7 +208,10 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         raise DiffusionGliomaError(f"unknown format {options.format!r}; choose one of {list(FORMATS)}")
     if options.per_mask < 1 or options.batch_size < 1:
         raise DiffusionGliomaError("--per-mask and --batch-size must be at least 1")
-    model_dir, out = Path(model_dir), Path(out)
+    from .hub import fetch_model
+
+    source = fetch_model(model_dir, options.revision)  # a hub model: downloaded once, then a local folder
+    model_dir, out = source.path, Path(out)
     if pipeline is None:
         pipeline = load_pipeline(model_dir)
     limit = pipeline.max_steps
@@ -230,21 +237,31 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     if options.format == "brats" and options.per_mask > 1000:
         raise DiffusionGliomaError("--format brats names a draw by its 3-digit time point: at most 1000 per mask")
     tumour_labels = sorted(v for v in known if v not in (BACKGROUND, HEAD))
-    # A local model by its absolute path, so the folder's provenance reads the same from any directory.
-    model_name = str(model_dir.resolve()) if model_dir.exists() else str(model_dir)
+    # The model by its absolute path (for a hub model, its snapshot: training.json and all), so the
+    # folder's provenance reads the same from any directory; a hub model also by id and commit.
     identity = {
-        "generator": f"diffusion_glioma {__version__}", "model": model_name, "model_hash": model_fingerprint(model_dir),
+        "generator": f"diffusion_glioma {__version__}", "model": str(model_dir.resolve()),
+        "model_hub_id": source.hub_id, "model_revision": source.revision, "model_hash": model_fingerprint(model_dir),
         "masks": str(Path(masks).resolve()), "format": options.format, "sampler": options.sampler,
         "steps": options.steps, "guidance_scale": options.guidance_scale, "seed": options.seed,
         "per_mask": options.per_mask, "precision": str(pipeline._model.dtype).removeprefix("torch."),
     }
-    _claim_output_folder(out, identity, state, dry_run)
-    numbers = _brats_numbers(out, [c.case_id for c in cases], state, write=not dry_run) if options.format == "brats" else {}
+    shard, shards = options.shard or (0, 1)
+    if not 0 <= shard < shards:
+        raise DiffusionGliomaError(f"--shard {shard}/{shards}: the shard index must be between 0 and {shards - 1}")
+    sharded = shards > 1
+    _claim_output_folder(out, identity, state, dry_run, sharded)
+    # A shard writes outputs and their records only; the folder-wide files (manifest, dataset.json,
+    # BraTS names, the figure) come from the same command without --shard once all shards are done.
+    numbers = (_brats_numbers(out, [c.case_id for c in cases], state, write=not dry_run and not sharded)
+               if options.format == "brats" else {})
     writer = Writer(out, options, modalities, tumour_labels, sources, numbers)
 
-    # Outputs in a fixed order; this process takes every num_processes-th mask.
+    # Outputs in a fixed order; each worker (a process of a shard) takes every workers-th output, so 4
+    # masks x 16 draws keep 8 GPUs busy, and each output has exactly one writer.
     plan = [(i, case, k) for i, case in enumerate(cases) for k in range(options.per_mask)]
-    mine = [(i, case, k) for i, case, k in plan if i % state.num_processes == state.process_index]
+    workers, worker = shards * state.num_processes, shard * state.num_processes + state.process_index
+    mine = [entry for position, entry in enumerate(plan) if position % workers == worker]
     records_dir = out / ".records"
     todo, done = [], []
     for position, (i, case, k) in enumerate(mine):
@@ -288,6 +305,11 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     bar.close()
 
     state.wait_for_everyone()
+    if sharded:
+        if state.is_main_process:
+            print(f"shard {shard}/{shards}: {len(done)} outputs done; when every shard has finished, run the same "
+                  "command without --shard to write the manifest", file=sys.stderr)
+        return done
     if state.is_main_process:
         all_records = [r for p in sorted(records_dir.glob("*.json")) if (r := _read_record(p)) is not None]
         with_order = sorted(all_records, key=lambda r: (r["case_id"], r["k"]))
@@ -364,40 +386,69 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, k: int, opti
         "derived_from": writer.sources.get(job.case.case_id, job.case.case_id),  # the real case, through augmentation
         "label_scheme": job.case.labels,
         "disease": job.disease, "seed": output_seed(options.seed, job.case.case_id, k),
-        "model": identity["model"], "model_hash": identity["model_hash"], "sampler": options.sampler,
+        "model": identity["model"], "model_revision": identity["model_revision"], "model_hash": identity["model_hash"],
+        "sampler": options.sampler,
         "steps": options.steps, "guidance_scale": options.guidance_scale, "precision": identity["precision"],
         "seconds": round(seconds, 3),
         "files": {name: str(path.relative_to(writer.out)) for name, path in files.items()},
     }
 
 
-def _claim_output_folder(out: Path, identity: dict, state, dry_run: bool) -> None:
+def _claim_output_folder(out: Path, identity: dict, state, dry_run: bool, sharded: bool = False) -> None:
     """An output folder holds one dataset: refuse one made with other settings or holding other files.
     The main process checks and writes the marker; the others check it after a barrier (no race)."""
     if state.is_main_process:
-        _check_or_claim(out, identity, write=not dry_run)
+        _check_or_claim(out, identity, write=not dry_run, sharded=sharded)
     state.wait_for_everyone()
     if not state.is_main_process and not dry_run:
-        _check_or_claim(out, identity, write=False)
+        _check_or_claim(out, identity, write=False, sharded=sharded)
 
 
-def _check_or_claim(out: Path, identity: dict, write: bool) -> None:
+def _check_or_claim(out: Path, identity: dict, write: bool, sharded: bool = False) -> None:
     marker = out / "generation.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
         # Known weights are the same model wherever they lie; the path decides only without a hash.
-        compared = [k for k in identity if not (k == "model" and identity["model_hash"] != "unknown")]
+        where = ("model", "model_hub_id", "model_revision")
+        compared = [k for k in identity if not (k in where and identity["model_hash"] != "unknown")]
         differing = sorted(k for k in compared if previous.get(k) != identity[k])
         if differing:
             raise DataError(f"{out}: holds a dataset generated with other settings ({', '.join(differing)}); "
                             "choose another --out")
-        if write:  # no writer runs before the barrier after this: what a killed run left can go
+        # What a killed run left can go, unless other shards may be writing now (the unsharded run that
+        # writes the manifest clears it).
+        if write and not sharded:
             remove_stale_temporaries(out)
         return
-    if out.exists() and any(out.iterdir()):
+    others = [p for p in out.iterdir() if not is_temporary(p)] if out.exists() else []
+    if others and not marker.is_file():  # (a shard starting beside this one may have claimed it just now)
         raise DataError(f"{out}: folder is not empty and holds no diffusion_glioma dataset; choose another --out")
     if write:
-        write_json(marker, identity)
+        _claim_exclusively(marker, identity)
+    if marker.is_file():  # another shard's claim, with these settings or not
+        _check_or_claim(out, identity, write=False)
+
+
+def _claim_exclusively(marker: Path, identity: dict) -> None:
+    """Write the folder's marker unless another job just did (shards of a job array start together):
+    a hard link of a finished temporary either creates it whole or fails."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(identity, indent=2) + "\n"
+    # A temporary's name as atomic_path gives it, unique across the nodes of a job array too.
+    tmp = marker.with_name(f".{marker.stem}.tmp{os.getpid()}{secrets.randbelow(10**8):08d}{marker.suffix}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, marker)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: an exclusive create instead
+        try:
+            with open(marker, "x") as f:
+                f.write(text)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink()
 
 
 def _read_record(path: Path) -> dict | None:

@@ -1,21 +1,26 @@
-"""Model cards, slim exports and publishing pipeline folders to the Hugging Face Hub.
+"""Model cards, slim exports, fetching pinned models from the Hugging Face Hub and publishing to it.
 
-The hub client is a parameter (an `HfApi` by default), so the upload path is tested without a
-network; loading by hub id is the same `from_pretrained` as for a local folder.
+A hub model is downloaded once (`huggingface_hub.snapshot_download`, at a revision when one is given)
+and then read as the local folder it becomes, so its weights' hash, its commit and its `training.json`
+are known like a local model's. The hub client and the download function are parameters, so both
+paths are tested without a network.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from . import __version__
-from .errors import DiffusionGliomaError
+from .errors import DataError, DiffusionGliomaError
 from .io import atomic_path
 from .labels import COMMON_LABELS
 
@@ -24,7 +29,60 @@ TAGS = ["medical-imaging", "mri", "diffusion", "3d", "brain-tumour", "synthetic-
 
 
 class HubError(DiffusionGliomaError):
-    """Publishing failed (offline, no permission, missing files)."""
+    """Publishing or fetching failed (offline, no permission, missing files, unknown revision)."""
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# What loading, fine-tuning and provenance read from a pipeline folder: not the online weights
+# (`unet_online/`, as large as the model), which only resuming the run that made it needs.
+PIPELINE_FILES = ["model_index.json", "training.json", "README.md", "unet/*", "scheduler/*", "generator/*",
+                  "discriminator/*", "encoder/*"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path  # the local folder (for a hub model, its snapshot in the hub cache)
+    hub_id: str | None = None
+    revision: str | None = None  # the commit it was downloaded at
+
+
+def is_hub_id(source: str | Path) -> bool:
+    return HUB_ID.fullmatch(str(source)) is not None and not Path(str(source)).exists()
+
+
+def fetch_model(source: str | Path, revision: str | None = None, download=None) -> ModelSource:
+    """A local pipeline folder as it is, or a hub model downloaded at `revision` (default: the main
+    branch), with the commit it resolved to."""
+    if not is_hub_id(source):
+        if revision is not None:
+            raise HubError(f"{source}: --revision pins a hub model; this is a local folder")
+        if not Path(source).is_dir():
+            raise DataError(f"{source}: model folder not found")
+        return ModelSource(Path(source))
+    if download is None:
+        from huggingface_hub import snapshot_download as download
+    try:
+        path = Path(download(repo_id=str(source), revision=revision, allow_patterns=PIPELINE_FILES))
+    except Exception as exc:  # offline, unknown repo or revision, no permission
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        at = f" at revision {revision}" if revision else ""
+        raise HubError(f"{source}: cannot download the model{at} ({reason})") from None
+    return ModelSource(path, str(source), path.name)  # the hub cache names a snapshot by its commit
+
+
+def _sanitised_training_record(record: dict) -> dict:
+    """training.json for the public: paths on the training machine reduced to their last part."""
+    def clean(key, value):
+        if isinstance(value, dict):
+            return {k: clean(k, v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(key, v) for v in value]
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            keep = key == "source" and is_hub_id(value)  # finetune.source may name a public hub model
+            return value if keep else Path(value).name
+        return value
+
+    return {**record, "config": clean("config", record.get("config", {}))}
 
 
 def count_parameters(weights: Path) -> int:
@@ -206,9 +264,10 @@ def export_slim(source: str | Path, target: str | Path, *, half: bool = True) ->
     return target
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, report: str | Path | None = None,
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, report: str | Path | None = None,
                 client=None, commit_message: str | None = None) -> str:
-    """Create the repo (if needed) and upload the pipeline folder with a fresh model card."""
+    """Create the repo (private unless asked otherwise) and upload what loading needs: the pipeline's
+    model folders, a fresh model card and a training record without local paths (not `unet_online/`)."""
     folder = Path(folder)
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise HubError("HF_HUB_OFFLINE is set: cannot push to the hub (unset it, or copy the folder by hand)")
@@ -219,12 +278,34 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, repo
         from huggingface_hub import HfApi
 
         client = HfApi()
-    try:
-        client.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-        info = client.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                    commit_message=commit_message or f"Upload {folder.name} (diffusion_glioma {__version__})",
-                                    ignore_patterns=[".*", "**/.*"])
-    except Exception as exc:  # network, authentication and hub errors all end here
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise HubError(f"cannot push {folder} to {repo_id}: {reason}") from None
+    # Staged inside the folder (a hidden name no upload pattern matches), so pushing needs no write
+    # access beside it.
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=folder) as staging:
+        staged = _stage_for_upload(folder, Path(staging))
+        try:
+            client.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+            info = client.upload_folder(folder_path=str(staged), repo_id=repo_id, repo_type="model",
+                                        commit_message=commit_message
+                                        or f"Upload {folder.name} (diffusion_glioma {__version__})")
+        except Exception as exc:  # network, authentication and hub errors all end here
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise HubError(f"cannot push {folder} to {repo_id}: {reason}") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _stage_for_upload(folder: Path, staging: Path) -> Path:
+    """The files of PIPELINE_FILES, hard-linked (else copied), with the training record sanitised."""
+    staged = staging / folder.name
+    for pattern in PIPELINE_FILES:
+        for path in folder.glob(pattern):
+            if path.is_file() and not path.name.startswith("."):
+                target = staged / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if path.name == "training.json":
+                    target.write_text(json.dumps(_sanitised_training_record(json.loads(path.read_text())), indent=2))
+                    continue
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copy2(path, target)
+    return staged

@@ -48,6 +48,7 @@ class LabelScheme:
     mapping: dict[int, int]
     names: dict[int, str] = field(default_factory=dict)
     has_head: bool = False
+    hint: str = ""  # what to say when a file holds values outside the table (another release's scheme?)
 
     def to_common(self, labels: np.ndarray, path: Path | str | None = None) -> np.ndarray:
         found = np.unique(labels)
@@ -56,7 +57,7 @@ class LabelScheme:
             where = f"{path}: " if path is not None else ""
             raise DataError(
                 f"{where}label values {unknown} are not in the {self.name} scheme "
-                f"(known: {sorted(self.mapping)}; found: {[int(v) for v in found]})"
+                f"(known: {sorted(self.mapping)}; found: {[int(v) for v in found]}){self.hint}"
             )
         lut = np.zeros(max(self.mapping) + 1, dtype=np.uint8)
         for source_value, common_value in self.mapping.items():
@@ -65,7 +66,10 @@ class LabelScheme:
 
     def from_common(self, labels: np.ndarray) -> np.ndarray:
         """Back to the source's values (head becomes 0 when the source has no head label)."""
-        inverse = {c: s for s, c in self.mapping.items() if c != BACKGROUND or s == 0}
+        inverse: dict[int, int] = {}
+        for source_value, common_value in self.mapping.items():  # the first source value of a common one
+            if common_value != BACKGROUND or source_value == 0:
+                inverse.setdefault(common_value, source_value)
         if not self.has_head:
             inverse[HEAD] = 0
         out = np.zeros(labels.shape, dtype=np.int16)
@@ -79,15 +83,22 @@ class LabelScheme:
         return out
 
 
-def _scheme(name: str, mapping: dict[int, int], names: dict[int, str], has_head: bool = False) -> LabelScheme:
-    return LabelScheme(name, {0: BACKGROUND, **mapping}, {0: "background", **names}, has_head)
+def _scheme(name: str, mapping: dict[int, int], names: dict[int, str], has_head: bool = False,
+            hint: str = "") -> LabelScheme:
+    return LabelScheme(name, {0: BACKGROUND, **mapping}, {0: "background", **names}, has_head, hint)
 
 
 SCHEMES: dict[str, LabelScheme] = {
     s.name: s
     for s in [
         # BraTS 2021 and earlier: 1 NCR/NET, 2 ED, 4 ET (3 unused). UPENN-GBM and UCSF-PDGM use it too.
-        _scheme("brats2021", {1: CORE, 2: OEDEMA, 4: ENHANCING}, {1: "NCR", 2: "ED", 4: "ET"}),
+        _scheme("brats2021", {1: CORE, 2: OEDEMA, 4: ENHANCING}, {1: "NCR", 2: "ED", 4: "ET"},
+                hint="; a label 3 is BraTS 2013-2016's non-enhancing core: if these are such files, say "
+                     "--labels brats2013 (or labels: in the data config, or a label_schemes.json in the data folder)"),
+        # BraTS 2013-2016 (and many public examples still): 1 necrosis, 2 oedema, 3 non-enhancing core,
+        # 4 enhancing; 2017 merged 3 into 1. Values 1, 2 and 4 mean the same as in brats2021.
+        _scheme("brats2013", {1: CORE, 2: OEDEMA, 3: CORE, 4: ENHANCING},
+                {1: "necrosis", 2: "oedema", 3: "non-enhancing", 4: "enhancing"}),
         # BraTS 2023-24 adult glioma: 1 NETC, 2 SNFH, 3 ET; 2024 adds 4 resection cavity.
         _scheme("brats_gli", {1: CORE, 2: OEDEMA, 3: ENHANCING, 4: CAVITY}, {1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}),
         # BraTS-PEDs 2024: 1 ET, 2 NET, 3 cystic component, 4 ED.

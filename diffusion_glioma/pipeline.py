@@ -4,7 +4,6 @@ maths lives in the scheduler, which can be swapped at inference (`use_sampler`).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,27 +19,25 @@ from .models.unet3d import DenoiserUNet3D
 # Sampler name -> (scheduler class, extra config). DPM-Solver++ has no get_velocity, so training
 # always uses DDPMScheduler and sampling swaps with from_config. "trailing" spacing starts reduced-step
 # sampling at the last training step (pure noise), where "leading" would start at t = T - T/steps.
+# No sampler clips or thresholds on its own: the pipeline projects every x0 estimate onto the data
+# before the step (`MaskToMRIPipeline.project_prediction`), in image space, which a clip of wavelet
+# coefficients cannot do and diffusers' dynamic thresholding (a quantile, refused by torch above 16 M
+# voxels) does not.
 SAMPLERS = {
-    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing"}),
-    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
+    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}),
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                             "timestep_spacing": "trailing"}),
 }
 
 
 def make_scheduler(name: str, config) -> object:
-    """A sampler from a training scheduler's config. Every sampler hands its x0 estimate to diffusers'
-    thresholding hook, here a plain clip to the data range (diffusers' own dynamic thresholding takes a
-    quantile, which torch refuses above 16 M voxels); the pipeline replaces it with the model's
-    projection onto the data (`DenoiserUNet3D.project_to_data`). Without a clip, epsilon prediction on
-    the capped cosine schedule amplifies the network's error about 2e4-fold at the first step."""
+    """A sampler from a training scheduler's config (for use with `MaskToMRIPipeline`, which projects
+    the x0 estimate the sampler steps from)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
-    limit = config.get("clip_sample_range", 1.0)
-    scheduler = cls.from_config(config, **extra, thresholding=True, sample_max_value=limit)
-    scheduler._threshold_sample = lambda x0: x0.clamp(-limit, limit)
-    return scheduler
+    return cls.from_config(config, **extra, thresholding=False)
 
 
 def training_scheduler(prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,
@@ -147,6 +144,27 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         self.scheduler = make_scheduler(name, self.scheduler.config)
         return self
 
+    def project_prediction(self, prediction: torch.Tensor, t, sample: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+        """The network's output with its x0 estimate projected onto what a volume with these masks can
+        be (`DenoiserUNet3D.project_to_data`: a clip in image space, the known background), given back
+        in the network's own parametrisation, so that any sampler steps from a possible volume. Uses
+        the schedule's public alphas (DDPM, DDIM and DPM-Solver++ share them at integer timesteps).
+        Without it, epsilon prediction on the capped cosine schedule amplifies the network's error
+        about 2e4-fold at the first step."""
+        kind = self.scheduler.config.prediction_type
+        alpha_bar = self.scheduler.alphas_cumprod.to(sample.device, torch.float32)[int(t)]
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if kind == "sample":
+            return self.unet.project_to_data(prediction, labels)
+        if kind == "epsilon":
+            x0 = self.unet.project_to_data((sample - s * prediction) / a, labels)
+            return (sample - a * x0) / s
+        if kind == "v_prediction":
+            x0 = self.unet.project_to_data(a * sample - s * prediction, labels)
+            return (a * sample - x0) / s
+        raise ValueError(f"unknown prediction_type {kind!r}")
+
     @torch.no_grad()
     def __call__(self, labels: torch.Tensor | list, disease: str | int | list = 0, *, guidance_scale: float = 1.0,
                  num_inference_steps: int = 50, generator: torch.Generator | list | None = None,
@@ -183,11 +201,6 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         if guided:
             mask = torch.cat([mask, mask])
             class_labels = torch.cat([torch.zeros_like(class_labels), class_labels])
-        # Every sampler projects its x0 estimate onto what a volume with this mask can be (diffusers'
-        # thresholding hook, which DDPM, DDIM and DPM-Solver++ all call on x0): a clip in image space
-        # and the known background. A clip in coefficient space would bound each band alike.
-        self.scheduler.register_to_config(thresholding=True)
-        self.scheduler._threshold_sample = lambda x0: self.unet.project_to_data(x0, labels)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             model_input = torch.cat([sample, sample]) if guided else sample
@@ -196,6 +209,7 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
             if guided:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
+            prediction = self.project_prediction(prediction, t, sample, labels)
             sample = self.scheduler.step(prediction, t, sample, generator=generator).prev_sample
         volumes = self.unet.decode(sample.float()).clamp(-1.0, 1.0)
         volumes = torch.where(labels[:, None] == 0, torch.full_like(volumes, -1.0), volumes)
@@ -233,17 +247,20 @@ class CGANPipeline(_MaskConditionedPipeline):
         return MRIPipelineOutput(volumes=volumes, geometry=geometry)
 
 
-def load_pipeline(source: str | Path) -> MaskToMRIPipeline | CGANPipeline:
-    """A pipeline from a local folder or a hub id ("org/name"), with one-line errors."""
-    text = str(source)
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not Path(text).exists()
-    if not looks_like_hub_id and not Path(text).is_dir():
-        raise DataError(f"{source}: model folder not found")
+def load_pipeline(source: str | Path, revision: str | None = None) -> MaskToMRIPipeline | CGANPipeline:
+    """A pipeline from a local folder or a hub id ("org/name", downloaded at `revision`), of the kind
+    its `model_index.json` names, with one-line errors."""
+    from .hub import HubError, fetch_model
+
     try:
-        index = Path(text) / "model_index.json"
+        folder = fetch_model(source, revision).path
+    except HubError as exc:
+        raise DataError(str(exc)) from None
+    try:
+        index = folder / "model_index.json"
         kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else "MaskToMRIPipeline"
-        pipe = (CGANPipeline if kind == "CGANPipeline" else MaskToMRIPipeline).from_pretrained(text)
-    except (OSError, ValueError) as exc:  # missing files, offline hub, bad config
+        pipe = (CGANPipeline if kind == "CGANPipeline" else MaskToMRIPipeline).from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:  # missing files, bad config
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{source}: cannot load the model ({reason})") from None
     model = pipe._model

@@ -14,14 +14,20 @@ The grid file names any config keys (dotted, as on the command line) and their v
       gan.dropout: [0.0, 0.3]
     evaluate:
       real: runs/phantom_heldout   # real cases the generator never trained on: masks to sample, volumes to score
-      rank_by: ssim                # ssim, psnr, kid_2d, fid_3d, classifier_accuracy
+      rank_by: kid_2d              # kid_2d, fid_3d, spread_error, classifier_accuracy; ssim, psnr
       features: auto               # 2D features for KID (auto: Inception when installed)
       sample_steps: 25
+      per_mask: 1                  # draws per mask; spread_error needs >= 2 and `truth`
+      truth: runs/phantom_heldout_truth   # optional: the masks' same-mask truth draws (phantom --truth-draws)
       segmentation_steps: 0        # > 0 adds the segmentation study and the classifier regimes
 
 Each run trains (resuming), generates from the evaluation masks (resuming) and evaluates; its scores
 go to RUN/result.json, so a killed sweep picks up where it stopped. The ranked table goes to
 OUT/sweep.md and OUT/sweep.json, a bar chart to OUT/sweep.png.
+
+The default ranking is KID (distribution distance, unbiased). `spread_error` is |log| of the spread of
+a mask's draws over the truth's (0: the truth's variety; a collapsed run or a noisy one scores high).
+Paired SSIM and PSNR can be named but reward the conditional mean, so they select blur.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from .config import load_yaml
 from .errors import DataError
 from .io import atomic_path, write_json
 
-METRICS = {  # name -> (where in report.json, higher is better)
-    "ssim": True, "psnr": True, "kid_2d": False, "fid_3d": False, "classifier_accuracy": True}
+METRICS = {  # name -> higher is better
+    "kid_2d": False, "fid_3d": False, "spread_error": False, "classifier_accuracy": True, "ssim": True, "psnr": True}
+DEFAULT_RANK = "kid_2d"
 
 
 def load_grid(path: str | Path) -> dict:
@@ -54,7 +61,7 @@ def load_grid(path: str | Path) -> dict:
     evaluate = grid.get("evaluate") or {}
     if "real" not in evaluate:
         raise DataError(f"{path}: needs evaluate.real, a folder of real cases the runs are scored on")
-    if evaluate.get("rank_by", "ssim") not in METRICS:
+    if evaluate.get("rank_by", DEFAULT_RANK) not in METRICS:
         raise DataError(f"{path}: evaluate.rank_by must be one of {sorted(METRICS)}")
     return grid
 
@@ -92,7 +99,7 @@ def run_sweep(config: str | Path, grid_path: str | Path, out: str | Path, *, onl
         results.append(_run(config, overrides, out / f"run-{i:03d}", grid["evaluate"], progress))
     if only is not None:
         return {"runs": results}
-    return _rank(out, combos, results, grid["evaluate"].get("rank_by", "ssim"))
+    return _rank(out, combos, results, grid["evaluate"].get("rank_by", DEFAULT_RANK))
 
 
 def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: bool) -> dict:
@@ -114,11 +121,12 @@ def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: 
     pipeline = train_for_config(train_config, resume=True)
     synthetic = run_dir / "synthetic"
     generate_dataset(pipeline, evaluate_spec["real"], synthetic,
-                     GenerateOptions(steps=int(evaluate_spec.get("sample_steps", 25))), progress=progress)
+                     GenerateOptions(steps=int(evaluate_spec.get("sample_steps", 25)),
+                                     per_mask=int(evaluate_spec.get("per_mask", 1))), progress=progress)
     segmentation_steps = int(evaluate_spec.get("segmentation_steps", 0))
     report = evaluate(evaluate_spec["real"], [synthetic], run_dir / "report", names=["run"],
                       features=evaluate_spec.get("features", "auto"), segmentation_steps=segmentation_steps,
-                      progress=progress)
+                      truth=evaluate_spec.get("truth"), progress=progress)
     run = report["sets"]["run"]
     modalities = [m for m in run["paired"] if m != "pairs"]
     mean = lambda values: float(np.mean([v for v in values if v is not None])) if any(  # noqa: E731
@@ -126,7 +134,9 @@ def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: 
     scores = {"ssim": mean([run["paired"][m]["ssim"] for m in modalities]),
               "psnr": mean([run["paired"][m]["psnr"] for m in modalities]),
               "kid_2d": mean([(run["per_modality"][m]["kid_2d"] or {}).get("mean") for m in modalities]),
-              "fid_3d": run["fid_3d"], "classifier_accuracy": None}
+              "fid_3d": run["fid_3d"], "classifier_accuracy": None,
+              "spread_error": (abs(float(np.log(max(spread["mean"], 1e-6))))
+                               if (spread := run["conditional"]["spread_ratio"]) else None)}
     regimes = (run.get("segmentation") or {}).get("classification", {}).get("regimes", {})
     if regimes.get("synthetic -> real"):
         scores["classifier_accuracy"] = regimes["synthetic -> real"]["balanced_accuracy"]
@@ -137,7 +147,8 @@ def _run(config, overrides: dict, run_dir: Path, evaluate_spec: dict, progress: 
 
 def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> dict:
     higher = METRICS[rank_by]
-    key = lambda r: (r["scores"][rank_by] is None, -(r["scores"][rank_by] or 0) if higher else (r["scores"][rank_by] or 0))  # noqa: E731
+    score = lambda r: r["scores"].get(rank_by)  # noqa: E731  (a result.json from before a key existed lacks it)
+    key = lambda r: (score(r) is None, -(score(r) or 0) if higher else (score(r) or 0))  # noqa: E731
     ranked = sorted(results, key=key)
     summary = {"rank_by": rank_by, "higher_is_better": higher, "runs": ranked}
     names = list(combos[0])
@@ -150,7 +161,7 @@ def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> d
              "|---|---|" + "---|" * (len(names) + len(METRICS))]
     for rank, r in enumerate(ranked, 1):
         lines.append(f"| {rank} | {Path(r['run']).name} | " + " | ".join(str(r["overrides"][n]) for n in names)
-                     + " | " + " | ".join(fmt(r["scores"][m]) for m in METRICS) + " |")
+                     + " | " + " | ".join(fmt(r["scores"].get(m)) for m in METRICS) + " |")
     if "over_seeds" in summary:
         others = [n for n in names if n != "seed"]
         lines += ["", "Each setting over its seeds (mean ± sd): a difference smaller than the sd is a reseed's.", "",
@@ -183,7 +194,7 @@ def over_seeds(runs: list[dict]) -> list[dict]:
     for group in groups.values():
         scores = {}
         for m in METRICS:
-            values = [r["scores"][m] for r in group["runs"] if r["scores"][m] is not None]
+            values = [r["scores"][m] for r in group["runs"] if r["scores"].get(m) is not None]
             scores[m] = mean_and_sd(values) if values else None
         out.append({"setting": group["setting"], "seeds": group["seeds"], "scores": scores})
     return out
@@ -211,7 +222,7 @@ def _figure(path: Path, ranked: list[dict], rank_by: str) -> None:
     plt = pyplot()
     fig, (ax, curves) = plt.subplots(1, 2, figsize=(max(4, 1.4 * len(ranked) + 2) + 4.5, 3.4))
     labels = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) for r in ranked]
-    ax.bar(range(len(ranked)), [r["scores"][rank_by] or 0 for r in ranked], color="tab:orange")
+    ax.bar(range(len(ranked)), [r["scores"].get(rank_by) or 0 for r in ranked], color="tab:orange")
     ax.set_xticks(range(len(ranked)), labels, fontsize=7)
     ax.set_ylabel(rank_by)
     ax.set_title(f"sweep ranked by {rank_by}", fontsize=9)

@@ -14,7 +14,6 @@ import yaml
 from diffusion_glioma.config import DataConfig, PreprocessConfig
 from diffusion_glioma.data.cache import prepare_dataset
 from diffusion_glioma.pipeline import MaskToMRIPipeline
-from diffusion_glioma.training import diffusion as loop
 from diffusion_glioma.training.config import load_train_config
 from diffusion_glioma.data.dataset import CachedCases
 def main():

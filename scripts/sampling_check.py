@@ -16,7 +16,6 @@ truth draws' own scores are the reference row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from diffusion_glioma.data.layouts import MODALITIES, Case, discover_cases
 from diffusion_glioma.data.preprocess import prepare_case
 from diffusion_glioma.evaluation.conditional import correlation_with_real, spread_ratio, two_draw_ratio
 from diffusion_glioma.evaluation.fidelity import mean_and_sd
-from diffusion_glioma.evaluation.report import read_set
+from diffusion_glioma.evaluation.sets import read_set
 from diffusion_glioma.figures import pyplot, save_png
 from diffusion_glioma.io import write_json
 from diffusion_glioma.pipeline import load_pipeline

@@ -8,12 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 from diffusion_glioma.errors import DataError
-from diffusion_glioma.evaluation.report import generator_training_cases, read_set
+from diffusion_glioma.evaluation.sets import generator_training_cases, read_set
 from diffusion_glioma.generate import GenerateOptions, generate_dataset
 from diffusion_glioma.io import write_json
 from tests.test_generate import FAST, NNUNET_PYTHON, files_of, model_dir  # noqa: F401  (the fixture)

@@ -12,9 +12,9 @@ import torch
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
 from diffusion_glioma.evaluation.features import RandomFeatures
-from diffusion_glioma.evaluation.fidelity import (frechet_distance, inception_score, kernel_inception_distance,
-                                                  kid_over_subsets, memorisation, ms_ssim_diversity, paired_similarity,
-                                                  trivial_references)
+from diffusion_glioma.evaluation.fidelity import (fid_interval, frechet_distance, inception_score,
+                                                  kernel_inception_distance, kid_over_subsets, memorisation,
+                                                  ms_ssim_diversity, paired_similarity, trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
 
 
@@ -29,10 +29,18 @@ def test_distances_have_the_known_answers():
     # Same distribution: KID (unbiased) is near 0, far below a shifted one.
     assert kernel_inception_distance(a, b + 1.0) > 10 * abs(kernel_inception_distance(a, b))
     assert frechet_distance(a[:1], b) is None and kernel_inception_distance(a, b[:1]) is None
-    # KID over subsets: equal sets below the subset size give the whole-set KID with no spread;
-    # subsets of larger sets scatter around it (their mean is unbiased too).
-    whole = kid_over_subsets(a, b + 0.5)
-    assert whole["mean"] == pytest.approx(kernel_inception_distance(a, b + 0.5)) and whole["std"] == 0.0
+    # KID over subsets: sets below twice the subset size are subsampled by halves, so the spread is an
+    # uncertainty, not 0 (every subset the whole set); only sets of fewer than 4 score the whole sets once.
+    halves = kid_over_subsets(a, b + 0.5)
+    assert halves["subset_size"] == 100 and halves["std"] > 0
+    assert halves["mean"] == pytest.approx(kernel_inception_distance(a, b + 0.5), abs=3 * halves["std"])
+    tiny = kid_over_subsets(a[:3], b[:3])
+    assert tiny["subsets"] == 1 and tiny["mean"] == pytest.approx(kernel_inception_distance(a[:3], b[:3]))
+    # FID's bootstrap interval holds the FID, and narrows with more volumes.
+    small = fid_interval(a[:20], b[:20] + 0.5, resamples=100)
+    large = fid_interval(a, b + 0.5, resamples=100)
+    assert large[0] < frechet_distance(a, b + 0.5) < large[1]
+    assert large[1] - large[0] < 0.5 * (small[1] - small[0])
     big_a, big_b = torch.randn(600, 8, generator=rng), torch.randn(600, 8, generator=rng) + 0.5
     subsets = kid_over_subsets(big_a, big_b, subsets=50, subset_size=100)
     assert subsets["subset_size"] == 100 and subsets["std"] > 0
@@ -143,7 +151,7 @@ def test_evaluate_ranks_closer_sets_better_and_writes_the_report(phantom_dir, tm
     assert {"axial/all", "axial/tumour", "coronal/tumour", "sagittal/all"} <= set(by_slices)
     assert by_slices["axial/tumour"]["slices"] == [20, 20] and by_slices["axial/tumour"]["fid"] > 0
     kid = sets["very"]["per_modality"]["t2f"]["kid_2d"]  # mean and spread over subsets
-    assert kid["mean"] > sets["slightly"]["per_modality"]["t2f"]["kid_2d"]["mean"] and kid["subset_size"] == 60
+    assert kid["mean"] > sets["slightly"]["per_modality"]["t2f"]["kid_2d"]["mean"] and kid["subset_size"] == 30
     # A copy of each case resembles its own source, which memorisation does not count against it.
     assert sets["identical"]["memorisation"]["suspicious"] == []
     assert sets["identical"]["paired"]["pairs"] == 5

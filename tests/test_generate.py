@@ -218,8 +218,9 @@ def test_two_processes_write_each_output_once(model_dir, phantom_dir, tmp_path):
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     outputs = [r["output"] for r in manifest]
     assert len(outputs) == len(set(outputs)) == 10
-    by_process = {p: {r["case_id"] for r in manifest if r["process"] == p} for p in (0, 1)}
-    assert by_process[0] and by_process[1] and not by_process[0] & by_process[1]  # masks split, not shared
+    # Outputs split, not masks: in (mask, k) order output j goes to process j mod 2, so each mask's two
+    # draws go to both processes.
+    assert [r["process"] for r in manifest] == [j % 2 for j in range(10)]
     single = tmp_path / "single"
     generate_dataset(model_dir, phantom_dir, single, GenerateOptions(per_mask=2, **FAST), progress=False)
     a, b = volumes_of(out), volumes_of(single)
@@ -268,3 +269,34 @@ def test_disease_comes_from_the_option_the_layout_or_the_name(capsys):
     assert resolve_disease(layout_says, options, classes) == "pediatric_diffuse_glioma"
     with pytest.raises(DataError, match="not one of the model's classes"):
         resolve_disease(plain("BraTS-PED-00007-000"), options, ["none", "glioblastoma"])
+
+
+def test_shards_split_outputs_not_masks_and_the_unsharded_run_writes_the_manifest(model_dir, phantom_dir, tmp_path):
+    """One mask's 4 draws over 2 job-array shards: 2 each, no folder-wide file from either; the same
+    command without --shard then samples nothing and writes the manifest. The volumes are the ones an
+    unsharded run writes (each output has its own seed)."""
+    options = dict(per_mask=4, limit=1, **FAST)
+    whole = tmp_path / "whole"
+    generate_dataset(model_dir, phantom_dir, whole, GenerateOptions(**options), progress=False)
+    sharded = tmp_path / "sharded"
+    written = [generate_dataset(model_dir, phantom_dir, sharded, GenerateOptions(**options, shard=(i, 2)),
+                                progress=False) for i in range(2)]
+    assert [sorted(r["k"] for r in shard) for shard in written] == [[0, 2], [1, 3]]
+    assert not (sharded / "manifest.jsonl").exists() and not (sharded / "samples.png").exists()
+    records_before = {p.name: p.stat().st_mtime_ns for p in (sharded / ".records").glob("*.json")}
+    final = generate_dataset(model_dir, phantom_dir, sharded, GenerateOptions(**options), progress=False)
+    assert len(final) == 4 and records_before == {p.name: p.stat().st_mtime_ns
+                                                  for p in (sharded / ".records").glob("*.json")}
+    manifest = [json.loads(line) for line in (sharded / "manifest.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in manifest] == [0, 1, 2, 3]
+    for record in manifest:
+        for m, name in record["files"].items():
+            a = np.asarray(nib.load(str(sharded / name)).dataobj)
+            b = np.asarray(nib.load(str(whole / name)).dataobj)
+            assert np.array_equal(a, b), (record["output"], m)
+
+
+def test_shard_argument_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "m", "--masks", "x", "--out", "y", "--shard", "2/2"])
+    assert "I must be between 0 and N - 1" in capsys.readouterr().err

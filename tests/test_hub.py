@@ -91,7 +91,7 @@ def test_push_errors_are_one_line(pipeline_dir, monkeypatch, capsys):
     assert main(["push", "--model", str(pipeline_dir), "--repo-id", "org/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: HF_HUB_OFFLINE is set") and len(err.strip().splitlines()) == 1
-    with pytest.raises(DataError, match="org/not-here: cannot load the model"):
+    with pytest.raises(DataError, match="org/not-here: cannot download the model"):
         load_pipeline("org/not-here")  # a hub id, offline
 
 
@@ -107,3 +107,82 @@ def test_slim_export_is_small_and_samples_the_same(pipeline_dir, tmp_path):
                       progress=False).volumes
     torch.testing.assert_close(run(a), run(b), atol=2e-2, rtol=0)
     assert json.loads((slim / "training.json").read_text())["steps"] == 30
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_snapshot_download(tmp_path, repos: dict):
+    """Stands in for huggingface_hub.snapshot_download: copies the files of a local folder that match
+    `allow_patterns` into a snapshot named by a commit, as the hub cache does; unknown repos fail."""
+    import fnmatch
+    import shutil
+
+    calls = []
+
+    def download(repo_id, revision=None, allow_patterns=None):
+        calls.append({"repo_id": repo_id, "revision": revision})
+        if repo_id not in repos:
+            raise RuntimeError("404 Client Error: Repository Not Found\nfor url ...")
+        snapshot = tmp_path / "hub-cache" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT
+        for path in repos[repo_id].rglob("*"):
+            relative = str(path.relative_to(repos[repo_id]))
+            if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+                (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, snapshot / relative)
+        return str(snapshot)
+
+    return download, calls
+
+
+def test_a_hub_model_is_pinned_recorded_and_read_like_a_local_one(pipeline_dir, tmp_path, monkeypatch, phantom_dir):
+    import huggingface_hub
+
+    from diffusion_glioma.evaluation.sets import generator_training_cases
+    from diffusion_glioma.generate import GenerateOptions, generate_dataset
+
+    download, calls = fake_snapshot_download(tmp_path, {"glioma-lab/demo": pipeline_dir})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    out = tmp_path / "synthetic"
+    generate_dataset("glioma-lab/demo", phantom_dir, out,
+                     GenerateOptions(steps=2, sampler="ddim", precision="fp32", limit=1, revision="v1"), progress=False)
+    assert calls == [{"repo_id": "glioma-lab/demo", "revision": "v1"}]
+    generation = json.loads((out / "generation.json").read_text())
+    assert generation["model_hub_id"] == "glioma-lab/demo" and generation["model_revision"] == COMMIT
+    assert generation["model_hash"] != "unknown"
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["model_revision"] == COMMIT
+    assert generator_training_cases(out) == {"a", "b"}  # its training.json came with it
+    assert not (Path(generation["model"]) / "unet_online").exists()  # what loading needs, not the online weights
+
+
+def test_a_gan_on_the_hub_loads_as_a_gan_and_offline_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffusion_glioma.models.cgan import CGANGenerator
+    from diffusion_glioma.pipeline import CGANPipeline
+
+    gan = tmp_path / "gan"
+    CGANPipeline(CGANGenerator(volume_shape=(16, 16, 16), noise_dim=8, base_channels=8, levels=2),
+                 preprocess={"shape": [16, 16, 16]}).save_pretrained(gan)
+    download, _ = fake_snapshot_download(tmp_path, {"glioma-lab/gan": gan})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert isinstance(load_pipeline("glioma-lab/gan"), CGANPipeline)
+    with pytest.raises(DataError, match=r"glioma-lab/none: cannot download the model at revision v2 \(404"):
+        load_pipeline("glioma-lab/none", revision="v2")
+    with pytest.raises(DataError, match="pins a hub model"):
+        load_pipeline(gan, revision="v2")
+
+
+def test_push_is_private_by_default_and_uploads_no_online_weights_or_local_paths(pipeline_dir, tmp_path):
+    record = json.loads((pipeline_dir / "training.json").read_text())
+    record["config"]["data"]["raw"] = str(tmp_path / "home" / "someone" / "phantom")
+    record["config"]["output_dir"] = "/scratch/someone/runs/demo"
+    write_json(pipeline_dir / "training.json", record)
+    client = RecordingClient()
+    push_to_hub(pipeline_dir, "glioma-lab/phantom-demo", client=client)
+    assert client.calls[0][1]["private"] is True
+    assert not any(name.startswith("unet_online") for name in client.uploaded)
+    uploaded = json.loads(client.uploaded["training.json"])
+    assert uploaded["config"]["data"]["raw"] == "phantom" and uploaded["config"]["output_dir"] == "demo"
+    assert uploaded["cases"] == ["a", "b"]
+    assert (pipeline_dir / "unet_online").is_dir() and "someone" in (pipeline_dir / "training.json").read_text()

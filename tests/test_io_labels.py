@@ -100,6 +100,17 @@ def test_unknown_label_names_file_and_values():
         SCHEMES["brats2021"].to_common(np.array([0, 1, 3, 7]), "case_seg.nii.gz")
     message = str(info.value)
     assert message.startswith("case_seg.nii.gz") and "[3, 7]" in message and "[0, 1, 3, 7]" in message
+    assert "--labels brats2013" in message  # a 3 is what BraTS 2013-2016 files hold: the line names the choice
+
+
+def test_brats_2013_2016_labels():
+    """1 necrosis, 2 oedema, 3 non-enhancing core, 4 enhancing: 1 and 3 are both tumour core (BraTS 2017
+    merged them), written back as 1; values 1, 2, 4 mean what they mean in brats2021."""
+    mapped = SCHEMES["brats2013"].to_common(np.array([0, 1, 2, 3, 4]))
+    assert mapped.tolist() == [BACKGROUND, CORE, OEDEMA, CORE, ENHANCING]
+    assert SCHEMES["brats2013"].from_common(mapped).tolist() == [0, 1, 2, 1, 4]
+    assert (SCHEMES["brats2013"].to_common(np.array([0, 1, 2, 4])).tolist()
+            == SCHEMES["brats2021"].to_common(np.array([0, 1, 2, 4])).tolist())
 
 
 def test_custom_mapping_and_head():

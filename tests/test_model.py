@@ -157,15 +157,18 @@ def test_a_perfect_denoiser_recovers_the_volume(prediction_type, sampler, wavele
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_epsilon_errors_are_not_amplified_at_the_first_step(sampler):
     """At t = 999 of the capped cosine schedule x0 = (x - sigma eps) / alpha magnifies an error in eps
-    about 2e4-fold. Every sampler clips its x0 estimate to the data range, so the first step of a
-    network that is off by 0.01 stays near the noise it started from."""
-    from diffusion_glioma.pipeline import make_scheduler
-
-    scheduler = make_scheduler(sampler, training_scheduler("epsilon").config)
-    scheduler.set_timesteps(25)
-    t = scheduler.timesteps[0]
+    about 2e4-fold. The pipeline projects every x0 estimate onto the data range before the sampler
+    steps, so the first step of a network that is off by 0.01 stays near the noise it started from;
+    without the projection it does not."""
+    torch.manual_seed(0)
+    pipe = MaskToMRIPipeline(DenoiserUNet3D(**PRESETS["tiny"]), training_scheduler("epsilon")).use_sampler(sampler)
+    pipe.scheduler.set_timesteps(25)
+    t = pipe.scheduler.timesteps[0]
     assert int(t) == 999  # trailing spacing starts from pure noise
     noise = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     slightly_wrong = noise + 0.01
-    after = scheduler.step(slightly_wrong, t, noise, generator=torch.Generator().manual_seed(0)).prev_sample
-    assert after.abs().max() < 6, after.abs().max()
+    labels = torch.ones(1, 8, 8, 8, dtype=torch.long)
+    step = lambda output: pipe.scheduler.step(output, t, noise, generator=torch.Generator().manual_seed(0)).prev_sample  # noqa: E731
+    assert step(pipe.project_prediction(slightly_wrong, t, noise, labels)).abs().max() < 6
+    pipe.scheduler.set_timesteps(25)
+    assert step(slightly_wrong).abs().max() > 10  # the unprojected step, for contrast (about 16)

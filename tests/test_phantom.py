@@ -153,7 +153,7 @@ def test_truth_draws_share_the_mask_bit_for_bit_and_redraw_the_interior_anatomy(
 
 
 def test_write_cohort_writes_truth_draws_as_a_paired_set(tmp_path):
-    from diffusion_glioma.evaluation.report import read_set
+    from diffusion_glioma.evaluation.sets import read_set
 
     write_cohort(tmp_path / "cohort", n_adult=1, n_pediatric=1, spacing=6.0, seed=3, truth_draws=2,
                  truth_out=tmp_path / "truth", progress=False)

@@ -78,4 +78,4 @@ def test_sweep_with_a_seed_key_summarises_each_setting_over_its_seeds(tmp_path):
     assert groups[1e-3]["seeds"] == [1, 0] and groups[1e-3]["scores"]["ssim"]["mean"] == pytest.approx(0.31)
     assert groups[1e-3]["scores"]["ssim"]["sd"] == pytest.approx(0.01414, abs=1e-4)
     assert groups[1e-4]["scores"]["psnr"] is None
-    assert "| 0.001 | 2 | 0.31 ± 0.014 |" in (tmp_path / "sweep.md").read_text()
+    assert "| 0.001 | 2 | n/a | n/a | n/a | n/a | 0.31 ± 0.014 |" in (tmp_path / "sweep.md").read_text()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,11 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp
     assert not (tmp_path / "interrupted" / "pipeline").exists()
     with pytest.raises(TrainingError, match="pass --resume"):
         loop.train(load_train_config(interrupted))
+    # As if killed while writing the step-8 checkpoint: the resume starts from step 4, after the logs
+    # recorded steps 5-8, and the last log line is half written.
+    shutil.rmtree(tmp_path / "interrupted" / "checkpoints" / "checkpoint-8")
+    with (tmp_path / "interrupted" / "logs" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "lo')
     loop.train(load_train_config(interrupted), resume=True)
 
     for sub in ("pipeline/unet", "pipeline/unet_online"):
@@ -97,6 +103,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{sub}:{key}"
+    # The logs read as the straight run's: every step and every batch once, in order, same losses.
+    read = lambda run, name: [json.loads(line) for line in (tmp_path / run / "logs" / name).read_text().splitlines()]  # noqa: E731
+    assert read("interrupted", "data_order_rank0.jsonl") == read("straight", "data_order_rank0.jsonl")
+    resumed, straight_log = read("interrupted", "metrics.jsonl"), read("straight", "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight_log])
 
 
 def test_pretrain_then_finetune_through_the_cli(tiny_cache, tmp_path):
@@ -362,3 +374,32 @@ def test_wavelet_bands_meet_the_noise_at_unit_variance(tiny_cache):
     bands = torch.cat([c[:, :, h] for c, h in zip(coded, heads)], dim=2)  # (modality, band, voxels)
     std = bands.transpose(0, 1).reshape(8, -1).std(dim=1)
     torch.testing.assert_close(std, torch.ones(8), atol=0.02, rtol=0)
+
+
+def test_trackers_get_the_full_config_and_the_validation_figures(tiny_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run", tracker="tensorboard",
+                          optim={"steps": 2}, validation={"every": 2, "num_inference_steps": 2})
+    assert main(["train", "--config", str(config)]) == 0
+    events = [p for p in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")]
+    tags = {"images": set(), "scalars": set()}
+    for path in events:
+        accumulator = EventAccumulator(str(path), size_guidance={"images": 0, "tensors": 0})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags().get(kind, []))
+    assert "validation" in tags["images"] and "loss" in tags["scalars"]
+    hparams = next((tmp_path / "run" / "logs" / "train").rglob("hparams.yml")).read_text()
+    assert "optim.learning_rate: 0.003" in hparams and "diffusion.prediction_type: sample" in hparams
+
+
+def test_a_tracker_that_is_not_installed_is_a_warning_not_silence(tiny_cache, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run", tracker="wandb", optim={"steps": 1})
+    with pytest.warns(UserWarning, match="tracker wandb: not installed"):
+        loop.train(load_train_config(config))
+    assert len(losses(tmp_path / "run")) == 1  # the run's own log is written anyway

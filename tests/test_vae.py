@@ -31,7 +31,7 @@ def test_auroc_and_anomaly_scores_known_answers():
 
 def test_healthy_tissue_vae_finds_the_tumours(phantom_dir):
     from diffusion_glioma.data.layouts import MODALITIES
-    from diffusion_glioma.evaluation.report import read_set
+    from diffusion_glioma.evaluation.sets import read_set
     from diffusion_glioma.evaluation.segmentation import prepare_items
 
     items = prepare_items(read_set(phantom_dir, MODALITIES), PreprocessConfig(shape=(16, 16, 16), spacing=(12.0,) * 3))

@@ -6,7 +6,9 @@ share one mask, compared inside the head on one grid (the model's).
   real case is one more draw from the same distribution), a mask-to-mean regressor or a copy 0.
 - `spread_ratio`: the voxelwise standard deviation of K >= 2 draws of one mask inside the head, as a
   ratio to the truth's own same-mask spread (the phantom's truth draws): 1 right, 0 collapse, above
-  1 noisier than the truth.
+  1 noisier than the truth. The standard deviation is corrected for its small-sample bias (c4), so a
+  perfect sampler reads about 1 whatever the two draw counts.
+- `MaskGroup`: the same measures over one mask's draws as they stream past, one volume at a time.
 - `correlation_with_real`: a draw's Pearson correlation with the real case inside the head (a
   sample must look like the anatomy its mask came from, clearly above what noise scores).
 
@@ -14,6 +16,8 @@ Arrays are (modality, x, y, z) or (draw, modality, x, y, z); `head` is a boolean
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -32,11 +36,16 @@ def two_draw_ratio(first: np.ndarray, second: np.ndarray, real: np.ndarray, head
     return float(between / max(to_real, 1e-12))
 
 
+def c4(n: int) -> float:
+    """E[s] / sigma for the sample standard deviation of n normal draws (0.80 at 2, 0.92 at 4)."""
+    return math.sqrt(2 / (n - 1)) * math.exp(math.lgamma(n / 2) - math.lgamma((n - 1) / 2))
+
+
 def voxelwise_spread(draws: np.ndarray, head: np.ndarray) -> float:
-    """Mean over modalities and head voxels of the standard deviation across draws (ddof 1)."""
+    """Mean over modalities and head voxels of the standard deviation across draws (ddof 1, over c4)."""
     if len(draws) < 2:
         raise ValueError("the spread of draws needs at least two draws of one mask")
-    return float(draws[:, :, head].std(axis=0, ddof=1).mean())
+    return float(draws[:, :, head].std(axis=0, ddof=1).mean()) / c4(len(draws))
 
 
 def spread_ratio(draws: np.ndarray, truth_draws: np.ndarray, head: np.ndarray) -> float:
@@ -48,3 +57,37 @@ def correlation_with_real(draw: np.ndarray, real: np.ndarray, head: np.ndarray) 
     """Pearson correlation inside the head, pooled over modalities after z-scoring each."""
     a, r = zscore_in_head(draw, head), zscore_in_head(real, head)
     return float(np.mean(a * r))
+
+
+class MaskGroup:
+    """The draws of one mask, seen one at a time (memory: two volumes, whatever the draw count):
+    running mean and sum of squares for the spread (Welford), the first two draws for the two-draw
+    ratio. `real` and `head` are the mask's real case and its head, when known."""
+
+    def __init__(self, real: np.ndarray | None, head: np.ndarray):
+        self.real, self.head = real, head
+        self.count, self.mean, self.squares, self.first_two = 0, None, None, []
+        self.correlations: list[float] = []
+
+    def add(self, draw: np.ndarray) -> None:
+        values = draw[:, self.head].astype(np.float64)
+        self.count += 1
+        if self.mean is None:
+            self.mean, self.squares = values.copy(), np.zeros_like(values)
+        else:
+            delta = values - self.mean
+            self.mean += delta / self.count
+            self.squares += delta * (values - self.mean)
+        if len(self.first_two) < 2:
+            self.first_two.append(draw)
+        if self.real is not None:
+            self.correlations.append(correlation_with_real(draw, self.real, self.head))
+
+    def summary(self) -> dict:
+        """{draws, spread, two_draw_ratio, correlation_with_real}; None where undefined."""
+        spread = (float(np.sqrt(self.squares / (self.count - 1)).mean()) / c4(self.count)
+                  if self.count >= 2 else None)
+        two_draw = (two_draw_ratio(*self.first_two, self.real, self.head)
+                    if self.count >= 2 and self.real is not None else None)
+        correlation = float(np.mean(self.correlations)) if self.correlations else None
+        return {"draws": self.count, "spread": spread, "two_draw_ratio": two_draw, "correlation_with_real": correlation}

@@ -26,12 +26,11 @@ from ..errors import DataError
 from ..figures import pyplot, save_png
 from ..io import atomic_path, write_json
 from .segmentation import REGIONS, dice_and_hd95, predict, prepare_items, regions_of, train_segmenter
+from .sets import read_set
 
 
 def curate(real: str | Path, synthetic: str | Path, out: str | Path, *, min_dice: float = 0.7, steps: int = 300,
            seed: int = 0, progress: bool = True) -> dict:
-    from .report import read_set
-
     real, synthetic, out = Path(real), Path(synthetic), Path(out)
     manifest = synthetic / "manifest.jsonl"
     if not manifest.is_file():

@@ -30,6 +30,7 @@ from ..io import atomic_path, load_volume, save_volume, write_json
 from ..labels import TUMOUR_LABELS, get_scheme
 from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, held_out_split, regions_of,
                            training_mixes)
+from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
 
@@ -52,8 +53,6 @@ def _common_labels(item) -> tuple[np.ndarray, np.ndarray]:
 
 def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, dataset_id: int = 600,
                  seed: int = 0, copy: bool = False, folds: str = "all", progress: bool = True) -> dict:
-    from .report import generator_training_cases, read_set
-
     out = Path(out)
     if (out / STUDY_FILE).is_file():
         raise DataError(f"{out}: already holds an exported study ({STUDY_FILE}); score it, or export to another folder")

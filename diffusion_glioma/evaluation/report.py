@@ -9,98 +9,24 @@ head -> [0, 1], background 0), so real and synthetic are compared on equal terms
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.layouts import MODALITIES, discover_cases
-from ..data.preprocess import find_head
+from ..data.layouts import MODALITIES
 from ..errors import DataError
 from ..figures import to_ras
-from ..io import check_id, inside, load_volume
+from ..io import load_volume
 from .features import InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
-from .fidelity import (SLICE_SIZE, VOLUME_SIZE, frechet_distance, kernel_inception_distance, kid_over_subsets,
-                       memorisation, ms_ssim_diversity, paired_similarity, trivial_references)
-
-
-@dataclass
-class Item:
-    item_id: str
-    key: str  # the real case it pairs with (its source mask's case), if any
-    images: dict[str, Path]
-    mask: Path | None
-    labels: str | dict | None = None  # the mask's label scheme, when known
-    disease: str | None = None
-    source: str | None = None  # the real case it descends from (through augmentation); itself for real cases
-
-
-def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
-    folder = Path(folder)
-    manifest = folder / "manifest.jsonl"
-    if manifest.is_file():
-        items = []
-        for number, line in enumerate(manifest.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{manifest}:{number}"
-            try:
-                record = json.loads(line)
-                output, files, case_id = record["output"], record["files"], record["case_id"]
-            except (ValueError, KeyError, TypeError):
-                raise DataError(f"{where}: not a record with 'output', 'case_id' and 'files'") from None
-            check_id(output, where)  # it names files in the studies' exports
-            if not isinstance(files, dict):
-                raise DataError(f"{where}: 'files' is not a mapping of name to path")
-            missing = [m for m in modalities if m not in files]
-            if missing:
-                raise DataError(f"{where}: output {output} has no {missing} (the sets' modalities differ)")
-            items.append(Item(output, case_id, {m: inside(folder, files[m], where) for m in modalities},
-                              Path(record["source_mask"]), record.get("label_scheme"), record.get("disease"),
-                              record.get("derived_from") or case_id))
-        return items
-    items = []
-    for case in discover_cases(folder):
-        missing = case.missing(modalities)
-        if missing:
-            raise DataError(f"{folder}: case {case.case_id} has no {missing} (the sets' modalities differ)")
-        items.append(Item(case.case_id, case.case_id, {m: case.images[m] for m in modalities}, case.seg, case.labels,
-                          case.disease, case.case_id))
-    if not items:
-        raise DataError(f"{folder}: no volumes to evaluate")
-    return items
-
-
-def generator_training_cases(folder: str | Path) -> set[str]:
-    """The real cases the generator of a synthetic set trained on (from its manifest's model folder)."""
-    from ..provenance import trained_cases
-
-    manifest = Path(folder) / "manifest.jsonl"
-    if not manifest.is_file():
-        return set()
-    models = {json.loads(line).get("model") for line in manifest.read_text().splitlines() if line.strip()}
-    return set().union(*(trained_cases(m) for m in models if m))
-
-
-def normalised(item: Item, modalities) -> tuple[np.ndarray, np.ndarray]:
-    """(modality, x, y, z) in [0, 1] on the item's own grid, and its affine."""
-    volumes = [load_volume(item.images[m]) for m in modalities]
-    for v in volumes[1:]:
-        if v.shape != volumes[0].shape:
-            raise DataError(f"{v.path}: shape {v.shape} differs from {volumes[0].path.name}")
-    arrays = [v.array for v in volumes]
-    head = find_head(arrays, 0.1)
-    out = []
-    for a in arrays:
-        low, high = np.percentile(a[head], (0.5, 99.5))
-        scaled = np.clip((a - low) / max(high - low, 1e-6), 0, 1)
-        scaled[~head] = 0
-        out.append(scaled.astype(np.float32))
-    return np.stack(out), volumes[0].affine
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kernel_inception_distance,
+                       kid_over_subsets, mean_and_sd, memorisation, ms_ssim_diversity, paired_similarity,
+                       trivial_references)
+from .sets import Item, generator_training_cases, head_of, normalised, read_set
 
 
 def _to_ras_stack(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -184,6 +110,7 @@ class SetData:
     paired: list = field(default_factory=list)  # synthetic: (index, {modality: {ssim, psnr, mae}}) vs its real volume
     references: list = field(default_factory=list)  # real: (index, {reference set: {modality: {...}}})
     shown: list = field(default_factory=list)  # (index, volume, affine) of the first few, for samples.png
+    groups: dict = field(default_factory=dict)  # synthetic: mask key -> MaskGroup.summary() of its draws
 
     def indices(self, disease: str | None = None) -> list[int]:
         return [i for i, item in enumerate(self.items) if disease is None or item.disease == disease]
@@ -206,17 +133,24 @@ def _kept_for_diversity(items: list[Item], seed: int) -> set[int]:
 
 
 def _collect(name: str, items: list[Item], modalities, extractors: Extractors, max_slices: int, seed: int,
-             real_by_key: dict[str, Item] | None, progress: bool) -> SetData:
-    """One streaming pass over a set. For a synthetic set (`real_by_key` given) each volume is
-    scored against the real volume of its mask, which is read again (consecutive outputs of one
-    mask share it); for the real set, each volume scores the reference sets."""
+             real_by_key: dict[str, Item] | None, progress: bool, volumes: Iterator | None = None) -> SetData:
+    """One streaming pass over a set. For a synthetic or reference set (`real_by_key` given) each
+    volume is scored against the real volume of its mask, which is read again (consecutive outputs of
+    one mask share it), and the draws of each mask are summarised as they pass (spread, two-draw
+    ratio, correlation: they must be consecutive, which `_by_mask` ensures); for the real set, each
+    volume scores the paired references. `volumes` yields (volume, affine) per item for sets made in
+    memory (the references); by default each item is read and normalised."""
+    from .conditional import MaskGroup
+
     data = SetData(items, f3d={m: [] for m in modalities}, f2d={m: {} for m in modalities},
                    hist={m: np.zeros(50, dtype=np.int64) for m in modalities})
     keep = _kept_for_diversity(items, seed)
     last_real: tuple[str, tuple] | None = None
+    group: tuple[str, MaskGroup] | None = None
     previous_by_grid: dict = {}  # grid -> the previous real volume on it ("real vs another real case")
-    for index, item in enumerate(tqdm(items, desc=f"evaluate {name}", unit="volume", disable=not progress)):
-        volume, affine = normalised(item, modalities)
+    volumes = volumes if volumes is not None else (normalised(item, modalities) for item in items)
+    for index, (item, (volume, affine)) in enumerate(tqdm(zip(items, volumes), total=len(items), desc=f"evaluate {name}",
+                                                          unit="volume", disable=not progress)):
         ras = _to_ras_stack(volume, affine)
         small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
         per_modality, together = extractors.volume(small)
@@ -233,20 +167,37 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
             grid = (volume.shape, tuple(np.round(affine, 3).ravel()))
             data.references.append((index, _reference_scores(volume, previous_by_grid.get(grid), modalities, seed + index)))
             previous_by_grid[grid] = volume
-        elif item.key in real_by_key:
-            real_item = real_by_key[item.key]
-            if last_real is None or last_real[0] != item.key:
-                last_real = (item.key, normalised(real_item, modalities))
-            real_volume, real_affine = last_real[1]
-            if real_volume.shape != volume.shape or not np.allclose(real_affine, affine, atol=1e-3):
-                raise DataError(f"{item.images[modalities[0]]}: grid differs from its real volume "
-                                f"{real_item.images[modalities[0]]}; paired metrics need the same grid")
-            head = _head(real_volume)
-            data.paired.append((index, {m: paired_similarity(real_volume[c], volume[c], head)
-                                        for c, m in enumerate(modalities)}))
+        else:
+            real_volume = None
+            if item.key in real_by_key:
+                real_item = real_by_key[item.key]
+                if last_real is None or last_real[0] != item.key:
+                    last_real = (item.key, normalised(real_item, modalities))
+                real_volume, real_affine = last_real[1]
+                if real_volume.shape != volume.shape or not np.allclose(real_affine, affine, atol=1e-3):
+                    raise DataError(f"{item.images.get(modalities[0], item.item_id)}: grid differs from its real volume "
+                                    f"{real_item.images[modalities[0]]}; paired metrics need the same grid")
+                real_head = head_of(real_volume)
+                data.paired.append((index, {m: paired_similarity(real_volume[c], volume[c], real_head)
+                                            for c, m in enumerate(modalities)}))
+            if group is None or group[0] != item.key:
+                if group is not None:
+                    data.groups[group[0]] = group[1].summary()
+                group = (item.key, MaskGroup(real_volume, head_of(real_volume if real_volume is not None else volume)))
+            if volume.shape[1:] != group[1].head.shape:
+                raise DataError(f"{item.images.get(modalities[0], item.item_id)}: grid differs from the other "
+                                f"outputs of mask {item.key}")
+            group[1].add(volume)
         if len(data.shown) < SHOWN and (real_by_key is None or item.key in real_by_key):
             data.shown.append((index, volume, affine))
+    if group is not None:
+        data.groups[group[0]] = group[1].summary()
     return data
+
+
+def _by_mask(items: list[Item]) -> list[Item]:
+    """The outputs of each mask next to each other (a stable sort: draw order is kept)."""
+    return sorted(items, key=lambda item: item.key)
 
 
 REFERENCES = ("mean-fill inside the head", "noise inside the head", "real vs another real case")
@@ -256,7 +207,7 @@ def _reference_scores(volume: np.ndarray, other: np.ndarray | None, modalities, 
     """Reference sets scored against one real volume: what a trivial generator scores (mean-fill,
     noise inside the head) and what realistic but unpaired data scores (another real case on the
     same grid, when there is one)."""
-    head = _head(volume)
+    head = head_of(volume)
     out = {}
     for c, m in enumerate(modalities):
         references = trivial_references(volume[c], head, seed)
@@ -309,13 +260,32 @@ def _across_set_diversity(data: SetData, indices: set[int]) -> float | None:
     return ms_ssim_diversity(torch.stack([data.small[i].float() for i in chosen])) if len(chosen) >= 2 else None
 
 
+def _conditional(syn: SetData, syn_idx: set[int], truth_groups: dict | None) -> dict:
+    """Sampler or regressor, over the masks with several draws (evaluation/conditional.py): the
+    two-draw ratio, the spread over the truth's same-mask spread (needs the truth draws) and a draw's
+    correlation with its real case; mean and sd over masks."""
+    keys = {syn.items[i].key for i in syn_idx}
+    groups = {k: g for k, g in syn.groups.items() if k in keys}
+    several = {k: g for k, g in groups.items() if g["draws"] >= 2}
+    ratios = [g["spread"] / truth_groups[k]["spread"] for k, g in several.items()
+              if truth_groups and (truth_groups.get(k) or {}).get("spread")]
+    summary = lambda values: mean_and_sd(values) if values else None  # noqa: E731
+    return {"masks_with_several_draws": len(several),
+            "draws_per_mask": float(np.mean([g["draws"] for g in several.values()])) if several else None,
+            "two_draw_ratio": summary([g["two_draw_ratio"] for g in several.values() if g["two_draw_ratio"] is not None]),
+            "spread_ratio": summary(ratios),
+            "correlation_with_real": summary([g["correlation_with_real"] for g in groups.values()
+                                              if g["correlation_with_real"] is not None])}
+
+
 def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx: set[int], seed: int,
-           by_slices: bool) -> dict:
-    """Every distribution and paired metric for a subset of the real set against a subset of a
-    synthetic one (the whole sets, or one disease's volumes)."""
+           by_slices: bool, truth_groups: dict | None = None) -> dict:
+    """Every distribution, paired and conditional metric for a subset of the real set against a
+    subset of a synthetic one (the whole sets, or one disease's volumes)."""
     r_all = torch.stack([real.f3d_all[i] for i in sorted(real_idx)])
     s_all = torch.stack([syn.f3d_all[i] for i in sorted(syn_idx)])
     block = {"volumes": [len(real_idx), len(syn_idx)], "fid_3d": frechet_distance(r_all, s_all),
+             "fid_3d_ci95": fid_interval(r_all, s_all, seed=seed),
              "kid_3d": kid_over_subsets(r_all, s_all, seed=seed), "per_modality": {}}
     for m in modalities:
         r2d, s2d = _pooled_2d(real, m, real_idx), _pooled_2d(syn, m, syn_idx)
@@ -337,6 +307,7 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
     block["diversity_ms_ssim"] = _across_set_diversity(syn, syn_idx)
     block["real_diversity_ms_ssim"] = _across_set_diversity(real, real_idx)
     block["fixed_mask_diversity"] = _fixed_mask_diversity(syn, syn_idx)
+    block["conditional"] = _conditional(syn, syn_idx, truth_groups)
     return block
 
 
@@ -344,12 +315,25 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
              modalities: tuple[str, ...] = MODALITIES, features: str = "auto", inception_weights=None,
              max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
              anomaly_steps: int | None = None, segmentation_seeds: list[int] | None = None,
-             nnunet_study: str | Path | None = None, progress: bool = True) -> dict:
+             nnunet_study: str | Path | None = None, truth: str | Path | None = None,
+             real_reference: str | Path | None = None, progress: bool = True) -> dict:
+    """Score each synthetic folder against `real`, beside reference sets made on the same cases and
+    grid (references.py): mean-fill and noise always, the same-mask truth draws and their conditional
+    mean when `truth` names them (`phantom --truth-draws`), an independent real cohort when
+    `real_reference` does."""
+    from .references import TRUTH, independent_set, trivial_sets, truth_sets
+
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
     if len(names) != len(synthetic):
         raise DataError(f"{len(names)} names for {len(synthetic)} synthetic folders")
-    sets = {"real": read_set(real, modalities), **{n: read_set(s, modalities) for n, s in zip(names, synthetic)}}
+    sets = {"real": read_set(real, modalities),
+            **{n: _by_mask(read_set(s, modalities)) for n, s in zip(names, synthetic)}}
+    references = trivial_sets(sets["real"], modalities, seed)
+    if truth is not None:
+        references += truth_sets(read_set(truth, modalities), sets["real"], modalities)
+    if real_reference is not None:
+        references.append(independent_set(read_set(real_reference, modalities), sets["real"], seed))
     extractors = Extractors(modalities, features, inception_weights, features_3d, seed)
 
     # 1. One streaming pass per set.
@@ -357,6 +341,9 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     real_by_key = {item.key: item for item in sets["real"]}
     data = {"real": real_data, **{n: _collect(n, sets[n], modalities, extractors, max_slices, seed, real_by_key,
                                               progress) for n in names}}
+    reference_data = {r.name: _collect(r.name, r.items, modalities, extractors, max_slices, seed, real_by_key, progress,
+                                       r.volumes() if r.volumes else None) for r in references}
+    truth_groups = reference_data[TRUTH].groups if TRUTH in reference_data else None
 
     # 2. Metrics per synthetic set: overall and per disease.
     results: dict = {"feature_extractor": extractors.description,
@@ -368,11 +355,13 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     results["paired_references"] = _paired_references(real_data, everything_real, modalities)
     for name in names:
         syn = data[name]
-        entry = _block(real_data, syn, modalities, everything_real, set(syn.indices()), seed, by_slices=True)
+        entry = _block(real_data, syn, modalities, everything_real, set(syn.indices()), seed, by_slices=True,
+                       truth_groups=truth_groups)
         entry["by_disease"] = {}
         for disease in sorted({i.disease for i in syn.items if i.disease} & {i.disease for i in sets["real"]}):
             entry["by_disease"][disease] = _block(real_data, syn, modalities, set(real_data.indices(disease)),
-                                                  set(syn.indices(disease)), seed, by_slices=False)
+                                                  set(syn.indices(disease)), seed, by_slices=False,
+                                                  truth_groups=truth_groups)
         training = training_records[name]
         mem = memorisation([i.item_id for i in sets["real"]], torch.stack(real_data.f3d_all),
                            [i.item_id for i in syn.items], torch.stack(syn.f3d_all),
@@ -382,6 +371,14 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             "threshold": mem.threshold, "quantile": mem.quantile, "suspicious": mem.suspicious,
             "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
         results["sets"][name] = entry
+    # The references, scored as a set is (no memorisation or segmentation: they are not generators).
+    results["references"] = {name: _block(real_data, ref, modalities, everything_real, set(ref.indices()), seed,
+                                          by_slices=False, truth_groups=truth_groups)
+                             for name, ref in reference_data.items()}
+    results["counts"].update({f"reference: {name}": len(ref.items) for name, ref in reference_data.items()})
+    if truth_groups is None:
+        notes.append("No same-mask truth draws (--truth): the spread of draws has no reference and shows as n/a; "
+                     "phantom cohorts can draw them (diffusion-glioma phantom --truth-draws K).")
     if segmentation_steps > 0:
         from .segmentation import across_seeds, prepare_items, segmentation_study
 
@@ -409,9 +406,13 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         notes.append(f"2D FID from {slices} slices per set in {dimensions} Inception dimensions: the covariance is "
                      "rank-deficient and FID is biased upwards at this count; compare sets within this report, "
                      "not with published FIDs (KID is unbiased).")
-    if extractors.network_3d is not None and min(results["counts"].values()) < extractors.network_3d.dimensions:
-        notes.append(f"3D FID from {min(results['counts'].values())} volumes in {extractors.network_3d.dimensions} "
-                     "dimensions per modality: rank-deficient and biased upwards; KID is unbiased.")
+    dimensions_3d = (extractors.network_3d.dimensions if extractors.network_3d is not None
+                     else sum(layer.out_channels for layer in extractors.random_3d.layers))
+    if min(results["counts"].values()) < dimensions_3d:
+        notes.append(f"3D FID from {min(results['counts'].values())} volumes in {dimensions_3d} dimensions per "
+                     "modality: the covariance is rank-deficient and FID is biased upwards at this count (its "
+                     "bootstrap interval shows the spread, not the bias); compare sets of equal size within this "
+                     "report, beside the references; KID is unbiased.")
     if extractors.inception is None:
         notes.append("2D features are a seeded random CNN (Inception weights not installed): compare sets within "
                      "this report only.")
@@ -425,8 +426,3 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     results["comparison"] = comparison_rows(results, names, modalities)
     write_report(out, results, data, names, modalities, real_by_key, segmentation_steps > 0)
     return results
-
-
-def _head(volume: np.ndarray) -> np.ndarray:
-    """The head of a normalised (modality, x, y, z) volume: where any modality is above 0."""
-    return (volume > 0).any(axis=0)

@@ -10,6 +10,7 @@ import numpy as np
 from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import atomic_path, load_volume, write_json
 from .segmentation import REGIONS
+from .sets import normalised
 
 
 def write_report(out: Path, results: dict, data: dict, names: list[str], modalities, real_by_key: dict,
@@ -49,40 +50,60 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _fid_text(block: dict) -> str:
+    interval = block.get("fid_3d_ci95")
+    return _fmt(block["fid_3d"]) + (f" [{_fmt(interval[0], 2)}, {_fmt(interval[1], 2)}]" if interval else "")
+
+
 def _mean_over(per_modality: dict, key: str):
     values = [v[key] for v in per_modality.values() if v.get(key) is not None and math.isfinite(v[key])]
     return float(np.mean(values)) if values else None
 
 
 COMPARISON_COLUMNS = {
-    "fid_3d": "FID 3D", "kid_3d": "KID 3D", "ssim": "SSIM (head)", "psnr": "PSNR dB (head)", "mae": "MAE (head)",
-    "diversity": "diversity across masks", "fixed_mask_diversity": "diversity at a fixed mask",
+    "fid_3d": "FID 3D", "kid_3d": "KID 3D",
+    "spread": "spread of a mask's draws / truth's (1 right, 0 collapse)",
+    "two_draw": "two-draw ratio (about 1 sampler, 0 regressor)", "correlation": "correlation with the real case",
+    "ssim": "SSIM (head; paired: rewards the mean)", "psnr": "PSNR dB (head)", "mae": "MAE (head)",
+    "diversity": "MS-SSIM across masks", "fixed_mask_diversity": "MS-SSIM at a fixed mask",
     "dice_trained_on": "WT Dice, segmenter trained on it -> real",
     "dice_consistency": "WT Dice, mask consistency", "balanced_accuracy": "balanced accuracy, classifier trained on it -> real"}
 
 
+def _row(name: str, block: dict, modalities) -> dict:
+    """The distribution, conditional, paired and diversity columns of one set or reference."""
+    mean = lambda key: _mean_over({m: block["paired"][m] for m in modalities}, key)  # noqa: E731
+    conditional = block.get("conditional") or {}
+    fixed = block["fixed_mask_diversity"]
+    value = lambda key: (conditional.get(key) or {}).get("mean")  # noqa: E731
+    return {"set": name, "fid_3d": block["fid_3d"], "kid_3d": block["kid_3d"], "spread": value("spread_ratio"),
+            "two_draw": value("two_draw_ratio"), "correlation": value("correlation_with_real"),
+            "ssim": mean("ssim"), "psnr": mean("psnr"), "mae": mean("mae"), "diversity": block["diversity_ms_ssim"],
+            "fixed_mask_diversity": fixed["ms_ssim"] if fixed else None}
+
+
 def comparison_rows(results: dict, names: list[str], modalities) -> list[dict]:
-    """One row per synthetic set with the headline numbers, and the rows that give them meaning:
-    the trivial generators and real but unpaired data (paired scores), the real set's own diversity,
-    and the segmenter and classifier trained on real cases (the same held-out splits for every set:
-    the split depends on the seed and the generator's training record, which the compared generators
-    share). Scores over several seeds are mean and sd."""
+    """One row per synthetic set with the headline numbers, and the rows that give them meaning: the
+    reference sets scored on the same cases and grid (references.py: the truth's same-mask draws and
+    their mean, an independent real cohort, mean-fill, noise), real but unpaired data (paired scores),
+    the real set's own diversity, and the segmenter and classifier trained on real cases (the same
+    held-out splits for every set: the split depends on the seed and the generator's training record,
+    which the compared generators share). Scores over several seeds are mean and sd."""
     mean = lambda block, key: _mean_over({m: block[m] for m in modalities}, key)  # noqa: E731
     rows = []
     for n in names:
         s = results["sets"][n]
         seg = s.get("segmentation") or {}
         consistency = seg.get("mask_consistency")
-        fixed = s["fixed_mask_diversity"]
-        rows.append({"set": n, "fid_3d": s["fid_3d"], "kid_3d": s["kid_3d"], "ssim": mean(s["paired"], "ssim"),
-                     "psnr": mean(s["paired"], "psnr"), "mae": mean(s["paired"], "mae"),
-                     "diversity": s["diversity_ms_ssim"], "fixed_mask_diversity": fixed["ms_ssim"] if fixed else None,
-                     "dice_trained_on": _wt_dice(seg, "synthetic"),
+        rows.append({**_row(n, s, modalities), "dice_trained_on": _wt_dice(seg, "synthetic"),
                      "dice_consistency": consistency["WT"]["dice"] if consistency else None,
                      "balanced_accuracy": _balanced_accuracy(seg, "synthetic -> real")})
+    for reference, block in results.get("references", {}).items():
+        rows.append(_row(f"reference: {reference}", block, modalities))
     for reference, per_modality in results.get("paired_references", {}).items():
-        rows.append({"set": f"reference: {reference}", "ssim": mean(per_modality, "ssim"),
-                     "psnr": mean(per_modality, "psnr"), "mae": mean(per_modality, "mae")})
+        if reference not in results.get("references", {}):  # paired only: no set of its own
+            rows.append({"set": f"reference: {reference}", "ssim": mean(per_modality, "ssim"),
+                         "psnr": mean(per_modality, "psnr"), "mae": mean(per_modality, "mae")})
     first = next((results["sets"][n].get("segmentation") or {} for n in names), {})
     rows.append({"set": "reference: real cases", "diversity": results["real_diversity_ms_ssim"],
                  "dice_trained_on": _wt_dice(first, "real"), "balanced_accuracy": _balanced_accuracy(first, "real -> real")})
@@ -116,9 +137,13 @@ def _memorisation_text(mem: dict) -> str:
 
 
 def _comparison_markdown(rows: list[dict]) -> list[str]:
-    lines = ["## Comparison", "", "Every set against the same real cases; the reference rows give each column its "
-             "meaning (SSIM, PSNR and MAE are means over modalities; the segmentation and classification columns "
-             "are scored on the study's held-out real cases, see below).", "",
+    lines = ["## Comparison", "", "Every set against the same real cases; the reference rows, scored the same way on "
+             "the same cases and grid, give each column its meaning. Rank generators by distribution distance (FID, "
+             "KID) and by the spread of a mask's draws against the truth's, never by the paired columns (SSIM, PSNR, "
+             "MAE: means over modalities), which the conditional mean wins. Spread, two-draw ratio and correlation "
+             "are computed on the volumes' own grid inside the head over the masks with several draws "
+             "(evaluation/conditional.py); the segmentation and classification columns are scored on the study's "
+             "held-out real cases, see below.", "",
              "| set | " + " | ".join(COMPARISON_COLUMNS.values()) + " |",
              "|---|" + "---|" * len(COMPARISON_COLUMNS)]
     for row in rows:
@@ -148,8 +173,13 @@ def markdown(results: dict, names: list[str], modalities) -> str:
         fixed = s["fixed_mask_diversity"]
         fixed_text = f"{_fmt(fixed['ms_ssim'])} ({fixed['masks']} masks)" if fixed else "n/a (one sample per mask)"
         mem = s["memorisation"]
-        lines.append(f"| {n} | {_fmt(s['fid_3d'])} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
+        lines.append(f"| {n} | {_fid_text(s)} | {_fmt(s['kid_3d'])} | {_fmt(s['diversity_ms_ssim'])} | "
                      f"{fixed_text} | {s['paired']['pairs']} | {_memorisation_text(mem)} |")
+    for reference, block in results.get("references", {}).items():
+        lines.append(f"| reference: {reference} | {_fid_text(block)} | {_fmt(block['kid_3d'])} | "
+                     f"{_fmt(block['diversity_ms_ssim'])} | - | {block['paired']['pairs']} | - |")
+    lines += ["", "FID 3D: the value [bootstrap 95% interval over the volumes of both sets]; KID 3D: mean ± sd over "
+              "subsets (half of the smaller set when it is small).", ""]
     lines += ["", "Memorisation: a synthetic volume is flagged when it lies closer (3D features) to a training case "
               "other than the one its mask came from than the "
               f"{_fmt(100 * results['sets'][names[0]]['memorisation']['quantile'] if names else 5.0)}th percentile of "
@@ -309,7 +339,6 @@ def _metric_bars(path: Path, results: dict, names: list[str]) -> None:
 def _samples(path: Path, data: dict, names: list[str], modalities, real_by_key: dict) -> None:
     """Real and synthetic volumes of the same masks, every modality."""
     from ..labels import get_scheme
-    from .report import normalised
 
     figure_rows = []
     for name in names:

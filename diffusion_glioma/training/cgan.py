@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from ..data.cache import read_index
 from ..data.dataset import CachedCases
 from ..figures import FigureRow, write_slices_figure
+from ..hub import fetch_model
 from ..io import write_json
 from ..models.cgan import DISCRIMINATORS, CGANGenerator
 from ..pipeline import CGANPipeline, load_pipeline
-from .common import (TrainingError, checkpoints, collate, ema_copy, resume_and_loader, source_drift,
-                     start_run, step_bookkeeping, step_generator, stop_if_diverged, trained_classes, training_facts,
-                     with_classes)
+from .common import (TrainingError, checkpoints, collate, ema_copy, resume_and_loader, source_drift, start_run,
+                     start_trackers, step_bookkeeping, step_generator, stop_if_diverged, trained_classes,
+                     training_facts, with_classes)
 from .config import TrainConfig
 
 DISCRIMINATOR_FOLDER = "discriminator"  # inside the pipeline folder: what few-shot adaptation starts from
@@ -55,7 +56,7 @@ def build_gan(config: TrainConfig, cache_index: dict):
     pipe = load_pipeline(source)
     if not isinstance(pipe, CGANPipeline):
         raise TrainingError(f"{source}: a diffusion pipeline; a GAN fine-tunes from a GAN pipeline folder")
-    saved = Path(source) / DISCRIMINATOR_FOLDER
+    saved = fetch_model(source).path / DISCRIMINATOR_FOLDER  # a hub model: its downloaded snapshot
     if not (saved / "config.json").is_file():
         raise TrainingError(f"{saved}: no discriminator beside the source generator; GAN fine-tuning needs the "
                             "pipeline folder of a GAN training run")
@@ -108,8 +109,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
 
     step, loader = resume_and_loader(accelerator, config, dataset, existing if resume else [])
     unwrapped = accelerator.unwrap_model(generator_net)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_cgan", config={"steps": config.optim.steps})
+    start_trackers(accelerator, config, "train_cgan")
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
     real_target = 1.0 - gan.label_smoothing

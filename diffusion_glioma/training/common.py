@@ -138,7 +138,7 @@ def start_run(config, resume: bool):
     accelerator = Accelerator(
         mixed_precision=effective_mixed_precision(config.optim.mixed_precision),
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
-        log_with=_tensorboard_or_none(),
+        log_with=choose_tracker(config.tracker),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dynamo_backend="inductor" if config.optim.compile else "no",
         # The other processes wait while the main one prepares a raw folder (hours for BraTS-GLI on
@@ -208,13 +208,57 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def _tensorboard_or_none():
-    try:
-        import tensorboard  # noqa: F401
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
-        return "tensorboard"
-    except ImportError:
+
+def choose_tracker(asked: str) -> str | None:
+    """The accelerate tracker for `tracker:` (auto: TensorBoard when installed). A tracker that is
+    asked for and not installed is a warning, not silence; logs/metrics.jsonl is written either way."""
+    import importlib.util
+
+    if asked == "none":
         return None
+    wanted = "tensorboard" if asked == "auto" else asked
+    if importlib.util.find_spec(TRACKER_PACKAGES[wanted]) is None:
+        warnings.warn(f"tracker {wanted}: not installed (pip install {TRACKER_PACKAGES[wanted]}); logging to "
+                      "logs/metrics.jsonl only" + ("; set tracker: none to silence this" if asked == "auto" else ""),
+                      stacklevel=2)
+        return None
+    return wanted
+
+
+def flat_config(config) -> dict:
+    """The whole config as dotted keys with scalar values (what TensorBoard's hparams accept)."""
+    out = {}
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out
+
+
+def start_trackers(accelerator, config, project: str) -> None:
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config=flat_config(config))
+
+
+def log_figure(accelerator, path: Path, step: int, name: str = "validation") -> None:
+    """A written PNG figure to every tracker that takes images."""
+    if not accelerator.is_main_process or not accelerator.trackers or not Path(path).is_file():
+        return
+    from matplotlib.image import imread
+
+    image = (imread(str(path))[..., :3] * 255).astype("uint8")  # (h, w, 3)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({name: [image]}, step=step)
 
 
 
@@ -234,8 +278,10 @@ def training_facts(config, index: dict, dataset) -> dict:
 
 def trained_classes(source: str, classes: list[str]) -> list[str]:
     """The disease classes of a pipeline folder that saw data in its training run (`training.json`).
-    A folder without that record (a hub id, an older run) counts every declared class as trained."""
-    facts = Path(source) / "training.json"
+    A folder without that record (an older run) counts every declared class as trained."""
+    from ..hub import fetch_model
+
+    facts = fetch_model(source).path / "training.json"  # a hub id: the snapshot load_pipeline downloaded
     if not facts.is_file():
         return list(classes)
     record = json.loads(facts.read_text())
@@ -305,7 +351,25 @@ def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress,
     if step % config.checkpoints.every == 0 or last:
         save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
     if (step % config.validation.every == 0 or last) and accelerator.is_main_process:
-        validate(output_dir / "validation" / f"step-{step:07d}.png")
+        figure = output_dir / "validation" / f"step-{step:07d}.png"
+        validate(figure)
+        log_figure(accelerator, figure, step)
+
+
+def rewind_log(path: Path, key: str, last: int) -> None:
+    """Keep the lines of a JSON-lines log up to `last` (by `key`) and drop the rest: a resumed run
+    repeats the steps after its checkpoint, and a killed one can leave a half-written last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)[key] <= last:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def resume_and_loader(accelerator, config, dataset, existing: list):
@@ -317,6 +381,8 @@ def resume_and_loader(accelerator, config, dataset, existing: list):
         step, path = existing[-1]
         load_checkpoint(accelerator, path)
         accelerator.print(f"resumed from {path} (step {step})")
+    if accelerator.is_main_process:
+        rewind_log(Path(config.output_dir) / "logs" / "metrics.jsonl", "step", step)
     per_step = config.optim.batch_size * accelerator.num_processes
     loader = accelerator.prepare_data_loader(DataLoader(
         dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import StrictModel, load_yaml, parse_config
 
@@ -27,6 +27,31 @@ class ModelSection(StrictModel):
     preset: str = "small"
     disease_classes: list[str] = ["none", "glioblastoma", "pediatric_diffuse_glioma"]
     overrides: dict = Field(default_factory=dict, description="any DenoiserUNet3D argument, over the preset")
+
+    # Checked with the rest of the config, before a run folder or its config.yaml is written.
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from ..models.unet3d import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {sorted(PRESETS)}")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_arguments(cls, value: dict) -> dict:
+        import inspect
+
+        from ..models.unet3d import DenoiserUNet3D
+
+        unknown = sorted(set(value) - set(inspect.signature(DenoiserUNet3D.__init__).parameters) - {"self"})
+        if unknown:
+            raise ValueError(f"{unknown} are not DenoiserUNet3D arguments (diffusion_glioma/models/unet3d.py)")
+        given_by_the_data = sorted({"modalities", "disease_classes"} & set(value))
+        if given_by_the_data:
+            raise ValueError(f"{given_by_the_data} come from the data and model.disease_classes, not overrides")
+        return value
 
 
 class OptimSection(StrictModel):
@@ -130,6 +155,9 @@ class TrainConfig(StrictModel):
     validation: ValidationSection = ValidationSection()
     checkpoints: CheckpointSection = CheckpointSection()
     log_every: int = Field(10, ge=1)
+    tracker: Literal["auto", "tensorboard", "wandb", "none"] = Field(
+        "auto", description="accelerate's tracker for losses, the full config and validation figures (auto: "
+        "TensorBoard when installed); logs/metrics.jsonl is written whatever it is")
     finetune: FinetuneSection | None = None
     gan: GanSection | None = None
     vae: VaeSection | None = None

@@ -29,8 +29,8 @@ from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
 from .common import (StepSampler, TrainingError, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
-                     save_checkpoint, source_drift, start_run, step_generator, stop_if_diverged, trained_classes,
-                     training_facts, with_classes)
+                     log_figure, rewind_log, save_checkpoint, source_drift, start_run, start_trackers, step_generator,
+                     stop_if_diverged, trained_classes, training_facts, with_classes)
 from .config import TrainConfig
 
 
@@ -158,12 +158,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         dataset, batch_size=config.optim.batch_size, sampler=sampler, num_workers=config.data.num_workers,
         collate_fn=collate), device_placement=True)
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train", config={"preset": config.model.preset, "steps": config.optim.steps,
-                                                   "lr": config.optim.learning_rate})
+    start_trackers(accelerator, config, "train")
     order_log = output_dir / "logs" / f"data_order_rank{accelerator.process_index}.jsonl"
     order_log.parent.mkdir(parents=True, exist_ok=True)
     metrics_log = output_dir / "logs" / "metrics.jsonl"
+    rewind_log(order_log, "micro_step", step * micro_per_step)  # each rank its own
+    if accelerator.is_main_process:
+        rewind_log(metrics_log, "step", step)
     validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
 
     # 3. The loop.
@@ -289,8 +290,9 @@ def _validation_figure(accelerator, model, ema, noise_scheduler, batch, config: 
                       value_range=(-1.0, 1.0))
             for case_id, d, volume, labels in zip(batch["case_id"], batch["disease"], out.volumes.float().cpu().numpy(),
                                                   batch["labels"].numpy())]
-    write_slices_figure(Path(config.output_dir) / "validation" / f"step-{step:07d}.png", rows, modalities,
-                        title=f"EMA samples at step {step}")
+    figure = Path(config.output_dir) / "validation" / f"step-{step:07d}.png"
+    write_slices_figure(figure, rows, modalities, title=f"EMA samples at step {step}")
+    log_figure(accelerator, figure, step)
 
 
 def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, dataset: CachedCases,

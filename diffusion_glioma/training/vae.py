@@ -24,7 +24,7 @@ from ..models.cgan import CGANGenerator
 from ..models.vae import VAEEncoder, healthy_labels, kl_divergence
 from ..pipeline import CGANPipeline
 from .cgan import validation_figure
-from .common import (checkpoints, collate, ema_copy, resume_and_loader, start_run, step_bookkeeping,
+from .common import (checkpoints, collate, ema_copy, resume_and_loader, start_run, start_trackers, step_bookkeeping,
                      step_generator, stop_if_diverged, training_facts)
 from .config import TrainConfig
 
@@ -70,8 +70,7 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
         accelerator.register_for_checkpointing(ema)
     step, loader = resume_and_loader(accelerator, config, dataset, existing if resume else [])
     unwrapped = accelerator.unwrap_model(decoder)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_vae", config={"steps": config.optim.steps})
+    start_trackers(accelerator, config, "train_vae")
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     validation_batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
 

@@ -1,0 +1,81 @@
+"""The reference sets that give a report's columns their meaning, scored exactly like a synthetic set
+(same cases, same grid, every column):
+
+- *same-mask truth draws* (`phantom --truth-draws`): what a perfect conditional sampler scores;
+- *conditional mean*: the mean of a mask's truth draws, written twice per mask: what a perfect
+  regressor scores (best on paired scores, no spread at all);
+- *independent real cohort*: other real cases, at most as many as the real set: the floor of FID/KID;
+- *mean-fill* and *noise* inside each real head: what a generator that learnt only the outline scores.
+
+Each is a list of items and a lazy stream of (volume, affine), one volume in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import DataError
+from .fidelity import trivial_references
+from .sets import Item, head_of, normalised
+
+TRUTH, CONDITIONAL_MEAN, INDEPENDENT, MEAN_FILL, NOISE = (
+    "same-mask truth draws", "conditional mean (mean of the truth draws)", "independent real cohort",
+    "mean-fill inside the head", "noise inside the head")
+
+
+@dataclass
+class ReferenceSet:
+    name: str
+    items: list[Item]
+    volumes: Callable[[], Iterator] | None = None  # None: read and normalise each item's files
+
+
+def trivial_sets(real: list[Item], modalities, seed: int) -> list[ReferenceSet]:
+    """Mean-fill and noise inside the head of every real case (one volume per case)."""
+
+    def stream(kind: str):
+        for index, item in enumerate(real):
+            volume, affine = normalised(item, modalities)
+            head = head_of(volume)
+            yield np.stack([trivial_references(volume[c], head, seed + index)[kind]
+                            for c in range(len(volume))]), affine
+
+    return [ReferenceSet(kind, [replace(item, item_id=f"{item.item_id}-{tag}") for item in real],
+                         lambda kind=kind: stream(kind))
+            for kind, tag in ((MEAN_FILL, "mean-fill"), (NOISE, "noise"))]
+
+
+def truth_sets(truth: list[Item], real: list[Item], modalities) -> list[ReferenceSet]:
+    """The truth draws as they are, and the mean of each mask's draws (twice: a regressor's two
+    draws of one mask are the same volume). Only draws of masks in the real set are kept."""
+    real_keys = {item.key for item in real}
+    truth = sorted((item for item in truth if item.key in real_keys), key=lambda item: item.key)
+    if not truth:
+        raise DataError("the truth draws share no case with the real set (their manifest's case_id names the "
+                        "real case whose mask they share)")
+    by_key: dict[str, list[Item]] = {}
+    for item in truth:
+        by_key.setdefault(item.key, []).append(item)
+
+    def mean_stream():
+        for members in by_key.values():
+            loaded = [normalised(item, modalities) for item in members]
+            mean = np.mean([volume for volume, _ in loaded], axis=0).astype(np.float32)
+            for _ in range(2):
+                yield mean, loaded[0][1]
+
+    means = [replace(members[0], item_id=f"{key}-mean-{k}") for key, members in by_key.items() for k in range(2)]
+    return [ReferenceSet(TRUTH, truth), ReferenceSet(CONDITIONAL_MEAN, means, mean_stream)]
+
+
+def independent_set(cohort: list[Item], real: list[Item], seed: int) -> ReferenceSet:
+    """Other real cases, a seeded sample of at most the real set's size (FID and KID depend on n)."""
+    shared = {item.key for item in cohort} & {item.key for item in real}
+    if shared:
+        raise DataError(f"the independent real cohort shares cases with the real set ({sorted(shared)[:3]}): "
+                        "it would not be independent")
+    order = np.random.default_rng(seed).permutation(len(cohort))[:len(real)]
+    return ReferenceSet(INDEPENDENT, [cohort[i] for i in sorted(order)])

@@ -1,0 +1,96 @@
+"""The sets an evaluation reads: a synthetic folder through its manifest (any format), any other folder
+through the dataset layouts, each volume normalised the same way (percentiles inside the head ->
+[0, 1], background 0), and the training record of the generator that wrote a set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.layouts import discover_cases
+from ..data.preprocess import find_head
+from ..errors import DataError
+from ..io import check_id, inside, load_volume
+
+
+@dataclass
+class Item:
+    item_id: str
+    key: str  # the real case it pairs with (its source mask's case), if any
+    images: dict[str, Path]
+    mask: Path | None
+    labels: str | dict | None = None  # the mask's label scheme, when known
+    disease: str | None = None
+    source: str | None = None  # the real case it descends from (through augmentation); itself for real cases
+
+
+def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
+    folder = Path(folder)
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        items = []
+        for number, line in enumerate(manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{number}"
+            try:
+                record = json.loads(line)
+                output, files, case_id = record["output"], record["files"], record["case_id"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{where}: not a record with 'output', 'case_id' and 'files'") from None
+            check_id(output, where)  # it names files in the studies' exports
+            if not isinstance(files, dict):
+                raise DataError(f"{where}: 'files' is not a mapping of name to path")
+            missing = [m for m in modalities if m not in files]
+            if missing:
+                raise DataError(f"{where}: output {output} has no {missing} (the sets' modalities differ)")
+            items.append(Item(output, case_id, {m: inside(folder, files[m], where) for m in modalities},
+                              Path(record["source_mask"]), record.get("label_scheme"), record.get("disease"),
+                              record.get("derived_from") or case_id))
+        return items
+    items = []
+    for case in discover_cases(folder):
+        missing = case.missing(modalities)
+        if missing:
+            raise DataError(f"{folder}: case {case.case_id} has no {missing} (the sets' modalities differ)")
+        items.append(Item(case.case_id, case.case_id, {m: case.images[m] for m in modalities}, case.seg, case.labels,
+                          case.disease, case.case_id))
+    if not items:
+        raise DataError(f"{folder}: no volumes to evaluate")
+    return items
+
+
+def generator_training_cases(folder: str | Path) -> set[str]:
+    """The real cases the generator of a synthetic set trained on (from its manifest's model folder)."""
+    from ..provenance import trained_cases
+
+    manifest = Path(folder) / "manifest.jsonl"
+    if not manifest.is_file():
+        return set()
+    models = {json.loads(line).get("model") for line in manifest.read_text().splitlines() if line.strip()}
+    return set().union(*(trained_cases(m) for m in models if m))
+
+
+def normalised(item: Item, modalities) -> tuple[np.ndarray, np.ndarray]:
+    """(modality, x, y, z) in [0, 1] on the item's own grid, and its affine."""
+    volumes = [load_volume(item.images[m]) for m in modalities]
+    for v in volumes[1:]:
+        if v.shape != volumes[0].shape:
+            raise DataError(f"{v.path}: shape {v.shape} differs from {volumes[0].path.name}")
+    arrays = [v.array for v in volumes]
+    head = find_head(arrays, 0.1)
+    out = []
+    for a in arrays:
+        low, high = np.percentile(a[head], (0.5, 99.5))
+        scaled = np.clip((a - low) / max(high - low, 1e-6), 0, 1)
+        scaled[~head] = 0
+        out.append(scaled.astype(np.float32))
+    return np.stack(out), volumes[0].affine
+
+
+def head_of(volume: np.ndarray) -> np.ndarray:
+    """The head of a normalised (modality, x, y, z) volume: where any modality is above 0."""
+    return (volume > 0).any(axis=0)
