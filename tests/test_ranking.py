@@ -83,7 +83,7 @@ NAMES = ["redraws", "mean", "blurred", "noise"]
 @pytest.fixture(scope="module")
 def report(known_sets):
     return evaluate(known_sets / "real", [known_sets / n for n in NAMES], known_sets / "report", names=NAMES,
-                    features="random", max_slices=2, segmentation_steps=0, truth=known_sets / "truth", progress=False)
+                    features="random", max_slices=1, segmentation_steps=0, truth=known_sets / "truth", progress=False)
 
 
 def test_the_report_orders_sets_of_known_order(report):

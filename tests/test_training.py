@@ -403,3 +403,16 @@ def test_a_tracker_that_is_not_installed_is_a_warning_not_silence(tiny_cache, tm
     with pytest.warns(UserWarning, match="tracker wandb: not installed"):
         loop.train(load_train_config(config))
     assert len(losses(tmp_path / "run")) == 1  # the run's own log is written anyway
+
+
+def test_a_run_begun_before_a_setting_existed_resumes(tiny_cache, tmp_path):
+    """A run's config.yaml written by an older version lacks settings added since; they take their
+    defaults, so the run resumes instead of being refused as "another config"."""
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run", optim={"steps": 4})
+    assert main(["train", "--config", str(config)]) == 0
+    saved = tmp_path / "run" / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["tracker"]
+    saved.write_text(yaml.safe_dump(older))
+    assert main(["train", "--config", str(config), "--resume", "--steps", "6"]) == 0
+    assert len(losses(tmp_path / "run")) == 6

@@ -133,13 +133,15 @@ def _kept_for_diversity(items: list[Item], seed: int) -> set[int]:
 
 
 def _collect(name: str, items: list[Item], modalities, extractors: Extractors, max_slices: int, seed: int,
-             real_by_key: dict[str, Item] | None, progress: bool, volumes: Iterator | None = None) -> SetData:
+             real_by_key: dict[str, Item] | None, progress: bool, volumes: Iterator | None = None,
+             with_slices: bool = True) -> SetData:
     """One streaming pass over a set. For a synthetic or reference set (`real_by_key` given) each
     volume is scored against the real volume of its mask, which is read again (consecutive outputs of
     one mask share it), and the draws of each mask are summarised as they pass (spread, two-draw
     ratio, correlation: they must be consecutive, which `_by_mask` ensures); for the real set, each
     volume scores the paired references. `volumes` yields (volume, affine) per item for sets made in
-    memory (the references); by default each item is read and normalised."""
+    memory (the references); by default each item is read and normalised. `with_slices=False` skips
+    the 2D slice features (the references' rows show 3D distances only)."""
     from .conditional import MaskGroup
 
     data = SetData(items, f3d={m: [] for m in modalities}, f2d={m: {} for m in modalities},
@@ -155,7 +157,7 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
         small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
         per_modality, together = extractors.volume(small)
         data.f3d_all.append(together)
-        slices = _slices(ras, max_slices, _tumour_ras(item, affine))
+        slices = _slices(ras, max_slices, _tumour_ras(item, affine)) if with_slices else {}
         for c, m in enumerate(modalities):
             data.f3d[m].append(per_modality[c])
             for key, stack in slices.items():
@@ -342,7 +344,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     data = {"real": real_data, **{n: _collect(n, sets[n], modalities, extractors, max_slices, seed, real_by_key,
                                               progress) for n in names}}
     reference_data = {r.name: _collect(r.name, r.items, modalities, extractors, max_slices, seed, real_by_key, progress,
-                                       r.volumes() if r.volumes else None) for r in references}
+                                       r.volumes() if r.volumes else None, with_slices=False) for r in references}
     truth_groups = reference_data[TRUTH].groups if TRUTH in reference_data else None
 
     # 2. Metrics per synthetic set: overall and per disease.

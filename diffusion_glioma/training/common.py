@@ -102,6 +102,10 @@ def write_run_config(output_dir: Path, config, resume: bool) -> None:
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     if path.is_file() and resume:
         previous = yaml.safe_load(path.read_text())
+        try:  # through today's config class: a setting added since the run began takes its default
+            previous = json.loads(type(config).model_validate(previous).model_dump_json())
+        except ValueError:
+            pass  # a config this version cannot read: compared as written, so refused below
         current = yaml.safe_load(text)
         previous.get("optim", {}).pop("steps", None)
         current.get("optim", {}).pop("steps", None)
