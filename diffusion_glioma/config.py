@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .modalities import canonical_modality
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -35,8 +36,6 @@ class PreprocessConfig(StrictModel):
     @field_validator("modalities")
     @classmethod
     def _known_modalities(cls, value):
-        from .data.layouts import canonical_modality
-
         names = tuple(canonical_modality(m) for m in value)
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"modalities must be distinct and non-empty, got {list(value)}")

@@ -349,7 +349,7 @@ def resolve_disease(case: Case, options: GenerateOptions, classes: list[str]) ->
         if disease == "none" and "none" not in _told:
             _told.add("none")
             print(f"{case.seg}: the disease is not known from the layout or the name; sampling with the "
-                  "model's unconditional class 'none' (pass --disease to choose one)")
+                  "model's unconditional class 'none' (pass --disease to choose one)", file=sys.stderr)
     if disease not in classes:
         raise DataError(f"{case.seg}: disease {disease!r} is not one of the model's classes "
                         f"{classes}; pass --disease with one of them")

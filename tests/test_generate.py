@@ -300,3 +300,18 @@ def test_shard_argument_is_checked(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", "m", "--masks", "x", "--out", "y", "--shard", "2/2"])
     assert "I must be between 0 and N - 1" in capsys.readouterr().err
+
+
+def test_quiet_silences_every_bar_and_notes_go_to_stderr(model_dir, tmp_path, capsys):
+    """--quiet: no bar of ours, diffusers' or the hub's; a note (the unknown disease) on stderr, the
+    result line on stdout."""
+    gen._told.clear()  # the note is said once per process
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    write_nifti(masks / "case1.nii.gz", np.pad(np.ones((8, 8, 8), np.int16), 4), np.diag([12.0, 12.0, 12.0, 1.0]))
+    assert main(["generate", "--model", str(model_dir), "--masks", str(masks), "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--sampler", "ddim", "--precision", "fp32", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "Loading pipeline components" not in err and "%|" not in err
+    assert "unconditional class 'none'" in err and "unconditional" not in out
+    assert "1 outputs in" in out

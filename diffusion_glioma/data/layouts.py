@@ -19,28 +19,10 @@ import yaml
 from ..errors import DataError
 from ..io import is_nifti, nifti_stem, write_json
 from ..labels import PEDS_UNSTATED, SCHEMES
+from ..modalities import MODALITIES, MODALITY_ALIASES, canonical_modality  # noqa: F401  (read from here too)
 
-MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 SEG = "seg"
 HEAD = "head"  # optional binary head mask: the head label for a mask that has no images beside it
-
-# Names seen in the wild for each BraTS 2023 modality, matched case-insensitively.
-MODALITY_ALIASES: dict[str, tuple[str, ...]] = {
-    "t1n": ("t1n", "t1", "t1w", "t1native", "native"),
-    "t1c": ("t1c", "t1ce", "t1gd", "t1-gd", "t1post", "t1wce"),
-    "t2w": ("t2w", "t2"),
-    "t2f": ("t2f", "flair", "t2flair", "t2-flair"),
-}
-
-
-def canonical_modality(name: str) -> str:
-    """Map an alias (`t1ce`, `FLAIR`, `T1GD` ...) to its BraTS 2023 name, or raise."""
-    lowered = name.lower()
-    for modality, aliases in MODALITY_ALIASES.items():
-        if lowered in aliases:
-            return modality
-    known = sorted({a for aliases in MODALITY_ALIASES.values() for a in aliases})
-    raise DataError(f"unknown modality {name!r}; known names: {known}")
 
 
 @dataclass

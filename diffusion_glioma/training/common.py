@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -384,7 +385,7 @@ def resume_and_loader(accelerator, config, dataset, existing: list):
     if existing:
         step, path = existing[-1]
         load_checkpoint(accelerator, path)
-        accelerator.print(f"resumed from {path} (step {step})")
+        accelerator.print(f"resumed from {path} (step {step})", file=sys.stderr)
     if accelerator.is_main_process:
         rewind_log(Path(config.output_dir) / "logs" / "metrics.jsonl", "step", step)
     per_step = config.optim.batch_size * accelerator.num_processes

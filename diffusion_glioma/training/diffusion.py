@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -145,9 +146,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     if resume and existing:
         step, path = existing[-1]
         load_checkpoint(accelerator, path)
-        accelerator.print(f"resumed from {path} (step {step})")
+        accelerator.print(f"resumed from {path} (step {step})", file=sys.stderr)
     if step >= config.optim.steps:
-        accelerator.print(f"nothing to do: the run is at step {step} of {config.optim.steps}")
+        accelerator.print(f"nothing to do: the run is at step {step} of {config.optim.steps}", file=sys.stderr)
         return _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
 
     micro_per_step = config.optim.gradient_accumulation_steps
