@@ -262,7 +262,7 @@ def test_disease_comes_from_the_option_the_layout_or_the_name(capsys):
     _told.clear()
     assert resolve_disease(plain("subject_17"), options, classes) == "none"
     assert resolve_disease(plain("subject_18"), options, classes) == "none"
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a note: on stderr
     assert out.count("unconditional class 'none'") == 1 and "subject_17" in out  # said once, naming the file
     assert resolve_disease(plain("subject_17"), GenerateOptions(disease="glioblastoma"), classes) == "glioblastoma"
     layout_says = Case("x", {}, Path("/m/x.nii.gz"), "brats_peds", "pediatric_diffuse_glioma", "brats_ped")
