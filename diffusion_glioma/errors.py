@@ -11,3 +11,9 @@ class DataError(DiffusionGliomaError):
 
 class ConfigError(DiffusionGliomaError):
     """A configuration file or option that is invalid."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What a library's exception says, as one short line for our own message (its type when silent)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

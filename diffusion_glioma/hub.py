@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .errors import DataError, DiffusionGliomaError
+from .errors import DataError, DiffusionGliomaError, first_line
 from .io import atomic_path
 from .labels import COMMON_LABELS
 
@@ -59,15 +59,23 @@ def fetch_model(source: str | Path, revision: str | None = None, download=None) 
         if not Path(source).is_dir():
             raise DataError(f"{source}: model folder not found")
         return ModelSource(Path(source))
-    if download is None:
+    key, remembered = (str(source), revision), download is None
+    if remembered:
+        if key in _FETCHED:  # loading, fine-tuning and provenance each ask: one download per process
+            return _FETCHED[key]
         from huggingface_hub import snapshot_download as download
     try:
         path = Path(download(repo_id=str(source), revision=revision, allow_patterns=PIPELINE_FILES))
     except Exception as exc:  # offline, unknown repo or revision, no permission
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         at = f" at revision {revision}" if revision else ""
-        raise HubError(f"{source}: cannot download the model{at} ({reason})") from None
-    return ModelSource(path, str(source), path.name)  # the hub cache names a snapshot by its commit
+        raise HubError(f"{source}: cannot download the model{at} ({first_line(exc)})") from None
+    fetched = ModelSource(path, str(source), path.name)  # the hub cache names a snapshot by its commit
+    if remembered:
+        _FETCHED[key] = fetched
+    return fetched
+
+
+_FETCHED: dict[tuple[str, str | None], ModelSource] = {}
 
 
 def _sanitised_training_record(record: dict) -> dict:
@@ -288,7 +296,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = True, repor
                                         commit_message=commit_message
                                         or f"Upload {folder.name} (diffusion_glioma {__version__})")
         except Exception as exc:  # network, authentication and hub errors all end here
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise HubError(f"cannot push {folder} to {repo_id}: {reason}") from None
     return str(getattr(info, "commit_url", info))
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -65,7 +65,7 @@ def load_volume(path: str | Path, *, kind: str = "image") -> Volume:
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for a bad header
-        raise DataError(f"{path}: not a readable NIfTI file ({_reason(exc)})") from None
+        raise DataError(f"{path}: not a readable NIfTI file ({first_line(exc, 200)})") from None
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -74,7 +74,7 @@ def load_volume(path: str | Path, *, kind: str = "image") -> Volume:
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as exc:  # truncated or corrupt payload: EOFError, zlib.error, ValueError ...
-        raise DataError(f"{path}: cannot read voxel data, file is truncated or corrupt ({_reason(exc)})") from None
+        raise DataError(f"{path}: cannot read voxel data, file is truncated or corrupt ({first_line(exc, 200)})") from None
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise DataError(f"{path}: {bad} voxels are NaN or Inf")
@@ -95,11 +95,6 @@ def load_volume(path: str | Path, *, kind: str = "image") -> Volume:
     qcode = int(header["qform_code"]) if "qform_code" in header else 1
     scode = int(header["sform_code"]) if "sform_code" in header else 1
     return Volume(data, affine, path, qform_code=qcode or 1, sform_code=scode or 1)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .models.cgan import CGANGenerator
 from .models.unet3d import DenoiserUNet3D
 
@@ -261,7 +261,7 @@ def load_pipeline(source: str | Path, revision: str | None = None) -> MaskToMRIP
         kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else "MaskToMRIPipeline"
         pipe = (CGANPipeline if kind == "CGANPipeline" else MaskToMRIPipeline).from_pretrained(str(folder))
     except (OSError, ValueError) as exc:  # missing files, bad config
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DataError(f"{source}: cannot load the model ({reason})") from None
     model = pipe._model
     if model.dtype != torch.float32:  # the demo weights ship as fp16; sampling on a CPU wants fp32

@@ -164,9 +164,13 @@ def test_a_gan_on_the_hub_loads_as_a_gan_and_offline_is_one_line(tmp_path, monke
     gan = tmp_path / "gan"
     CGANPipeline(CGANGenerator(volume_shape=(16, 16, 16), noise_dim=8, base_channels=8, levels=2),
                  preprocess={"shape": [16, 16, 16]}).save_pretrained(gan)
-    download, _ = fake_snapshot_download(tmp_path, {"glioma-lab/gan": gan})
+    download, calls = fake_snapshot_download(tmp_path, {"glioma-lab/gan": gan})
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     assert isinstance(load_pipeline("glioma-lab/gan"), CGANPipeline)
+    from diffusion_glioma.training.common import trained_classes
+
+    trained_classes("glioma-lab/gan", ["none"])  # fine-tuning asks again: the same snapshot, no new download
+    assert calls == [{"repo_id": "glioma-lab/gan", "revision": None}]
     with pytest.raises(DataError, match=r"glioma-lab/none: cannot download the model at revision v2 \(404"):
         load_pipeline("glioma-lab/none", revision="v2")
     with pytest.raises(DataError, match="pins a hub model"):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DiffusionGliomaError
+from ..errors import DiffusionGliomaError, first_line
 
 
 class RandomFeatures(nn.Module):
@@ -53,7 +53,7 @@ def _load_torchscript(path: Path, what: str) -> torch.jit.ScriptModule:
     try:
         return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:  # not TorchScript, damaged
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 200)
         raise DiffusionGliomaError(f"{path}: not a TorchScript {what} ({reason})") from None
 
 
@@ -79,7 +79,7 @@ class TorchScriptFeatures3D:
         try:
             probe = self(torch.zeros(1, 1, 16, 16, 16))
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc, 200)
             raise DiffusionGliomaError(f"{path}: the network does not take (n, 1, x, y, z) volumes ({reason})") from None
         if probe.ndim != 2 or probe.shape[0] != 1:
             raise DiffusionGliomaError(f"{path}: the network returns shape {tuple(probe.shape)} for one volume; "

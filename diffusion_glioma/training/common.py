@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Sampler
 
-from ..errors import DiffusionGliomaError
+from ..errors import DiffusionGliomaError, first_line
 from ..io import atomic_path
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -92,7 +92,7 @@ def load_checkpoint(accelerator, path: Path) -> None:
     try:
         accelerator.load_state(str(path))
     except Exception as exc:  # torch, safetensors and accelerate raise many kinds
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise TrainingError(f"{path}: checkpoint cannot be loaded into this model ({reason}); "
                             "it is damaged or was made with another config") from None
 
