@@ -145,7 +145,9 @@ def cmd_generate(args) -> int:
         device=args.device, revision=args.revision, shard=args.shard)
     records = generate_dataset(args.model, args.masks, args.out, options, layout=args.layout, labels=args.labels,
                                dry_run=args.dry_run, progress=not args.quiet)
-    if not args.dry_run:
+    if args.shard and args.shard[1] > 1 and not args.dry_run:  # no manifest yet: the unsharded rerun writes it
+        print(f"{len(records)} outputs of shard {args.shard[0]}/{args.shard[1]} in {args.out}")
+    elif not args.dry_run:
         print(f"{len(records)} outputs in {args.out} (manifest: {Path(args.out) / 'manifest.jsonl'})")
     return 0
 
