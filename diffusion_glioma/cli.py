@@ -79,6 +79,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of output_dir")
     p.add_argument("--output-dir", help="run folder, overriding the config's output_dir")
     p.add_argument("--steps", type=int, help="total optimizer steps, overriding optim.steps")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training wall-clock (equal-compute "
+                   "studies), overriding optim.max_minutes")
     p.add_argument("--limit-cases", type=int, help="train on the first N cases only (few-shot fine-tuning)")
     p.add_argument("--source", help="pretrained pipeline folder or hub id, overriding finetune.source")
 
@@ -87,7 +89,7 @@ def cmd_train(args) -> int:
     from .training.config import load_train_config
 
     overrides = {key: value for key, value in {
-        "output_dir": args.output_dir, "optim.steps": args.steps, "data.limit_cases": args.limit_cases,
+        "output_dir": args.output_dir, "optim.steps": args.steps, "optim.max_minutes": args.max_minutes, "data.limit_cases": args.limit_cases,
         "finetune.source": args.source}.items() if value is not None}
     config = load_train_config(args.config, overrides)
     from .training import train_for_config

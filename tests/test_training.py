@@ -416,3 +416,46 @@ def test_a_run_begun_before_a_setting_existed_resumes(tiny_cache, tmp_path):
     saved.write_text(yaml.safe_dump(older))
     assert main(["train", "--config", str(config), "--resume", "--steps", "6"]) == 0
     assert len(losses(tmp_path / "run")) == 6
+
+
+def test_a_wall_clock_budget_stops_a_run_at_a_log_step_and_records_the_steps_taken(tiny_cache, tmp_path):
+    """`--max-minutes` (equal-compute studies): the run stops at the first log step past the budget,
+    with its checkpoint and pipeline written there and training.json saying how far it got; a GAN
+    loop stops the same way, and a budget-stopped run resumes with more steps."""
+    from tests.test_cgan import GAN, gan_config
+
+    config = write_config(tmp_path / "d.yaml", tiny_cache, tmp_path / "diffusion", log_every=3,
+                          optim={"steps": 30, "max_minutes": 1e-7})
+    assert main(["train", "--config", str(config)]) == 0
+    facts = json.loads((tmp_path / "diffusion" / "pipeline" / "training.json").read_text())
+    assert facts["steps"] == 3
+    assert [p.name for p in (tmp_path / "diffusion" / "checkpoints").iterdir()] == ["checkpoint-3"]
+    assert main(["train", "--config", str(config), "--resume", "--max-minutes", "60"]) == 0
+    assert json.loads((tmp_path / "diffusion" / "pipeline" / "training.json").read_text())["steps"] == 30
+
+    gan = gan_config(tmp_path / "g.yaml", tiny_cache, tmp_path / "gan", gan={**GAN, "kind": "pix2pix"},
+                     optim={"steps": 30, "max_minutes": 1e-7}, log_every=3)
+    assert main(["train", "--config", str(gan)]) == 0
+    assert json.loads((tmp_path / "gan" / "pipeline" / "training.json").read_text())["steps"] == 3
+
+
+def test_lognormal_noise_levels_follow_edm_and_uniform_covers_every_level():
+    """EDM's log-normal sigma, mapped to the discrete cosine schedule: log sigma of the drawn levels has
+    the asked mean and sd (a mapping in the wrong units, or to t directly, would not)."""
+    from types import SimpleNamespace
+
+    from diffusion_glioma.pipeline import training_scheduler
+
+    scheduler = training_scheduler("v_prediction")
+    alpha_bar = scheduler.alphas_cumprod.double()
+
+    def drawn(kind, mean=-1.2, sd=1.2):
+        config = SimpleNamespace(diffusion=SimpleNamespace(noise_levels=kind, lognormal_mean=mean, lognormal_std=sd))
+        return loop.training_timesteps(scheduler, 50_000, torch.Generator().manual_seed(0), config, "cpu")
+
+    for mean, sd in ((-1.2, 1.2), (0.5, 0.6)):
+        t = drawn("lognormal", mean, sd)
+        log_sigma = 0.5 * ((1 - alpha_bar[t]) / alpha_bar[t]).log()
+        assert abs(float(log_sigma.mean()) - mean) < 0.03 and abs(float(log_sigma.std()) - sd) < 0.03
+    uniform = drawn("uniform")
+    assert abs(float(uniform.float().mean()) - 499.5) < 5 and int(uniform.min()) == 0 and int(uniform.max()) == 999

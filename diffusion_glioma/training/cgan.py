@@ -151,7 +151,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         step += 1
         progress.update(1)
 
-        step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
+        if step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
             "loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach()),
             "loss_adversarial": float(loss_adversarial.detach()),
             **({"l1": float(l1.detach())} if l1 is not None else {}),
@@ -162,7 +162,8 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
             "sample_diversity": sample_diversity(unwrapped, validation_batch, gan.diversity_samples, accelerator.device),
             "steps_per_second": step / max(time.perf_counter() - started, 1e-9)},
             lambda path: validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
-                                           path, config.seed), postfix=("loss_d", "loss_g"))
+                                           path, config.seed), postfix=("loss_d", "loss_g"), started=started):
+            break
     progress.close()
 
     # 3. The pipeline folder: the EMA generator, usable by `generate --model`.
@@ -172,7 +173,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         CGANPipeline(ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "generator_online"))
         accelerator.unwrap_model(discriminator).save_pretrained(str(folder / DISCRIMINATOR_FOLDER))
-        write_json(folder / "training.json", training_facts(config, index, dataset))
+        write_json(folder / "training.json", training_facts(config, index, dataset, step))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder

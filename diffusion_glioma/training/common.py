@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -108,11 +109,12 @@ def write_run_config(output_dir: Path, config, resume: bool) -> None:
         except ValueError:
             pass  # a config this version cannot read: compared as written, so refused below
         current = yaml.safe_load(text)
-        previous.get("optim", {}).pop("steps", None)
-        current.get("optim", {}).pop("steps", None)
+        for settings in (previous, current):
+            for key in ("steps", "max_minutes"):
+                settings.get("optim", {}).pop(key, None)
         if previous != current:
             raise TrainingError(f"{path}: the run was started with another config; resume with the same one "
-                                "(only optim.steps may grow) or start a new output_dir")
+                                "(only optim.steps and optim.max_minutes may change) or start a new output_dir")
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -268,8 +270,9 @@ def log_figure(accelerator, path: Path, step: int, name: str = "validation") -> 
 
 
 
-def training_facts(config, index: dict, dataset) -> dict:
-    """What a trained pipeline folder records about its training (`training.json`)."""
+def training_facts(config, index: dict, dataset, steps_done: int) -> dict:
+    """What a trained pipeline folder records about its training (`training.json`); `steps` is the
+    optimizer steps taken, fewer than `optim.steps` when a wall-clock budget stopped the run."""
     seen = {v for e in dataset.entries for v in e.get("labels_present", [])}
     if not seen:  # a cache made before label lists were recorded: look at the cases
         seen = {int(v) for i in range(len(dataset)) for v in dataset[i]["labels"].unique().tolist()}
@@ -278,7 +281,7 @@ def training_facts(config, index: dict, dataset) -> dict:
     if finetune is not None:  # what the source learnt is still in the weights
         trained |= set(trained_classes(finetune.source, []))
     return {"config": config.model_dump(mode="json"), "label_scheme": index["labels"], "labels_seen": sorted(seen),
-            "cases": dataset.case_ids, "disease_classes_trained": sorted(trained), "steps": config.optim.steps}
+            "cases": dataset.case_ids, "disease_classes_trained": sorted(trained), "steps": steps_done}
 
 
 def trained_classes(source: str, classes: list[str]) -> list[str]:
@@ -339,13 +342,26 @@ def _prefixed(weights: dict, params: dict) -> dict:
     return out
 
 
+def budget_spent(accelerator, config, step: int, started: float) -> bool:
+    """Whether `optim.max_minutes` of wall-clock has passed since `started`, asked at log steps only
+    (the loops keep the host from waiting on the device in between); every process gets the main
+    process's answer, so all stop at the same step."""
+    if config.optim.max_minutes is None or step % config.log_every:
+        return False
+    spent = torch.tensor(float(time.perf_counter() - started >= 60 * config.optim.max_minutes),
+                         device=accelerator.device)
+    return bool(accelerator.reduce(spent, reduction="max") > 0)
+
+
 def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress, make_logs, validate,
-                     postfix: tuple[str, ...]) -> None:
+                     postfix: tuple[str, ...], started: float) -> bool:
     """What the baseline loops do after every step: logs (trackers and logs/metrics.jsonl) every
     `log_every` steps, a checkpoint every `checkpoints.every`, a validation figure every
-    `validation.every` (`validate(path)`), and always at the last step. `make_logs` is only called
-    when a log is due (some logs cost a forward pass)."""
-    last = step == config.optim.steps
+    `validation.every` (`validate(path)`), and always at the last step, which is also the step at
+    which the wall-clock budget ran out (then it returns True: stop). `make_logs` is only called when
+    a log is due (some logs cost a forward pass)."""
+    out_of_time = budget_spent(accelerator, config, step, started)
+    last = step == config.optim.steps or out_of_time
     if step % config.log_every == 0 or last:
         logs = make_logs()
         accelerator.log(logs, step=step)
@@ -359,6 +375,7 @@ def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress,
         figure = output_dir / "validation" / f"step-{step:07d}.png"
         validate(figure)
         log_figure(accelerator, figure, step)
+    return out_of_time
 
 
 def rewind_log(path: Path, key: str, last: int) -> None:

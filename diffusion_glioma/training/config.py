@@ -56,6 +56,10 @@ class ModelSection(StrictModel):
 
 class OptimSection(StrictModel):
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
+    max_minutes: float | None = Field(None, gt=0, description="stop once this process has trained this long "
+                                      "(checked at every log step; the checkpoint, figure and pipeline are "
+                                      "written there): equal wall-clock comparisons. The learning-rate "
+                                      "schedule still plans for `steps`")
     batch_size: int = Field(1, ge=1, description="volumes per process per micro-step")
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -81,6 +85,13 @@ class DiffusionSection(StrictModel):
                                     "gamma; None (the default, which sampled a bimodal toy in both modes where "
                                     "gamma 5 did not with DDIM: docs/training.md) weighs the target's loss "
                                     "uniformly over t")
+    noise_levels: Literal["uniform", "lognormal"] = Field("uniform", description="how training draws its noise "
+                                                         "level: uniform over t, or EDM's log-normal sigma "
+                                                         "(Karras et al. 2022), which trains the low and middle "
+                                                         "levels that make a sample clean more often")
+    lognormal_mean: float = Field(-1.2, description="lognormal only: mean of log sigma, sigma = sqrt((1 - "
+                                  "alpha_bar) / alpha_bar) (EDM's P_mean)")
+    lognormal_std: float = Field(1.2, gt=0, description="lognormal only: sd of log sigma (EDM's P_std)")
     loss_in_head: bool = Field(True, description="count the loss only inside the head (the mask fixes the "
                                "background, and the pipeline writes it)")
     normalise_wavelet_bands: bool = Field(True, description="a new wavelet model divides each Haar band by its "

@@ -29,7 +29,7 @@ from ..io import write_json
 from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (StepSampler, TrainingError, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
+from .common import (StepSampler, TrainingError, budget_spent, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
                      log_figure, rewind_log, save_checkpoint, source_drift, start_run, start_trackers, step_generator,
                      stop_if_diverged, trained_classes, training_facts, with_classes)
 from .config import TrainConfig
@@ -149,7 +149,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         accelerator.print(f"resumed from {path} (step {step})", file=sys.stderr)
     if step >= config.optim.steps:
         accelerator.print(f"nothing to do: the run is at step {step} of {config.optim.steps}", file=sys.stderr)
-        return _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
+        return _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir, step)
 
     micro_per_step = config.optim.gradient_accumulation_steps
     samples_per_step = config.optim.batch_size * micro_per_step * accelerator.num_processes
@@ -172,7 +172,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     progress = tqdm(total=config.optim.steps, initial=step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     micro_step = step * micro_per_step
-    window_start, window_volumes = time.perf_counter(), 0
+    started = window_start = time.perf_counter()
+    window_volumes = 0
     # Losses stay on the device between log steps: reading one back every micro-step would make the
     # host wait for the GPU each time. A NaN anywhere in the window reaches the sum.
     window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
@@ -202,7 +203,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             ema.step(unwrapped.parameters())
         step += 1
         progress.update(1)
-        logging = step % config.log_every == 0 or step == config.optim.steps
+        out_of_time = budget_spent(accelerator, config, step, started)
+        last = step == config.optim.steps or out_of_time
+        logging = step % config.log_every == 0 or last
         if logging or step % config.checkpoints.every == 0:
             # The mean loss of the window over every process; checked before any checkpoint is written.
             mean_loss = accelerator.reduce(window_loss / window_micro_steps, reduction="mean")
@@ -222,14 +225,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window_start, window_volumes = time.perf_counter(), 0
             window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
-        if step % config.checkpoints.every == 0 or step == config.optim.steps:
+        if step % config.checkpoints.every == 0 or last:
             check_ranks_agree(accelerator, model, output_dir, step)
             save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
-        if step % config.validation.every == 0 or step == config.optim.steps:
+        if step % config.validation.every == 0 or last:
             _validation_figure(accelerator, unwrapped, ema, noise_scheduler, validation_batch, config, step,
                                dataset.diseases)
+        if out_of_time:
+            break
     progress.close()
-    folder = _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir)
+    folder = _save_pipeline(accelerator, model, ema, noise_scheduler, index, dataset, config, output_dir, step)
     accelerator.end_training()  # after the last barrier: it tears down the process group
     return folder
 
@@ -239,7 +244,7 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     x0 = unwrapped.encode(batch["image"].float())
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
+    t = training_timesteps(noise_scheduler, b, generator, config, x0.device)
     drop = torch.rand(b, generator=generator, device=x0.device) < config.diffusion.class_dropout
     class_labels = torch.where(drop, torch.zeros_like(batch["disease"]), batch["disease"])
     noisy = noise_scheduler.add_noise(x0, noise, t)
@@ -255,6 +260,23 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     if source_weights is not None and config.finetune.ewc_weight > 0:
         loss = loss + config.finetune.ewc_weight * source_drift(model, source_weights)
     return loss
+
+
+def training_timesteps(noise_scheduler, b: int, generator, config: TrainConfig, device) -> torch.Tensor:
+    """The noise level of each training volume: uniform over t, or EDM's log-normal sigma mapped to the
+    nearest level of the discrete schedule. With v-prediction and a uniform loss this is EDM's
+    preconditioning at sigma_data = 1 (c_skip = alpha, c_out = -sigma in these coordinates); only where
+    the training signal goes changes."""
+    steps = noise_scheduler.config.num_train_timesteps
+    if config.diffusion.noise_levels == "uniform":
+        return torch.randint(0, steps, (b,), generator=generator, device=device)
+    alpha_bar = noise_scheduler.alphas_cumprod.double()
+    log_sigma = (0.5 * ((1 - alpha_bar) / alpha_bar).log()).to(device)  # increasing in t
+    drawn = config.diffusion.lognormal_mean + config.diffusion.lognormal_std * torch.randn(
+        b, generator=generator, device=device, dtype=torch.float64)
+    above = torch.searchsorted(log_sigma, drawn).clamp(1, steps - 1)
+    nearer_below = (drawn - log_sigma[above - 1]) < (log_sigma[above] - drawn)
+    return torch.where(nearer_below, above - 1, above)
 
 
 def snr_weight(noise_scheduler, t: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -297,7 +319,7 @@ def _validation_figure(accelerator, model, ema, noise_scheduler, batch, config: 
 
 
 def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, dataset: CachedCases,
-                   config: TrainConfig, output_dir: Path) -> Path:
+                   config: TrainConfig, output_dir: Path, step: int) -> Path:
     """`pipeline/`: EMA weights as the model, the online weights under `unet_online/`, and what the
     run knew: grid and intensity settings, modalities, disease classes, label scheme, config."""
     folder = output_dir / "pipeline"
@@ -307,6 +329,6 @@ def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, datase
         pipe = _ema_pipeline(unwrapped, ema, noise_scheduler, index["preprocess"])
         pipe.save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "unet_online"))
-        write_json(folder / "training.json", training_facts(config, index, dataset))
+        write_json(folder / "training.json", training_facts(config, index, dataset, step))
     accelerator.wait_for_everyone()
     return folder

@@ -90,11 +90,12 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
             ema.step(unwrapped.parameters())
         step += 1
         progress.update(1)
-        step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
+        if step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
             "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
             "steps_per_second": step / max(time.perf_counter() - started, 1e-9)},
             lambda path: validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
-                                           path, config.seed), postfix=("loss",))
+                                           path, config.seed), postfix=("loss",), started=started):
+            break
     progress.close()
 
     folder = output_dir / "pipeline"
@@ -102,7 +103,7 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         CGANPipeline(ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
         accelerator.unwrap_model(encoder).save_pretrained(str(folder / ENCODER_FOLDER))
-        write_json(folder / "training.json", {**training_facts(config, index, dataset), "kind": "vae",
+        write_json(folder / "training.json", {**training_facts(config, index, dataset, step), "kind": "vae",
                                               "healthy_only": vae.healthy_only})
     accelerator.wait_for_everyone()
     accelerator.end_training()
