@@ -37,8 +37,8 @@ def interrupt_after_checkpoint(monkeypatch, loop_module, at_step: int):
     returns a function that undoes it."""
     real_save = loop_module.save_checkpoint
 
-    def save_then_stop(accelerator, folder, step, limit):
-        path = real_save(accelerator, folder, step, limit)
+    def save_then_stop(accelerator, folder, step, limit, clock=None):
+        path = real_save(accelerator, folder, step, limit, clock)
         if step == at_step:
             raise KeyboardInterrupt
         return path

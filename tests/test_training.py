@@ -421,7 +421,7 @@ def test_a_run_begun_before_a_setting_existed_resumes(tiny_cache, tmp_path):
 def test_a_wall_clock_budget_stops_a_run_at_a_log_step_and_records_the_steps_taken(tiny_cache, tmp_path):
     """`--max-minutes` (equal-compute studies): the run stops at the first log step past the budget,
     with its checkpoint and pipeline written there and training.json saying how far it got; a GAN
-    loop stops the same way, and a budget-stopped run resumes with more steps."""
+    loop stops the same way, and a resumed run counts the time trained before it."""
     from tests.test_cgan import GAN, gan_config
 
     config = write_config(tmp_path / "d.yaml", tiny_cache, tmp_path / "diffusion", log_every=3,
@@ -429,8 +429,13 @@ def test_a_wall_clock_budget_stops_a_run_at_a_log_step_and_records_the_steps_tak
     assert main(["train", "--config", str(config)]) == 0
     facts = json.loads((tmp_path / "diffusion" / "pipeline" / "training.json").read_text())
     assert facts["steps"] == 3
-    assert [p.name for p in (tmp_path / "diffusion" / "checkpoints").iterdir()] == ["checkpoint-3"]
-    assert main(["train", "--config", str(config), "--resume", "--max-minutes", "60"]) == 0
+    checkpoint = tmp_path / "diffusion" / "checkpoints" / "checkpoint-3"
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["checkpoint-3"]
+    # The budget counts the whole run: a checkpoint that has trained an hour leaves no time in 30 minutes.
+    (checkpoint / "trained_seconds.json").write_text(json.dumps({"seconds": 3600.0}))
+    assert main(["train", "--config", str(config), "--resume", "--max-minutes", "30"]) == 0
+    assert json.loads((tmp_path / "diffusion" / "pipeline" / "training.json").read_text())["steps"] == 6
+    assert main(["train", "--config", str(config), "--resume", "--max-minutes", "120"]) == 0
     assert json.loads((tmp_path / "diffusion" / "pipeline" / "training.json").read_text())["steps"] == 30
 
     gan = gan_config(tmp_path / "g.yaml", tiny_cache, tmp_path / "gan", gan={**GAN, "kind": "pix2pix"},

@@ -16,7 +16,6 @@ discriminator and generator steps (binary cross-entropy, Adam with beta1 0.5).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -107,7 +106,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
     if source_weights is not None:
         source_weights = {k: v.to(accelerator.device) for k, v in source_weights.items()}
 
-    step, loader = resume_and_loader(accelerator, config, dataset, existing if resume else [])
+    step, loader, clock = resume_and_loader(accelerator, config, dataset, existing if resume else [])
     unwrapped = accelerator.unwrap_model(generator_net)
     start_trackers(accelerator, config, "train_cgan")
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -117,7 +116,6 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
     # 2. Alternate: discriminator on real and generated, then generator against the discriminator.
     progress = tqdm(total=config.optim.steps, initial=step, desc="train cgan", unit="step",
                     disable=not accelerator.is_local_main_process)
-    started = time.perf_counter()
     for batch in loader:
         rng = step_generator(accelerator.device, config.seed, step, accelerator.process_index)
         real, labels, diseases = batch["image"].float(), batch["labels"], batch["disease"]
@@ -160,9 +158,9 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
             "d_real": float(torch.sigmoid(d_real.detach()).mean()),
             "d_fake": float(torch.sigmoid(d_fake.detach()).mean()),
             "sample_diversity": sample_diversity(unwrapped, validation_batch, gan.diversity_samples, accelerator.device),
-            "steps_per_second": step / max(time.perf_counter() - started, 1e-9)},
+            "steps_per_second": step / max(clock.seconds(), 1e-9)},
             lambda path: validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
-                                           path, config.seed), postfix=("loss_d", "loss_g"), started=started):
+                                           path, config.seed), postfix=("loss_d", "loss_g"), clock=clock):
             break
     progress.close()
 

@@ -70,7 +70,28 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, total_limit: int) -> Path:
+TRAINED_SECONDS = "trained_seconds.json"
+
+
+class TrainingClock:
+    """Wall-clock spent training, carried across resumes: each checkpoint records it
+    (`trained_seconds.json`), so a wall-clock budget and steps per second count the whole run."""
+
+    def __init__(self, resumed_from: Path | None = None):
+        before = 0.0
+        record = resumed_from / TRAINED_SECONDS if resumed_from is not None else None
+        if record is not None and record.is_file():
+            try:
+                before = float(json.loads(record.read_text())["seconds"])
+            except (ValueError, KeyError, TypeError):
+                before = 0.0  # a damaged record: count from here rather than refuse the checkpoint
+        self._started = time.perf_counter() - before
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self._started
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, total_limit: int, clock: TrainingClock | None = None) -> Path:
     """`accelerator.save_state` into a temporary folder renamed into place, then prune old ones."""
     target = folder / f"checkpoint-{step}"
     if accelerator.is_main_process:
@@ -80,6 +101,8 @@ def save_checkpoint(accelerator, folder: Path, step: int, total_limit: int) -> P
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if clock is not None:
+            (tmp / TRAINED_SECONDS).write_text(json.dumps({"seconds": clock.seconds()}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -342,25 +365,24 @@ def _prefixed(weights: dict, params: dict) -> dict:
     return out
 
 
-def budget_spent(accelerator, config, step: int, started: float) -> bool:
-    """Whether `optim.max_minutes` of wall-clock has passed since `started`, asked at log steps only
-    (the loops keep the host from waiting on the device in between); every process gets the main
-    process's answer, so all stop at the same step."""
+def budget_spent(accelerator, config, step: int, clock: TrainingClock) -> bool:
+    """Whether the run has trained `optim.max_minutes` of wall-clock (resumes included), asked at log
+    steps only (the loops keep the host from waiting on the device in between); the answer is agreed
+    across processes (any one over the budget stops all), so all stop at the same step."""
     if config.optim.max_minutes is None or step % config.log_every:
         return False
-    spent = torch.tensor(float(time.perf_counter() - started >= 60 * config.optim.max_minutes),
-                         device=accelerator.device)
+    spent = torch.tensor(float(clock.seconds() >= 60 * config.optim.max_minutes), device=accelerator.device)
     return bool(accelerator.reduce(spent, reduction="max") > 0)
 
 
 def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress, make_logs, validate,
-                     postfix: tuple[str, ...], started: float) -> bool:
+                     postfix: tuple[str, ...], clock: TrainingClock) -> bool:
     """What the baseline loops do after every step: logs (trackers and logs/metrics.jsonl) every
     `log_every` steps, a checkpoint every `checkpoints.every`, a validation figure every
     `validation.every` (`validate(path)`), and always at the last step, which is also the step at
     which the wall-clock budget ran out (then it returns True: stop). `make_logs` is only called when
     a log is due (some logs cost a forward pass)."""
-    out_of_time = budget_spent(accelerator, config, step, started)
+    out_of_time = budget_spent(accelerator, config, step, clock)
     last = step == config.optim.steps or out_of_time
     if step % config.log_every == 0 or last:
         logs = make_logs()
@@ -370,7 +392,7 @@ def step_bookkeeping(accelerator, config, step: int, output_dir: Path, progress,
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         progress.set_postfix({key: f"{logs[key]:.4f}" for key in postfix})
     if step % config.checkpoints.every == 0 or last:
-        save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
+        save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit, clock)
     if (step % config.validation.every == 0 or last) and accelerator.is_main_process:
         figure = output_dir / "validation" / f"step-{step:07d}.png"
         validate(figure)
@@ -395,10 +417,10 @@ def rewind_log(path: Path, key: str, last: int) -> None:
 
 
 def resume_and_loader(accelerator, config, dataset, existing: list):
-    """(step, data loader) for the baseline loops: the newest of `existing` checkpoints restored (none:
-    step 0), and the loader that serves exactly the batches of the remaining steps, in the order an
-    uninterrupted run would have seen them."""
-    step = 0
+    """(step, data loader, clock) for the baseline loops: the newest of `existing` checkpoints restored
+    (none: step 0), the loader that serves exactly the batches of the remaining steps, in the order an
+    uninterrupted run would have seen them, and the training clock carried on from the checkpoint."""
+    step, path = 0, None
     if existing:
         step, path = existing[-1]
         load_checkpoint(accelerator, path)
@@ -409,4 +431,4 @@ def resume_and_loader(accelerator, config, dataset, existing: list):
     loader = accelerator.prepare_data_loader(DataLoader(
         dataset, batch_size=config.optim.batch_size, num_workers=config.data.num_workers, collate_fn=collate,
         sampler=StepSampler(len(dataset), config.seed, step * per_step, max(config.optim.steps - step, 0) * per_step)))
-    return step, loader
+    return step, loader, TrainingClock(path)

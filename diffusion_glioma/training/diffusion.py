@@ -29,7 +29,7 @@ from ..io import write_json
 from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
 from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
 from ..figures import FigureRow, write_slices_figure
-from .common import (StepSampler, TrainingError, budget_spent, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
+from .common import (StepSampler, TrainingClock, TrainingError, budget_spent, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
                      log_figure, rewind_log, save_checkpoint, source_drift, start_run, start_trackers, step_generator,
                      stop_if_diverged, trained_classes, training_facts, with_classes)
 from .config import TrainConfig
@@ -142,7 +142,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         source_weights = {k: v.to(accelerator.device) for k, v in source_weights.items()}
 
     # 2. Resume: weights, optimizer, schedule and EMA from the newest checkpoint; data order from the step.
-    step = 0
+    step, path = 0, None
     if resume and existing:
         step, path = existing[-1]
         load_checkpoint(accelerator, path)
@@ -172,8 +172,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     progress = tqdm(total=config.optim.steps, initial=step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     micro_step = step * micro_per_step
-    started = window_start = time.perf_counter()
-    window_volumes = 0
+    clock = TrainingClock(path)
+    window_start, window_volumes = time.perf_counter(), 0
     # Losses stay on the device between log steps: reading one back every micro-step would make the
     # host wait for the GPU each time. A NaN anywhere in the window reaches the sum.
     window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
@@ -203,7 +203,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             ema.step(unwrapped.parameters())
         step += 1
         progress.update(1)
-        out_of_time = budget_spent(accelerator, config, step, started)
+        out_of_time = budget_spent(accelerator, config, step, clock)
         last = step == config.optim.steps or out_of_time
         logging = step % config.log_every == 0 or last
         if logging or step % config.checkpoints.every == 0:
@@ -227,7 +227,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             window_loss, window_micro_steps = torch.zeros((), device=accelerator.device), 0
         if step % config.checkpoints.every == 0 or last:
             check_ranks_agree(accelerator, model, output_dir, step)
-            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit)
+            save_checkpoint(accelerator, output_dir / "checkpoints", step, config.checkpoints.total_limit, clock)
         if step % config.validation.every == 0 or last:
             _validation_figure(accelerator, unwrapped, ema, noise_scheduler, validation_batch, config, step,
                                dataset.diseases)

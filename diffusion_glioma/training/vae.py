@@ -10,7 +10,6 @@ encoder beside it (`encoder/`) for reconstruction and anomaly scores.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -68,7 +67,7 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    step, loader = resume_and_loader(accelerator, config, dataset, existing if resume else [])
+    step, loader, clock = resume_and_loader(accelerator, config, dataset, existing if resume else [])
     unwrapped = accelerator.unwrap_model(decoder)
     start_trackers(accelerator, config, "train_vae")
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -76,7 +75,6 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
 
     progress = tqdm(total=config.optim.steps, initial=step, desc="train vae", unit="step",
                     disable=not accelerator.is_local_main_process)
-    started = time.perf_counter()
     for batch in loader:
         rng = step_generator(accelerator.device, config.seed, step, accelerator.process_index)
         loss, parts = vae_loss(encoder, decoder, batch["image"].float(), batch["labels"], batch["disease"], vae.beta,
@@ -92,9 +90,9 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
         progress.update(1)
         if step_bookkeeping(accelerator, config, step, output_dir, progress, lambda: {
             "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
-            "steps_per_second": step / max(time.perf_counter() - started, 1e-9)},
+            "steps_per_second": step / max(clock.seconds(), 1e-9)},
             lambda path: validation_figure(ema_copy(unwrapped, ema), validation_batch, dataset.diseases, modalities,
-                                           path, config.seed), postfix=("loss",), started=started):
+                                           path, config.seed), postfix=("loss",), clock=clock):
             break
     progress.close()
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Diffusion against the pix2pix baseline at equal training wall-clock on the phantom benchmark, scored on
+# held-out masks against the phantom's known truth (docs/evaluation.md, "Diffusion against pix2pix at equal
+# wall-clock"). The budget is the run's whole training wall-clock (resumes included), checkpoints and
+# validation figures included, checked every log_every steps.
+#   bash scripts/equal_compute_study.sh OUT MINUTES
+# Both generators train on the demo cohort at 64x80x64, 3 mm (configs/demo.yaml, configs/pix2pix_demo.yaml)
+# for MINUTES of wall-clock each (`--max-minutes`; a finished run is not trained again; the diffusion config's cosine schedule is stretched over
+# STEPS, default 10^6, so that the budget, not the schedule, ends the run), then sample DRAWS volumes for each
+# of the 8 held-out masks and are scored by `evaluate --truth`: FID/KID 3D with intervals, the spread of a
+# mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
+# reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
+# EXTRA_MODELS="NAME=PIPELINE ..." adds rows trained elsewhere; DIFFUSION_RUN=DIR scores an already trained diffusion run instead of training one; DEVICE=cuda samples on a GPU.
+set -euo pipefail
+out=$(realpath -m "${1:?output folder}")
+minutes=${2:?training minutes per generator}
+cd "$(dirname "$0")/.."
+steps=${STEPS:-1000000}
+draws=${DRAWS:-4}
+# The phantom writes these files last: an interrupted cohort is finished, a whole one is not redrawn.
+[ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
+[ -f runs/phantom_heldout_truth/manifest.jsonl ] || diffusion-glioma phantom --out runs/phantom_heldout --n-adult 4 --n-pediatric 4 \
+  --first-index 100 --spacing 3 --truth-draws 4 --truth-out runs/phantom_heldout_truth --quiet
+declare -A model
+if [ -n "${DIFFUSION_RUN:-}" ]; then
+  model[diffusion]=$DIFFUSION_RUN/pipeline
+else
+  [ -f "$out/diffusion/pipeline/training.json" ] || diffusion-glioma train --config configs/demo.yaml \
+    --output-dir "$out/diffusion" --steps "$steps" --max-minutes "$minutes" --resume
+  model[diffusion]=$out/diffusion/pipeline
+fi
+[ -f "$out/pix2pix/pipeline/training.json" ] || diffusion-glioma train --config configs/pix2pix_demo.yaml \
+  --output-dir "$out/pix2pix" --max-minutes "$minutes" --resume
+model[pix2pix]=$out/pix2pix/pipeline
+names=(diffusion pix2pix)
+for extra in ${EXTRA_MODELS:-}; do  # NAME=PIPELINE rows trained elsewhere (an older recipe, say)
+  case " ${names[*]} " in *" ${extra%%=*} "*) echo "EXTRA_MODELS: ${extra%%=*} is already a row" >&2; exit 2;; esac
+  model[${extra%%=*}]=${extra#*=}
+  names+=("${extra%%=*}")
+done
+sets=()
+for kind in "${names[@]}"; do
+  diffusion-glioma generate --model "${model[$kind]}" --masks runs/phantom_heldout --out "$out/synthetic_$kind" \
+    --per-mask "$draws" ${DEVICE:+--device "$DEVICE"} --quiet
+  sets+=("$out/synthetic_$kind")
+done
+diffusion-glioma evaluate --real runs/phantom_heldout --synthetic "${sets[@]}" \
+  --names "${names[@]}" --truth runs/phantom_heldout_truth --out "$out/report" --features random \
+  --segmentation-steps "${SEGMENTATION_STEPS:-0}" --quiet
