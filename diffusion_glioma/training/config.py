@@ -90,7 +90,8 @@ class DiffusionSection(StrictModel):
                                                          "(Karras et al. 2022), which trains the low and middle "
                                                          "levels that make a sample clean more often")
     lognormal_mean: float = Field(-1.2, description="lognormal only: mean of log sigma, sigma = sqrt((1 - "
-                                  "alpha_bar) / alpha_bar) (EDM's P_mean)")
+                                  "alpha_bar) / alpha_bar) (EDM's P_mean, tuned for data of sd 0.5; about -0.5 is its equivalent "
+                                  "for unit-variance data such as normalised wavelet bands)")
     lognormal_std: float = Field(1.2, gt=0, description="lognormal only: sd of log sigma (EDM's P_std)")
     loss_in_head: bool = Field(True, description="count the loss only inside the head (the mask fixes the "
                                "background, and the pipeline writes it)")
