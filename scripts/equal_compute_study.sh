@@ -10,7 +10,8 @@
 # of the 8 held-out masks and are scored by `evaluate --truth`: FID/KID 3D with intervals, the spread of a
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
 # reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
-# EXTRA_MODELS="NAME=PIPELINE ..." adds rows trained elsewhere; DIFFUSION_RUN=DIR scores an already trained diffusion run instead of training one; DEVICE=cuda samples on a GPU.
+# EXTRA_MODELS="NAME=PIPELINE ..." adds rows trained elsewhere; DIFFUSION_MODEL=PIPELINE scores an already trained
+# diffusion pipeline folder instead of training one; DEVICE=cuda samples on a GPU.
 set -euo pipefail
 out=$(realpath -m "${1:?output folder}")
 minutes=${2:?training minutes per generator}
@@ -22,8 +23,8 @@ draws=${DRAWS:-4}
 [ -f runs/phantom_heldout_truth/manifest.jsonl ] || diffusion-glioma phantom --out runs/phantom_heldout --n-adult 4 --n-pediatric 4 \
   --first-index 100 --spacing 3 --truth-draws 4 --truth-out runs/phantom_heldout_truth --quiet
 declare -A model
-if [ -n "${DIFFUSION_RUN:-}" ]; then
-  model[diffusion]=$DIFFUSION_RUN/pipeline
+if [ -n "${DIFFUSION_MODEL:-}" ]; then
+  model[diffusion]=$DIFFUSION_MODEL
 else
   [ -f "$out/diffusion/pipeline/training.json" ] || diffusion-glioma train --config configs/demo.yaml \
     --output-dir "$out/diffusion" --steps "$steps" --max-minutes "$minutes" --resume

@@ -295,7 +295,12 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     assert all(0 <= d <= 1 for d in wt)
     # Trained on the same four volumes (in another order), both find most of the tumour.
     assert seg["utility"]["real"]["WT"]["dice"] > 0.4 and seg["utility"]["synthetic"]["WT"]["dice"] > 0.4
-    assert 0 <= seg["mask_consistency"]["WT"]["dice"] <= 1 and seg["mask_consistency"]["WT"]["n"] == 5
+    # Mask consistency scores only the volumes of masks the segmenter never saw: here the copy of the one
+    # held-out case, which is that case itself, so it scores what the real regime scores on its test set;
+    # mean-fill volumes with the right outline (the negative control) score far below.
+    assert seg["mask_consistency"]["WT"]["n"] == 1
+    assert seg["mask_consistency"]["WT"]["dice"] == pytest.approx(seg["utility"]["real"]["WT"]["dice"])
+    assert seg["mask_consistency_control"]["WT"]["dice"] < 0.5 * seg["utility"]["real"]["WT"]["dice"]
     assert (tmp_path / "r" / "segmentation.png").stat().st_size > 5000
     cls = seg["classification"]
     assert cls["classes"] == ["glioblastoma", "pediatric_diffuse_glioma"]

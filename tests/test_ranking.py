@@ -2,7 +2,8 @@
 draws: truth redraws (a perfect sampler), the conditional mean (a perfect regressor), a blurred copy of
 the real case, and noise inside the head. The redraws must win on distribution and spread, the mean
 on the paired score while collapsing on spread, noise must lose; and the reference rows the report
-adds (truth draws, conditional mean, mean-fill, noise) must land where those sets do."""
+adds (truth draws, conditional mean, mean-fill, noise, the real cases through a model's grid) must
+land where those sets do."""
 
 import json
 import shutil
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
+from diffusion_glioma.data.layouts import discover_cases
 from diffusion_glioma.data.phantom import write_cohort
 from diffusion_glioma.evaluation.report import evaluate
 
@@ -42,6 +44,14 @@ def known_sets(tmp_path_factory):
     write_cohort(root / "real", n_adult=3, n_pediatric=1, spacing=5.0, seed=3, first_index=100,
                  truth_draws=2 * DRAWS, truth_out=root / "all_truth", progress=False)
     records = [json.loads(line) for line in (root / "all_truth" / "manifest.jsonl").read_text().splitlines()]
+    # A generator's training cohort (other heads) and its record, as a training run leaves them.
+    write_cohort(root / "train", n_adult=3, n_pediatric=1, spacing=5.0, seed=3, first_index=0, progress=False)
+    trained = sorted(case.case_id for case in discover_cases(root / "train"))
+    generator = root / "generator"
+    generator.mkdir()
+    (generator / "training.json").write_text(json.dumps({"cases": trained, "config": {"data": {"raw": str(root / "train")}}}))
+    for r in records:
+        r["model"] = str(generator)
     for name, keep in (("truth", lambda k: k <= DRAWS), ("redraws", lambda k: k > DRAWS)):
         (root / name).mkdir()
         chosen = [r for r in records if keep(r["k"])]
@@ -54,7 +64,11 @@ def known_sets(tmp_path_factory):
         if r["k"] > DRAWS:
             by_case.setdefault(r["case_id"], []).append(r)
     rng = np.random.default_rng(0)
-    candidates = {"mean": [], "blurred": [], "noise": []}
+    candidates = {"mean": [], "blurred": [], "noise": [], "copies": []}
+    # The blurred copy claims a generator on a 10 mm grid: the report adds the real cases through that grid.
+    model = root / "model_10mm"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"preprocess": {"shape": [32, 32, 32], "spacing": [10.0] * 3}}))
     for case_id, members in by_case.items():
         loaded = {m: [nib.load(str(root / "redraws" / r["files"][m])) for r in members] for m in MODALITIES}
         affine = loaded[MODALITIES[0]][0].affine
@@ -69,20 +83,26 @@ def known_sets(tmp_path_factory):
         for k, r in enumerate(members):
             base = {key: r[key] for key in ("case_id", "source_mask", "label_scheme", "disease", "derived_from")}
             candidates["mean"].append(({**base, "output": f"{case_id}_mean{k}"}, mean, affine))
-            candidates["blurred"].append(({**base, "output": f"{case_id}_blur{k}"}, blurred, affine))
+            candidates["blurred"].append(({**base, "output": f"{case_id}_blur{k}", "model": str(model)}, blurred, affine))
             noise = {m: np.where(head, rng.uniform(1, 1000, head.shape), 0) for m in MODALITIES}
             candidates["noise"].append(({**base, "output": f"{case_id}_noise{k}"}, noise, affine))
+            copied = trained[k % len(trained)]  # a memorising generator: a training case, whatever the mask
+            copy = {m: np.asarray(nib.load(str(root / "train" / copied / f"{copied}-{m}.nii.gz")).dataobj, np.float32)
+                    for m in MODALITIES}
+            candidates["copies"].append(({**base, "output": f"{case_id}_copy{k}", "model": str(generator),
+                                          "copied": copied}, copy, affine))
     for name, rows in candidates.items():
         _write_set(root / name, rows)
     return root
 
 
-NAMES = ["redraws", "mean", "blurred", "noise"]
+NAMES = ["redraws", "mean", "blurred", "noise"]  # of known order; "copies" is scored for memorisation only
 
 
 @pytest.fixture(scope="module")
 def report(known_sets):
-    return evaluate(known_sets / "real", [known_sets / n for n in NAMES], known_sets / "report", names=NAMES,
+    return evaluate(known_sets / "real", [known_sets / n for n in NAMES + ["copies"]], known_sets / "report",
+                    names=NAMES + ["copies"],
                     features="random", max_slices=1, segmentation_steps=0, truth=known_sets / "truth", progress=False)
 
 
@@ -116,6 +136,13 @@ def test_the_reference_rows_land_where_the_sets_they_stand_for_do(report):
     assert truth["fid_3d"] < rows["reference: mean-fill inside the head"]["fid_3d"]
     assert truth["fid_3d"] < rows["reference: noise inside the head"]["fid_3d"]
     assert rows["redraws"]["fid_3d"] < rows["reference: mean-fill inside the head"]["fid_3d"]
+    # The real cases through the blurred set's 10 mm model grid and back: the real anatomy, aligned (a
+    # shift of one 5 mm voxel brings the correlation of the real case with itself to 0.49), but blurred (the noise and the fine
+    # structure are gone: measured 0.64, and 1.0 through a 5 mm grid).
+    through = rows["reference: real through the model grid (10x10x10 mm)"]
+    print({k: through[k] for k in ("fid_3d", "ssim", "correlation")})
+    assert 0.5 < through["correlation"] < 0.9 and through["ssim"] < 0.95
+    assert through["fid_3d"] < rows["reference: noise inside the head"]["fid_3d"]
 
 
 def test_without_the_truth_the_spread_has_no_reference(known_sets, tmp_path):
@@ -124,3 +151,19 @@ def test_without_the_truth_the_spread_has_no_reference(known_sets, tmp_path):
     row = next(r for r in result["comparison"] if r["set"] == "redraws")
     assert row["spread"] is None and row["two_draw"] > 0.5  # the two-draw ratio needs only the real case
     assert any("--truth" in note for note in result["notes"])
+
+
+def test_memorisation_runs_on_a_held_out_real_set_and_flags_copies_of_training_cases(known_sets, report):
+    """The real set shares no case with the generator's training record, so the training cases are
+    read from the folder it names: every copy of a training case is flagged (and its nearest case is
+    the one copied), true draws of held-out masks mostly are not, and a set whose record is unknown
+    says why it cannot be checked."""
+    copies = report["sets"]["copies"]["memorisation"]
+    copied = {json.loads(line)["output"]: json.loads(line)["copied"]
+              for line in (known_sets / "copies" / "manifest.jsonl").read_text().splitlines()}
+    assert len(copies["suspicious"]) == len(copied) == 4 * DRAWS
+    assert all(row["real"] == copied[row["synthetic"]] and row["distance"] < 0.1 * copies["threshold"] for row in copies["nearest"])
+    redraws = report["sets"]["redraws"]["memorisation"]
+    print(len(redraws["suspicious"]), redraws["threshold"], sorted(r["distance"] for r in redraws["nearest"])[:4])
+    assert len(redraws["nearest"]) == 4 * DRAWS and len(redraws["suspicious"]) <= DRAWS
+    assert "n/a" in (known_sets / "report" / "report.md").read_text()  # the hand-written sets name no generator

@@ -206,3 +206,26 @@ def memorisation(real_ids: list[str], real_features: torch.Tensor, synthetic_ids
             if threshold is not None and distance < threshold:
                 suspicious.append(sid)
     return Memorisation(nearest, threshold, quantile, suspicious)
+
+
+def memorisation_against_training(training_ids: list[str], training_features: torch.Tensor,
+                                  held_out_features: torch.Tensor, synthetic_ids: list[str],
+                                  synthetic_features: torch.Tensor, *, quantile: float = 0.05) -> Memorisation:
+    """Memorisation when the real set is held out: each synthetic volume's nearest training case (its
+    mask is held out, so no training case is its own), flagged when it lies closer than the `quantile`
+    of the held-out real cases' own distances to their nearest training case: that share of genuinely
+    new cases comes that close too."""
+    training_features = training_features.double()
+    threshold = None
+    if len(held_out_features) and len(training_ids):
+        real_nearest = torch.cdist(held_out_features.double(), training_features).min(dim=1).values
+        threshold = float(torch.quantile(real_nearest, quantile))
+    nearest, suspicious = [], []
+    if len(training_ids) and len(synthetic_ids):
+        distances = torch.cdist(synthetic_features.double(), training_features)
+        for row, sid in enumerate(synthetic_ids):
+            k = int(distances[row].argmin())
+            nearest.append((sid, training_ids[k], float(distances[row, k])))
+            if threshold is not None and nearest[-1][2] < threshold:
+                suspicious.append(sid)
+    return Memorisation(nearest, threshold, quantile, suspicious)

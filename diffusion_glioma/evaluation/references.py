@@ -5,7 +5,9 @@
 - *conditional mean*: the mean of a mask's truth draws, written twice per mask: what a perfect
   regressor scores (best on paired scores, no spread at all);
 - *independent real cohort*: other real cases, at most as many as the real set: the floor of FID/KID;
-- *mean-fill* and *noise* inside each real head: what a generator that learnt only the outline scores.
+- *mean-fill* and *noise* inside each real head: what a generator that learnt only the outline scores;
+- *real through the model grid*: each real case resampled onto a generator's grid and back, as
+  `generate` writes its outputs: what a perfect generator at that resolution scores (the ceiling).
 
 Each is a list of items and a lazy stream of (volume, affine), one volume in memory at a time.
 """
@@ -17,9 +19,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..config import PreprocessConfig
+from ..data.layouts import discover_cases
+from ..data.preprocess import prepare_case, to_source
 from ..errors import DataError
 from .fidelity import trivial_references
-from .sets import Item, head_of, normalised
+from .sets import Item, head_of, normalised, normalised_arrays
 
 TRUTH, CONDITIONAL_MEAN, INDEPENDENT, MEAN_FILL, NOISE = (
     "same-mask truth draws", "conditional mean (mean of the truth draws)", "independent real cohort",
@@ -79,3 +84,32 @@ def independent_set(cohort: list[Item], real: list[Item], seed: int) -> Referenc
                         "it would not be independent")
     order = np.random.default_rng(seed).permutation(len(cohort))[:len(real)]
     return ReferenceSet(INDEPENDENT, [cohort[i] for i in sorted(order)])
+
+
+def model_grid_name(preprocess: dict) -> str:
+    spacing = "x".join(f"{v:g}" for v in preprocess["spacing"])
+    return f"real through the model grid ({spacing} mm)"
+
+
+def model_grid_set(real_folder, real: list[Item], preprocess: dict, modalities) -> ReferenceSet | None:
+    """Each real case through a generator's grid and back (`prepare_case`, then `to_source`, the path
+    every generated volume takes): the blur and field of view a model at that resolution cannot avoid.
+    None when the real folder is not a dataset layout (a set written by `generate`, say)."""
+    fields = {k: v for k, v in preprocess.items() if k in PreprocessConfig.model_fields}
+    config = PreprocessConfig(**{**fields, "modalities": list(modalities)})
+    try:
+        cases = {case.case_id: case for case in discover_cases(real_folder)}
+    except DataError:
+        return None
+    if any(item.key not in cases for item in real):
+        return None
+
+    def stream():
+        for item in real:
+            prepared = prepare_case(cases[item.key], config)
+            back = [to_source((channel + 1.0) / 2.0, prepared.geometry) for channel in prepared.image]
+            yield normalised_arrays(back), prepared.geometry.source_affine_array
+
+    tag = "x".join(f"{v:g}" for v in config.spacing)
+    return ReferenceSet(model_grid_name(preprocess), [replace(item, item_id=f"{item.item_id}-grid{tag}") for item in real],
+                        stream)

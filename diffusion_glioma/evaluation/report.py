@@ -24,9 +24,9 @@ from ..figures import to_ras
 from ..io import load_volume
 from .features import InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
 from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kernel_inception_distance,
-                       kid_over_subsets, mean_and_sd, memorisation, ms_ssim_diversity, paired_similarity,
+                       kid_over_subsets, mean_and_sd, memorisation, memorisation_against_training, ms_ssim_diversity, paired_similarity,
                        trivial_references)
-from .sets import Item, generator_training_cases, head_of, normalised, read_set
+from .sets import Item, generator_grids, generator_training_cases, generator_training_items, head_of, normalised, read_set
 
 
 def _to_ras_stack(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -153,9 +153,7 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
     volumes = volumes if volumes is not None else (normalised(item, modalities) for item in items)
     for index, (item, (volume, affine)) in enumerate(tqdm(zip(items, volumes), total=len(items), desc=f"evaluate {name}",
                                                           unit="volume", disable=not progress)):
-        ras = _to_ras_stack(volume, affine)
-        small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
-        per_modality, together = extractors.volume(small)
+        ras, small, per_modality, together = _volume_features(volume, affine, extractors)
         data.f3d_all.append(together)
         slices = _slices(ras, max_slices, _tumour_ras(item, affine)) if with_slices else {}
         for c, m in enumerate(modalities):
@@ -195,6 +193,20 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
     if group is not None:
         data.groups[group[0]] = group[1].summary()
     return data
+
+
+def _volume_features(volume: np.ndarray, affine: np.ndarray, extractors: Extractors):
+    """(RAS volume, its VOLUME_SIZE copy, 3D features per modality, all modalities together)."""
+    ras = _to_ras_stack(volume, affine)
+    small = F.interpolate(torch.from_numpy(ras)[None], size=VOLUME_SIZE, mode="trilinear", align_corners=False)[0]
+    per_modality, together = extractors.volume(small)
+    return ras, small, per_modality, together
+
+
+def _training_features(items: list[Item], modalities, extractors: Extractors, progress: bool) -> torch.Tensor:
+    rows = [_volume_features(*normalised(item, modalities), extractors)[3]
+            for item in tqdm(items, desc="evaluate: the generator's training cases", unit="volume", disable=not progress)]
+    return torch.stack(rows)
 
 
 def _by_mask(items: list[Item]) -> list[Item]:
@@ -323,7 +335,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     grid (references.py): mean-fill and noise always, the same-mask truth draws and their conditional
     mean when `truth` names them (`phantom --truth-draws`), an independent real cohort when
     `real_reference` does."""
-    from .references import TRUTH, independent_set, trivial_sets, truth_sets
+    from .references import TRUTH, independent_set, model_grid_set, trivial_sets, truth_sets
 
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
@@ -336,6 +348,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         references += truth_sets(read_set(truth, modalities), sets["real"], modalities)
     if real_reference is not None:
         references.append(independent_set(read_set(real_reference, modalities), sets["real"], seed))
+    grids = [grid for folder in synthetic for grid in generator_grids(folder)]
+    for grid in [g for i, g in enumerate(grids) if g not in grids[:i]]:
+        through_grid = model_grid_set(real, sets["real"], grid, modalities)
+        references += [through_grid] if through_grid is not None else []
     extractors = Extractors(modalities, features, inception_weights, features_3d, seed)
 
     # 1. One streaming pass per set.
@@ -352,6 +368,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                      "counts": {n: len(d.items) for n, d in data.items()}, "sets": {}}
     notes = []
     training_records = {name: generator_training_cases(folder) for name, folder in zip(names, synthetic)}
+    folder_of = dict(zip(names, synthetic))
+    training_pools: dict[tuple, torch.Tensor] = {}  # generators that share training cases share their features
     everything_real = set(real_data.indices())
     results["real_diversity_ms_ssim"] = _across_set_diversity(real_data, everything_real)
     results["paired_references"] = _paired_references(real_data, everything_real, modalities)
@@ -365,11 +383,26 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                                                   set(syn.indices(disease)), seed, by_slices=False,
                                                   truth_groups=truth_groups)
         training = training_records[name]
-        mem = memorisation([i.item_id for i in sets["real"]], torch.stack(real_data.f3d_all),
-                           [i.item_id for i in syn.items], torch.stack(syn.f3d_all),
-                           [i.source or i.key for i in syn.items], training=training or None)
+        real_ids = {i.item_id for i in sets["real"]}
+        pool, why_not = [], None
+        if training and not training & real_ids:  # a held-out real set: read the training cases themselves
+            pool, why_not = generator_training_items(folder_of[name], modalities)
+        if pool:
+            key = tuple(sorted(i.key for i in pool))
+            if key not in training_pools:
+                training_pools[key] = _training_features(pool, modalities, extractors, progress)
+            mem = memorisation_against_training([i.key for i in pool], training_pools[key],
+                                                torch.stack(real_data.f3d_all), [i.item_id for i in syn.items],
+                                                torch.stack(syn.f3d_all))
+            against = ("the generator's training cases (read from its training record's folder); threshold: the "
+                       "held-out real cases' distances to them")
+        else:
+            mem = memorisation([i.item_id for i in sets["real"]], torch.stack(real_data.f3d_all),
+                               [i.item_id for i in syn.items], torch.stack(syn.f3d_all),
+                               [i.source or i.key for i in syn.items], training=training or None)
+            against = "the generator's training cases" if training else "every real case (training record unknown)"
         entry["memorisation"] = {
-            "against": "the generator's training cases" if training else "every real case (training record unknown)",
+            "against": against, "why_not": why_not,
             "threshold": mem.threshold, "quantile": mem.quantile, "suspicious": mem.suspicious,
             "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
         results["sets"][name] = entry

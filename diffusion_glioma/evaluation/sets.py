@@ -74,13 +74,63 @@ def generator_training_cases(folder: str | Path) -> set[str]:
     return set().union(*(trained_cases(m) for m in models if m))
 
 
+def generator_training_items(folder: str | Path, modalities) -> tuple[list[Item], str | None]:
+    """The training cases of the generator(s) of a synthetic set as a readable set, from each model
+    folder's training.json (its cases and the raw folder they were prepared from): (items, None), or
+    ([], why not) when the record or the folder is not here (a hub model's record names no paths)."""
+    manifest = Path(folder) / "manifest.jsonl"
+    if not manifest.is_file():
+        return [], "no manifest names the generator"
+    models = sorted({m for line in manifest.read_text().splitlines() if line.strip()
+                     if (m := json.loads(line).get("model"))})
+    if not models:
+        return [], "no manifest names the generator"
+    items: list[Item] = []
+    for model in models:
+        try:
+            facts = json.loads((Path(model) / "training.json").read_text())
+        except (OSError, ValueError):
+            return [], f"{model} has no readable training.json"
+        raw = ((facts.get("config") or {}).get("data") or {}).get("raw")
+        cases = set(facts.get("cases") or [])
+        if not raw or not Path(raw).is_dir():
+            return [], f"the training folder {raw or '(none recorded)'} of {model} is not here"
+        found = [item for item in read_set(raw, modalities) if item.key in cases]
+        if not found:
+            return [], f"none of the recorded training cases of {model} is in {raw}"
+        items += [item for item in found if item.key not in {i.key for i in items}]
+    return items, None
+
+
+def generator_grids(folder: str | Path) -> list[dict]:
+    """The preprocessing (grid, spacing) of the models that wrote a synthetic set, from their
+    folders' model_index.json; empty for a folder without a manifest or a model folder gone since."""
+    manifest = Path(folder) / "manifest.jsonl"
+    if not manifest.is_file():
+        return []
+    models = {json.loads(line).get("model") for line in manifest.read_text().splitlines() if line.strip()}
+    grids = []
+    for model in sorted(m for m in models if m):
+        try:
+            preprocess = json.loads((Path(model) / "model_index.json").read_text()).get("preprocess")
+        except (OSError, ValueError):
+            continue
+        if isinstance(preprocess, dict) and preprocess not in grids:
+            grids.append(preprocess)
+    return grids
+
+
 def normalised(item: Item, modalities) -> tuple[np.ndarray, np.ndarray]:
     """(modality, x, y, z) in [0, 1] on the item's own grid, and its affine."""
     volumes = [load_volume(item.images[m]) for m in modalities]
     for v in volumes[1:]:
         if v.shape != volumes[0].shape:
             raise DataError(f"{v.path}: shape {v.shape} differs from {volumes[0].path.name}")
-    arrays = [v.array for v in volumes]
+    return normalised_arrays([v.array for v in volumes]), volumes[0].affine
+
+
+def normalised_arrays(arrays: list[np.ndarray]) -> np.ndarray:
+    """One volume's modalities, each scaled by its 0.5-99.5 percentiles inside the head to [0, 1]."""
     head = find_head(arrays, 0.1)
     out = []
     for a in arrays:
@@ -88,7 +138,7 @@ def normalised(item: Item, modalities) -> tuple[np.ndarray, np.ndarray]:
         scaled = np.clip((a - low) / max(high - low, 1e-6), 0, 1)
         scaled[~head] = 0
         out.append(scaled.astype(np.float32))
-    return np.stack(out), volumes[0].affine
+    return np.stack(out)
 
 
 def head_of(volume: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ COMPARISON_COLUMNS = {
     "ssim": "SSIM (head; paired: rewards the mean)", "psnr": "PSNR dB (head)", "mae": "MAE (head)",
     "diversity": "MS-SSIM across masks", "fixed_mask_diversity": "MS-SSIM at a fixed mask",
     "dice_trained_on": "WT Dice, segmenter trained on it -> real",
-    "dice_consistency": "WT Dice, mask consistency", "balanced_accuracy": "balanced accuracy, classifier trained on it -> real"}
+    "dice_consistency": "WT Dice, mask consistency (held-out masks)", "balanced_accuracy": "balanced accuracy, classifier trained on it -> real"}
 
 
 def _row(name: str, block: dict, modalities) -> dict:
@@ -131,8 +131,8 @@ def _balanced_accuracy(seg: dict, regime: str):
 
 
 def _memorisation_text(mem: dict) -> str:
-    if not mem["nearest"]:  # the real set shares no case with the generator's training record
-        return "n/a (no training case among the real cases)"
+    if not mem["nearest"]:  # the real set shares no case with the training record, which cannot be read
+        return f"n/a ({mem.get('why_not') or 'no training case among the real cases'})"
     return f"{len(mem['suspicious'])} of {len(mem['nearest'])}"
 
 
@@ -183,7 +183,10 @@ def markdown(results: dict, names: list[str], modalities) -> str:
     lines += ["", "Memorisation: a synthetic volume is flagged when it lies closer (3D features) to a training case "
               "other than the one its mask came from than the "
               f"{_fmt(100 * results['sets'][names[0]]['memorisation']['quantile'] if names else 5.0)}th percentile of "
-              "the real cases' nearest-neighbour distances (that share of real cases falls below it too).", ""]
+              "the real cases' nearest-neighbour distances (that share of real cases falls below it too). When the "
+              "real set is held out from the generator's training, its training cases are read from the folder its "
+              "training record names, and a volume is flagged when it lies closer to one of them than that "
+              "percentile of the held-out real cases' distances to their nearest training case.", ""]
     lines += ["## Per modality", "",
               "| set | modality | FID 2D | KID 2D | FID 3D | KID 3D | SSIM (head) | PSNR dB (head) | MAE (head) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -233,14 +236,16 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
     lines = ["", "## Segmentation", "", f"Segmenter: {results['segmentation_setup']}. Dice [bootstrap 95% interval] "
              "(HD95 mm) by the BraTS convention (both empty: Dice 1; one empty: Dice 0, HD95 373.13 mm) on the "
              "held-out real cases per training regime; mask consistency: the real-trained segmenter on the "
-             "synthetic volumes against their conditioning masks.", "",
+             "synthetic volumes of the held-out cases' masks (masks it never saw) against those masks, beside its "
+             "score on mean-fill volumes of the same cases (right outline, no tumour appearance: near 0 if the "
+             "column measures the tumour's appearance).", "",
              "| set | trained on / measure | WT | TC | ET |", "|---|---|---|---|---|"]
     for n in names:
         seg = results["sets"][n]["segmentation"]
         if "note" in seg:
             lines.append(f"| {n} | {seg['note']} | | | |")
             continue
-        rows = [*seg["utility"].items(), ("mask consistency", seg.get("mask_consistency"))]
+        rows = [*seg["utility"].items(), *_consistency_rows(seg)]
         for regime, scores in rows:
             cells = [f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
                      f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})" if scores else "n/a"
@@ -280,6 +285,11 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
     return lines
 
 
+def _consistency_rows(seg: dict) -> list[tuple[str, dict | None]]:
+    return [("mask consistency (held-out masks)", seg.get("mask_consistency")),
+            ("negative control: mean-fill of the held-out cases", seg.get("mask_consistency_control"))]
+
+
 def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.2), squeeze=False)
@@ -288,7 +298,7 @@ def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
         if "note" in seg:
             ax.set_title(f"{name}: {seg['note']}", fontsize=8)
             continue
-        rows = [*seg["utility"].items(), ("mask consistency", seg.get("mask_consistency"))]
+        rows = [*seg["utility"].items(), *_consistency_rows(seg)]
         width = 0.8 / len(rows)
         for i, (regime, scores) in enumerate(rows):
             values = [(scores[r]["dice"] or 0) if scores else 0 for r in REGIONS]
