@@ -7,6 +7,9 @@
 # 2. Sampling time of the default sampler (DPM-Solver++, 25 steps, bf16) at research size, 192x192x144 and
 #    240x240x160, wavelet preset (OUT/sampling_time.jsonl; scripts/benchmark.py).
 # Record the tables with this command in docs/evaluation.md and docs/benchmarks.md.
+# The phantoms are drawn one subject at a time (about 3 s each at 3 mm, 72 subjects): draw them here first
+# (the first lines of scripts/equal_compute_study.sh) and carry runs/phantom_train, runs/phantom_heldout and
+# runs/phantom_heldout_truth (31 MB) to the GPU machine, so its minutes go to training and sampling.
 set -euo pipefail
 out=$(realpath -m "${1:?output folder}")
 cd "$(dirname "$0")/.."
