@@ -86,11 +86,6 @@ def independent_set(cohort: list[Item], real: list[Item], seed: int) -> Referenc
     return ReferenceSet(INDEPENDENT, [cohort[i] for i in sorted(order)])
 
 
-def model_grid_name(preprocess: dict) -> str:
-    spacing = "x".join(f"{v:g}" for v in preprocess["spacing"])
-    return f"real through the model grid ({spacing} mm)"
-
-
 def model_grid_set(real_folder, real: list[Item], preprocess: dict, modalities) -> ReferenceSet | None:
     """Each real case through a generator's grid and back (`prepare_case`, then `to_source`, the path
     every generated volume takes): the blur and field of view a model at that resolution cannot avoid.
@@ -111,5 +106,5 @@ def model_grid_set(real_folder, real: list[Item], preprocess: dict, modalities) 
             yield normalised_arrays(back), prepared.geometry.source_affine_array
 
     tag = "x".join(f"{v:g}" for v in config.spacing)
-    return ReferenceSet(model_grid_name(preprocess), [replace(item, item_id=f"{item.item_id}-grid{tag}") for item in real],
+    return ReferenceSet(f"real through the model grid ({tag} mm)", [replace(item, item_id=f"{item.item_id}-grid{tag}") for item in real],
                         stream)

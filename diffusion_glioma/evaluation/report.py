@@ -371,6 +371,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     folder_of = dict(zip(names, synthetic))
     training_pools: dict[tuple, torch.Tensor] = {}  # generators that share training cases share their features
     everything_real = set(real_data.indices())
+    real_ids = {i.item_id for i in sets["real"]}
     results["real_diversity_ms_ssim"] = _across_set_diversity(real_data, everything_real)
     results["paired_references"] = _paired_references(real_data, everything_real, modalities)
     for name in names:
@@ -383,7 +384,6 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                                                   set(syn.indices(disease)), seed, by_slices=False,
                                                   truth_groups=truth_groups)
         training = training_records[name]
-        real_ids = {i.item_id for i in sets["real"]}
         pool, why_not = [], None
         if training and not training & real_ids:  # a held-out real set: read the training cases themselves
             pool, why_not = generator_training_items(folder_of[name], modalities)

@@ -63,26 +63,27 @@ def read_set(folder: str | Path, modalities: tuple[str, ...]) -> list[Item]:
     return items
 
 
+def generator_models(folder: str | Path) -> list[str]:
+    """The model folders a synthetic set's manifest names (none for a folder without a manifest)."""
+    manifest = Path(folder) / "manifest.jsonl"
+    if not manifest.is_file():
+        return []
+    return sorted({m for line in manifest.read_text().splitlines() if line.strip()
+                   if (m := json.loads(line).get("model"))})
+
+
 def generator_training_cases(folder: str | Path) -> set[str]:
     """The real cases the generator of a synthetic set trained on (from its manifest's model folder)."""
     from ..provenance import trained_cases
 
-    manifest = Path(folder) / "manifest.jsonl"
-    if not manifest.is_file():
-        return set()
-    models = {json.loads(line).get("model") for line in manifest.read_text().splitlines() if line.strip()}
-    return set().union(*(trained_cases(m) for m in models if m))
+    return set().union(*(trained_cases(m) for m in generator_models(folder)))
 
 
 def generator_training_items(folder: str | Path, modalities) -> tuple[list[Item], str | None]:
     """The training cases of the generator(s) of a synthetic set as a readable set, from each model
     folder's training.json (its cases and the raw folder they were prepared from): (items, None), or
     ([], why not) when the record or the folder is not here (a hub model's record names no paths)."""
-    manifest = Path(folder) / "manifest.jsonl"
-    if not manifest.is_file():
-        return [], "no manifest names the generator"
-    models = sorted({m for line in manifest.read_text().splitlines() if line.strip()
-                     if (m := json.loads(line).get("model"))})
+    models = generator_models(folder)
     if not models:
         return [], "no manifest names the generator"
     items: list[Item] = []
@@ -105,12 +106,8 @@ def generator_training_items(folder: str | Path, modalities) -> tuple[list[Item]
 def generator_grids(folder: str | Path) -> list[dict]:
     """The preprocessing (grid, spacing) of the models that wrote a synthetic set, from their
     folders' model_index.json; empty for a folder without a manifest or a model folder gone since."""
-    manifest = Path(folder) / "manifest.jsonl"
-    if not manifest.is_file():
-        return []
-    models = {json.loads(line).get("model") for line in manifest.read_text().splitlines() if line.strip()}
     grids = []
-    for model in sorted(m for m in models if m):
+    for model in generator_models(folder):
         try:
             preprocess = json.loads((Path(model) / "model_index.json").read_text()).get("preprocess")
         except (OSError, ValueError):

@@ -56,8 +56,8 @@ class ModelSection(StrictModel):
 
 class OptimSection(StrictModel):
     steps: int = Field(1000, ge=1, description="optimizer steps in total")
-    max_minutes: float | None = Field(None, gt=0, description="stop once this process has trained this long "
-                                      "(checked at every log step; the checkpoint, figure and pipeline are "
+    max_minutes: float | None = Field(None, gt=0, description="stop once the run has trained this long, "
+                                      "resumes included (checked at every log step; the checkpoint, figure and pipeline are "
                                       "written there): equal wall-clock comparisons. The learning-rate "
                                       "schedule still plans for `steps`")
     batch_size: int = Field(1, ge=1, description="volumes per process per micro-step")
