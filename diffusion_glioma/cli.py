@@ -189,9 +189,13 @@ def cmd_curate(args) -> int:
     from .evaluation.curation import curate
 
     summary = curate(args.real, args.synthetic, args.out, min_dice=args.min_dice, steps=args.segmentation_steps,
-                     seed=args.seed, progress=not args.quiet)
+                     folds=args.folds, seed=args.seed, progress=not args.quiet)
+    real, mean_fill = summary["references"]["real held-out"], summary["references"]["mean-fill"]
     print(f"kept {summary['kept']} of {summary['total']} synthetic volumes (WT Dice >= {args.min_dice:g}); "
-          f"curated manifest: {Path(args.out) / 'manifest.jsonl'}, scores: curation.json, curation.png")
+          f"references from segmenters that never saw the case: held-out real {real['kept']} of {real['total']} "
+          f"kept (WT {real['WT_mean']:.2f}), their mean-fill {mean_fill['kept']} of {mean_fill['total']} "
+          f"(WT {mean_fill['WT_mean']:.2f}); curated manifest: {Path(args.out) / 'manifest.jsonl'}, scores: "
+          "curation.json, curation.png")
     return 0
 
 
@@ -317,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-steps", type=int, default=200,
                    help="training steps of the in-package segmenter for mask consistency and utility (0: skip)")
     p.add_argument("--segmentation-seeds", type=int, nargs="+",
-                   help="repeat the segmentation study with these seeds (split and training) and report mean ± sd")
+                   help="repeat the segmentation study's training with these seeds on the split --seed draws, and "
+                        "report mean ± sd")
     p.add_argument("--nnunet-study", help="a scored `nnunet-study` folder whose nnU-Net results join the report")
     p.add_argument("--truth", help="same-mask truth draws of the real cases (phantom --truth-draws): the reference "
                                    "rows of a perfect sampler and a perfect regressor, and the spread columns")
@@ -333,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", required=True, help="a folder written by generate")
     p.add_argument("--out", required=True, help="folder for the curated manifest.jsonl, curation.json and .png")
     p.add_argument("--min-dice", type=float, default=0.7, help="whole-tumour Dice a volume needs (default 0.7)")
-    p.add_argument("--segmentation-steps", type=int, default=300, help="training steps of the segmenter")
+    p.add_argument("--segmentation-steps", type=int, default=300, help="training steps of each segmenter")
+    p.add_argument("--folds", type=int, default=3, help="cross-fitting folds: each volume is scored by a segmenter "
+                                                         "trained without its mask's real case (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_curate)

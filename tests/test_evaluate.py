@@ -305,12 +305,12 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     cls = seg["classification"]
     assert cls["classes"] == ["glioblastoma", "pediatric_diffuse_glioma"]
     assert set(cls["regimes"]) == {"real -> real", "synthetic -> real", "real+synthetic -> real", "real -> synthetic",
-                                   "head size only -> real"}
+                                   "head size only -> real", "tumour location only -> real"}
     for regime, scores in cls["regimes"].items():
         if scores is not None:  # None when the training split lacks one of the diseases
-            assert scores["n"] == (4 if regime == "real -> synthetic" else 1)
+            assert scores["n"] == 1  # real -> synthetic too: only the volume of the held-out case's mask
     if cls["regimes"]["real -> real"] is not None:
-        assert 1.0 <= cls["domain_inception_score"]["synthetic"] <= 2.0
+        assert cls["domain_inception_score"]["n_synthetic"] == 1
     assert set(seg["anomaly"]) == {"real", "synthetic", "real+synthetic"} and seg["anomaly"]["real"]["n"] == 1
     assert "VAE anomaly-score classifier" in (tmp_path / "r" / "report.md").read_text()
     assert "## Segmentation" in (tmp_path / "r" / "report.md").read_text()
@@ -374,10 +374,98 @@ def test_held_out_cases_come_from_outside_the_generator_and_nothing_derived_is_t
         check_no_leak({"R0-100_syn000": "R0", "R1": "R1"}, {"R0"}, "transfer study")
 
 
-def test_curation_keeps_volumes_whose_mask_a_real_trained_segmenter_recovers(phantom_dir, tmp_path, capsys):
+def test_half_real_is_a_random_half_of_each_disease():
+    from diffusion_glioma.evaluation.segmentation import stratified_half, training_mixes
+
+    cases = [{"id": f"A{i}", "disease": "glioblastoma"} for i in range(6)] + \
+            [{"id": f"P{i}", "disease": "pediatric_diffuse_glioma"} for i in range(4)]  # sorted: adults first
+    halves = [training_mixes(cases, [], seed)["half real+synthetic"] for seed in range(4)]
+    for half in halves:
+        assert sum(c["disease"] == "glioblastoma" for c in half) == 3
+        assert sum(c["disease"] == "pediatric_diffuse_glioma" for c in half) == 2
+    assert len({tuple(c["id"] for c in half) for half in halves}) > 1  # the seed draws the half
+    assert len(stratified_half(cases[:1], 0)) == 1
+
+
+def test_paired_differences_see_a_shift_the_unpaired_intervals_cannot():
+    """Test cases differ far more from each other than the regimes do: a regime 0.05 better on every
+    case has overlapping per-regime intervals, but its paired difference excludes 0; a regime that
+    differs from real by noise alone has a paired interval that holds 0."""
+    from diffusion_glioma.evaluation.segmentation import bootstrap_interval, paired_differences
+
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0.2, 0.9, 30)
+    block = lambda dice: {r: {"dice_per_case": list(dice)} for r in ("WT", "TC", "ET")}  # noqa: E731
+    utility = {"real": block(real), "better": block(real + 0.05 + rng.normal(0, 0.01, 30)),
+               "same": block(real + rng.normal(0, 0.02, 30))}
+    better = paired_differences(utility, "better")["WT"]
+    assert better["mean_difference"] == pytest.approx(0.05, abs=0.01) and better["ci95"][0] > 0.03
+    unpaired_real = bootstrap_interval(torch.tensor(real), 1000, 0)
+    unpaired_better = bootstrap_interval(torch.tensor(utility["better"]["WT"]["dice_per_case"]), 1000, 0)
+    assert unpaired_better[0] < unpaired_real[1]  # the unpaired intervals overlap
+    same = paired_differences(utility, "same")["WT"]
+    assert same["ci95"][0] < 0 < same["ci95"][1]
+
+
+def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, monkeypatch):
+    from diffusion_glioma.evaluation import segmentation
+    from diffusion_glioma.evaluation.sets import read_set
+    from diffusion_glioma.data.layouts import MODALITIES
+
+    cases = segmentation.prepare_items(read_set(phantom_dir, MODALITIES))
+    trained = []
+    real_trainer = segmentation.train_segmenter
+    monkeypatch.setattr(segmentation, "train_segmenter",
+                        lambda c, steps, seed=0: trained.append(len(c)) or real_trainer(c, steps, seed))
+    models = {}
+    first = segmentation.segmentation_study(cases, cases, 1, seed=1, split_seed=0, anomaly_steps=0, real_models=models)
+    again = segmentation.segmentation_study(cases, cases[:3], 1, seed=1, split_seed=0, anomaly_steps=0,
+                                            real_models=models)
+    assert len(models) == 1 and len(trained) == 4 + 3  # real once; synthetic, real+synthetic and half each time
+    assert first["test_cases"] == again["test_cases"]  # split_seed fixes the split
+    assert again["utility"]["real"] == first["utility"]["real"]
+    other_seed = segmentation.segmentation_study(cases, cases, 1, seed=2, split_seed=0, anomaly_steps=0,
+                                                 real_models=models)
+    assert len(models) == 2 and other_seed["test_cases"] == first["test_cases"]
+
+
+def test_tumour_location_baseline_tells_a_midline_from_a_hemispheric_tumour():
+    """Adult tumours sit in one hemisphere (either side), pediatric ones on the midline: tumour location
+    alone classifies held-out cases, a tumour on the side never trained on included (the left-right
+    axis is folded); where both diseases share one location distribution it cannot."""
+    from diffusion_glioma.evaluation.segmentation import tumour_location_scores
+    from diffusion_glioma.labels import CORE, HEAD
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*(np.arange(24),) * 3, indexing="ij"))
+
+    def case(disease, centre):
+        labels = np.where(((grid - 12) ** 2).sum(0) <= 10 ** 2, HEAD, 0)
+        labels[((grid - np.asarray(centre)[:, None, None, None]) ** 2).sum(0) <= 2 ** 2] = CORE
+        return {"labels": torch.from_numpy(labels), "image": torch.zeros(4, 24, 24, 24), "disease": disease}
+
+    def cohort(n, side=None, adult_x=6):
+        out = []
+        for _ in range(n):
+            jitter = rng.integers(-1, 2, 3)
+            sign = side if side is not None else rng.choice([-1, 1])
+            out.append(case("glioblastoma", (12 + sign * adult_x + jitter[0], 12 + jitter[1], 13 + jitter[2])))
+            out.append(case("pediatric_diffuse_glioma", (12 + jitter[0], 12 + jitter[1], 7 + jitter[2])))
+        return out
+
+    classes = ["glioblastoma", "pediatric_diffuse_glioma"]
+    scores = tumour_location_scores(cohort(6, side=-1), cohort(4, side=1), classes)  # trained left, tested right
+    assert scores["balanced_accuracy"] == 1.0 and scores["n"] == 8
+    same_place = [{**c, "disease": classes[rng.integers(2)]} for c in cohort(6) + cohort(6)]  # labels say nothing
+    assert tumour_location_scores(same_place[:12], same_place[12:], classes)["balanced_accuracy"] < 0.9
+
+
+def test_curation_keeps_volumes_whose_mask_a_segmenter_that_never_saw_it_recovers(phantom_dir, tmp_path, capsys):
     """Each adult phantom's images paired with its own mask (consistent) and with another adult's mask
     (the tumour lies elsewhere): the curated folder keeps the consistent ones with their files, and
-    `evaluate` reads it as a set."""
+    `evaluate` reads it as a set. Each volume is scored by the cross-fitted segmenter that held its
+    mask's case out: a copy of a real case scores exactly what that case scores as a held-out reference
+    (a segmenter that trained on it would score it otherwise), and mean-fill scores below the real cases."""
     cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir() and "GLI" in p.name)
     synthetic = tmp_path / "synthetic"
     synthetic.mkdir()
@@ -403,6 +491,12 @@ def test_curation_keeps_volumes_whose_mask_a_real_trained_segmenter_recovers(pha
     own = [v for k, v in scores.items() if k.endswith("_own")]
     other = [v for k, v in scores.items() if k.endswith("_other")]
     assert min(own) > max(other)  # the segmenter finds each tumour where its own mask puts it
+    references = summary["references"]
+    for score in summary["scores"]:
+        assert score["source"] in summary["folds"][score["fold"]]["held_out"]
+        if score["output"].endswith("_own"):
+            assert score["WT"] == pytest.approx(references["real held-out"]["WT"][score["source"]], abs=1e-9)
+    assert references["mean-fill"]["WT_mean"] < 0.5 * references["real held-out"]["WT_mean"]
     kept = [json.loads(line)["output"] for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert kept == [k for k, v in scores.items() if v >= 0.4] and summary["kept"] == len(kept) > 0
     assert f"kept {len(kept)} of 6" in capsys.readouterr().out

@@ -60,12 +60,16 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
     real_items, synthetic_items = with_mask(read_set(real, MODALITIES)), with_mask(read_set(synthetic, MODALITIES))
     if not real_items or not synthetic_items:
         raise DataError(f"{real if not real_items else synthetic}: no volumes with segmentations to export")
-    light = lambda items: [{"id": i.item_id, "source": i.source or i.key, "item": i} for i in items]  # noqa: E731
+
+    def light(items):  # what the split and the mixes need, without reading an image
+        return [{"id": i.item_id, "source": i.source or i.key, "disease": i.disease or "unknown", "item": i}
+                for i in items]
+
     split = held_out_split(light(real_items), light(synthetic_items), seed, generator_training_cases(synthetic))
     if isinstance(split, str):
         raise DataError(f"{real}: {split}")
     test, train_real, train_synthetic = split
-    mixes = training_mixes(train_real, train_synthetic)
+    mixes = training_mixes(train_real, train_synthetic, seed)
 
     # One label mapping for every dataset and the test set (nnU-Net values are consecutive).
     present: set[int] = set()

@@ -419,18 +419,22 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
 
         with_masks = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
         real_cases = prepare_items(with_masks(sets["real"]))
+        real_models = {}  # the real regime is trained once per split and seed, not once per synthetic set
         for name in names:
             synthetic_cases = prepare_items(with_masks(sets[name]))
-            runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s,
-                                       generator_cases=training_records[name], anomaly_steps=anomaly_steps)
+            # One split (drawn by --seed) for every training seed: the spread over seeds is the training's luck.
+            runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s, split_seed=seed,
+                                       generator_cases=training_records[name], anomaly_steps=anomaly_steps,
+                                       real_models=real_models)
                     for s in (segmentation_seeds or [seed])]
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
                 results["sets"][name]["segmentation"]["across_seeds"] = across_seeds(runs, segmentation_seeds)
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
-                                         "32^3 grid of 6 mm; a third of the real cases held out for testing, drawn "
-                                         "from outside the generator's training record; nothing derived from a "
-                                         "held-out case is trained on")
+                                         "32^3 grid of 6 mm; a third of the real cases held out for testing (one split, "
+                                         "drawn by --seed, for every training seed), drawn from outside the "
+                                         "generator's training record; nothing derived from a held-out case is "
+                                         "trained on; 'half real' is a random half of each disease's cases")
     if nnunet_study is not None:  # nnU-Net's scores from the user's GPUs, beside the in-package study
         from .nnunet_study import score_study
 

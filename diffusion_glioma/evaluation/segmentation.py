@@ -125,6 +125,7 @@ def dice_and_hd95(prediction: torch.Tensor, target: torch.Tensor, spacing: tuple
         results[region] = {"dice": float(dice.mean()), "hd95": float(hd95.mean()),
                            "dice_ci95": bootstrap_interval(dice, bootstrap, seed),
                            "hd95_ci95": bootstrap_interval(hd95, bootstrap, seed),
+                           "dice_per_case": dice.tolist(),
                            "n": len(t), "empty_truth": int((~t_any).sum()), "empty_predictions": int((~p_any & t_any).sum()),
                            "false_positives_on_empty": int((p_any & ~t_any).sum())}
     return results
@@ -187,14 +188,45 @@ def head_size_scores(train: list[dict], test: list[dict], classes: list[str]) ->
             "balanced_accuracy": float(np.mean(recalls)), "n": len(test)}
 
 
+def tumour_location(case: dict) -> np.ndarray:
+    """Where the tumour sits in the head: its centre minus the head's, in units of the head's extent
+    (sd of its voxel coordinates) per axis, the left-right axis folded (a left and a right tumour are
+    the same place to a disease)."""
+    head = (case["labels"] > 0).numpy()
+    tumour = regions_of(case["labels"])[0].numpy() > 0
+    if not tumour.any():
+        return np.zeros(3)
+    head_xyz, tumour_xyz = np.argwhere(head), np.argwhere(tumour)
+    offset = (tumour_xyz.mean(axis=0) - head_xyz.mean(axis=0)) / head_xyz.std(axis=0).clip(min=1e-6)
+    offset[0] = abs(offset[0])
+    return offset
+
+
+def tumour_location_scores(train: list[dict], test: list[dict], classes: list[str]) -> dict | None:
+    """The baseline every mask-conditioned generator passes for free: each test case gets the class
+    whose training cases' mean tumour location is nearest. A synthetic-trained classifier that does no
+    better learnt only what the masks it copied already tell."""
+    means = {k: np.mean([tumour_location(c) for c in train if c["disease"] == k], axis=0) for k in classes
+             if any(c["disease"] == k for c in train)}
+    if len(means) < 2 or not test:
+        return None
+    predicted = [min(means, key=lambda k: float(np.linalg.norm(means[k] - tumour_location(c)))) for c in test]
+    truth = [c["disease"] for c in test]
+    recalls = [np.mean([p == k for p, t in zip(predicted, truth) if t == k]) for k in sorted(set(truth))]
+    return {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
+            "balanced_accuracy": float(np.mean(recalls)), "n": len(test)}
+
+
 def classification_study(train_real: list[dict], train_synthetic: list[dict], test: list[dict], steps: int,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, synthetic_test: list[dict] = ()) -> dict:
     """The disease classifier (glioblastoma vs pediatric diffuse glioma) in the regimes the research
     proposals use: real -> real (the reference), synthetic -> real, real + synthetic -> real, and
     real -> synthetic (a realism check: does the synthetic set carry the features that tell the
-    diseases apart in real scans?). Head size alone cannot solve the task on the phantom (its brain
-    volume depends on age, sex and individual variation, not on the disease); the head-size baseline
-    row shows how far it gets on these cases."""
+    diseases apart in real scans?), the last on `synthetic_test`, the synthetic volumes of the test
+    cases' masks only: a volume of a training case's mask would be recognised by its tumour location.
+    Head size alone cannot solve the task on the phantom (its brain volume depends on age, sex and
+    individual variation, not on the disease); tumour location can, and every mask-conditioned
+    generator copies it from its mask: the two baseline rows show how far each gets on these cases."""
     classes = sorted({c["disease"] for c in train_real + train_synthetic + test})
     if len(classes) < 2:
         return {"note": f"only one disease ({classes[0] if classes else 'none'}): no classification to test"}
@@ -206,15 +238,18 @@ def classification_study(train_real: list[dict], train_synthetic: list[dict], te
             trained[name] = train_classifier(cases, classes, steps, seed)
     for regime, model, test_cases in (("real -> real", "real", test), ("synthetic -> real", "synthetic", test),
                                       ("real+synthetic -> real", "real+synthetic", test),
-                                      ("real -> synthetic", "real", train_synthetic)):
+                                      ("real -> synthetic", "real", list(synthetic_test))):
         usable = model in trained and test_cases
         out["regimes"][regime] = classification_scores(trained[model], test_cases, classes) if usable else None
     out["regimes"]["head size only -> real"] = head_size_scores(train_real, test, classes)
+    out["regimes"]["tumour location only -> real"] = tumour_location_scores(train_real, test, classes)
     if "real" in trained:  # the StyleGAN2 study's domain Inception score, under the real-trained classifier
+        # Better is closer to the held-out real cases' score (not higher: above it, the synthetic set
+        # tells the diseases apart more confidently than real scans do). Test-case masks only, as above.
         out["domain_inception_score"] = {
             "real (held out)": inception_score(predicted_probabilities(trained["real"], test)),
-            "synthetic": inception_score(predicted_probabilities(trained["real"], train_synthetic))
-            if train_synthetic else None}
+            "synthetic": inception_score(predicted_probabilities(trained["real"], list(synthetic_test)))
+            if synthetic_test else None, "n_synthetic": len(synthetic_test)}
     return out
 
 
@@ -244,34 +279,73 @@ def held_out_split(real: list[dict], synthetic: list[dict], seed: int, generator
     return test, train_real, train_synthetic
 
 
-def training_mixes(train_real: list, train_synthetic: list) -> dict[str, list]:
-    """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export)."""
+def training_mixes(train_real: list, train_synthetic: list, seed: int = 0) -> dict[str, list]:
+    """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export).
+    The half is a random half of each disease's real cases (sorted order would take one disease first)."""
     return {"real": train_real, "synthetic": train_synthetic, "real+synthetic": train_real + train_synthetic,
-            "half real+synthetic": train_real[: max(1, len(train_real) // 2)] + train_synthetic}
+            "half real+synthetic": stratified_half(train_real, seed) + train_synthetic}
+
+
+def stratified_half(cases: list, seed: int) -> list:
+    """Half of each disease's cases (at least one of each), drawn at random by `seed`, in their order."""
+    rng = np.random.default_rng(seed)
+    picked = set()
+    for disease in sorted({c["disease"] for c in cases}):
+        group = [i for i, c in enumerate(cases) if c["disease"] == disease]
+        picked |= set(rng.permutation(group)[: max(1, len(group) // 2)].tolist())
+    return [c for i, c in enumerate(cases) if i in picked]
+
+
+def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: int = 0) -> dict:
+    """Per region, the mean over test cases of (regime's Dice - the real regime's Dice) on the same
+    case, with a bootstrap 95% interval over cases: the comparison with the power a paired design has
+    (the case-to-case spread, most of either score's interval, cancels)."""
+    out = {}
+    for region in REGIONS:
+        difference = (torch.tensor(utility[regime][region]["dice_per_case"], dtype=torch.float64)
+                      - torch.tensor(utility["real"][region]["dice_per_case"], dtype=torch.float64))
+        out[region] = {"mean_difference": float(difference.mean()),
+                       "ci95": bootstrap_interval(difference, resamples, seed), "n": len(difference)}
+    return out
 
 
 def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
                        spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset(),
-                       anomaly_steps: int | None = None) -> dict:
+                       anomaly_steps: int | None = None, split_seed: int | None = None,
+                       real_models: dict | None = None) -> dict:
     """Mask consistency and the four training regimes, tested on held-out real cases.
 
     Test cases come only from real cases outside the generator's training record (`generator_cases`),
-    and no synthetic volume descending from a test case (through augmentation too) is trained on."""
-    split = held_out_split(real, synthetic, seed, generator_cases)
+    and no synthetic volume descending from a test case (through augmentation too) is trained on.
+    `split_seed` (default `seed`) draws the split and `seed` the training, so several seeds on one split
+    measure the training's luck alone; `real_models`, a dict shared across calls, holds the real regime's
+    segmenter per split and seed, trained once however many synthetic sets are studied on that split."""
+    split = held_out_split(real, synthetic, seed if split_seed is None else split_seed, generator_cases)
     if isinstance(split, str):
         return {"note": split}
     test, train_real, train_synthetic = split
     test_target = regions_of(torch.stack([c["labels"] for c in test]))
-    regimes = training_mixes(train_real, train_synthetic)
-    out = {"test_cases": [c["id"] for c in test], "train_real": len(train_real), "generator_cases": len(generator_cases),
-           "train_synthetic": len(train_synthetic), "utility": {}}
+    regimes = training_mixes(train_real, train_synthetic, seed)
+    out = {"seed": seed, "test_cases": [c["id"] for c in test], "train_real": len(train_real),
+           "generator_cases": len(generator_cases),
+           "train_synthetic": len(train_synthetic), "utility": {}, "paired_to_real": {}}
     models = {}
+    real_models = {} if real_models is None else real_models
     for name, cases in regimes.items():
         if not cases:
             out["utility"][name] = None
             continue
-        models[name] = train_segmenter(cases, steps, seed)
+        if name == "real":
+            key = (tuple(sorted(c["id"] for c in cases)), seed, steps)
+            if key not in real_models:
+                real_models[key] = train_segmenter(cases, steps, seed)
+            models[name] = real_models[key]
+        else:
+            models[name] = train_segmenter(cases, steps, seed)
         out["utility"][name] = dice_and_hd95(predict(models[name], test), test_target, spacing)
+    for name in regimes:
+        if name != "real" and out["utility"][name] and out["utility"]["real"]:
+            out["paired_to_real"][name] = paired_differences(out["utility"], name, seed=seed)
     held_out = {c["source"] for c in test}
     unseen_masks = [c for c in synthetic if c["source"] in held_out]
     if unseen_masks:
@@ -279,7 +353,7 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
         out["mask_consistency"] = dice_and_hd95(predict(models["real"], unseen_masks), target, spacing)
     out["mask_consistency_control"] = dice_and_hd95(predict(models["real"], [mean_filled(c) for c in test]),
                                                     test_target, spacing)
-    out["classification"] = classification_study(train_real, train_synthetic, test, steps, seed)
+    out["classification"] = classification_study(train_real, train_synthetic, test, steps, seed, unseen_masks)
     if anomaly_steps is None or anomaly_steps > 0:  # the VAE anomaly-score classifier, same split
         from .anomaly import anomaly_study
 
@@ -290,9 +364,10 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
 
 
 def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
-    """Mean and sd over segmentation-study runs with different seeds (each its own held-out split
-    and training), per regime and region, and the classifiers' balanced accuracy per regime (over the
-    seeds whose training split held both diseases): how much of a difference between regimes is luck."""
+    """Mean and sd over segmentation-study runs with different training seeds (on one split, or each
+    its own), per regime and region, the paired differences to the real regime, and the classifiers'
+    balanced accuracy per regime (over the seeds whose training split held both diseases): how much of
+    a difference between regimes is luck."""
     out = {"seeds": list(seeds), "utility": {}}
     for regime in runs[0].get("utility", {}):
         scores = [r["utility"].get(regime) for r in runs if "utility" in r]
@@ -303,6 +378,12 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
                                            "dice_sd": float(np.std([s[region]["dice"] for s in scores], ddof=1)),
                                            "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores]))}
                                   for region in REGIONS}
+    out["paired_to_real"] = {}
+    for regime in runs[0].get("paired_to_real", {}):
+        differences = [r.get("paired_to_real", {}).get(regime) for r in runs]
+        if all(differences):
+            out["paired_to_real"][regime] = {region: mean_and_sd([d[region]["mean_difference"] for d in differences])
+                                             for region in REGIONS}
     out["classification"] = {}
     for regime in runs[0].get("classification", {}).get("regimes", {}):
         scores = [r.get("classification", {}).get("regimes", {}).get(regime) for r in runs]
