@@ -1,7 +1,8 @@
 """PNG figures a person looks at: rows of axial slices, every modality beside the mask.
 
 Used by `inspect` (raw cases), training validation (samples on the model grid) and `generate`
-(a few written outputs). Arrays are given in RAS voxel order; the slice goes through the tumour.
+(a few written outputs; two draws of each mask side by side when it writes several). Arrays are
+given in RAS voxel order; the slice goes through the tumour.
 """
 
 from __future__ import annotations
@@ -45,14 +46,63 @@ class FigureRow:
     value_range: tuple[float, float] | None = None  # None: each slice's 1st-99.5th percentile
 
 
+def tumour_slice(labels: np.ndarray) -> int:
+    """The axial index through the tumour's centre (the middle slice when there is no tumour)."""
+    tumour = np.isin(labels, TUMOUR_LABELS)
+    return int(np.argwhere(tumour)[:, 2].mean()) if tumour.any() else labels.shape[2] // 2
+
+
+def axial_row(row: FigureRow) -> FigureRow:
+    """The row cut down to its one displayed slice (what a figure keeps in memory while a job runs)."""
+    z = tumour_slice(row.labels)
+    return FigureRow(row.name, {m: a[:, :, z:z + 1] for m, a in row.images.items()}, row.labels[:, :, z:z + 1],
+                     row.value_range)
+
+
+def write_draws_figure(path: str | Path, pairs: list[tuple[FigureRow, FigureRow]],
+                       modalities: list[str] | tuple[str, ...], title: str = "") -> Path:
+    """Two draws of each mask side by side, per modality, beside the mask: what varies between them is
+    what the model samples; what stays is what the mask fixes."""
+    plt = pyplot()
+    columns = 2 * len(modalities) + 1
+    fig, axes = plt.subplots(len(pairs), columns, figsize=(1.7 * columns, 1.9 * len(pairs) + 0.5), squeeze=False)
+    for r, (first, second) in enumerate(pairs):
+        z = tumour_slice(first.labels)
+        for c, modality in enumerate(modalities):
+            for d, draw in enumerate((first, second)):
+                image = draw.images[modality][:, :, z].T
+                low, high = draw.value_range or (np.percentile(image, 1), np.percentile(image, 99.5))
+                axes[r, 2 * c + d].imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high)
+                if r == 0:
+                    axes[r, 2 * c + d].set_title(f"{modality} draw {d + 1}", fontsize=8)
+        overlay = np.zeros((*first.labels.shape[:2], 4))
+        for value, colour in LABEL_COLOURS.items():
+            overlay[first.labels[:, :, z] == value] = (*colour, 0.65)
+        axes[r, -1].imshow(first.images[modalities[-1]][:, :, z].T, cmap="gray", origin="lower",
+                           vmin=first.value_range[0] if first.value_range else None,
+                           vmax=first.value_range[1] if first.value_range else None)
+        axes[r, -1].imshow(overlay.transpose(1, 0, 2), origin="lower")
+        if r == 0:
+            axes[r, -1].set_title("mask", fontsize=8)
+        axes[r, 0].set_ylabel(first.name, fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LABEL_COLOURS.values()]
+    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=5, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save_png(fig, path, dpi=90)
+
+
 def write_slices_figure(path: str | Path, rows: list[FigureRow], modalities: list[str] | tuple[str, ...],
                         title: str = "") -> Path:
     plt = pyplot()
     columns = len(modalities) + 1
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.1 * columns, 2.2 * len(rows) + 0.4), squeeze=False)
     for r, row in enumerate(rows):
-        tumour = np.isin(row.labels, TUMOUR_LABELS)
-        z = int(np.argwhere(tumour)[:, 2].mean()) if tumour.any() else row.labels.shape[2] // 2
+        z = tumour_slice(row.labels)
         for c, modality in enumerate(modalities):
             image = row.images[modality][:, :, z].T
             low, high = row.value_range or (np.percentile(image, 1), np.percentile(image, 99.5))

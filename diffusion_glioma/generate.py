@@ -33,7 +33,7 @@ from .config import PreprocessConfig
 from .data.layouts import SEG, Case, Layout, discover_cases, write_label_schemes
 from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
 from .errors import DataError, DiffusionGliomaError
-from .figures import FigureRow, to_ras, write_slices_figure
+from .figures import FigureRow, axial_row, to_ras, write_draws_figure, write_slices_figure
 from .io import atomic_path, is_temporary, load_volume, remove_stale_temporaries, save_volume, write_json
 from .provenance import read_sources
 from .pipeline import load_pipeline
@@ -279,7 +279,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         return done
 
     jobs: dict[str, MaskJob] = {}
-    figure_rows: list[FigureRow] = []
+    figure_rows: dict[str, list[FigureRow]] = {}  # mask -> its first draws (one slice each), for samples.png
     bar = tqdm(total=len(todo), desc="generate", unit="volume", disable=not (progress and state.is_local_main_process))
     # Batches follow the fixed plan, so a resumed run batches (and so rounds) as the first run did.
     chunks: dict[int, list] = {}
@@ -320,9 +320,15 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         writer.finish(with_order)
         if options.format == "brats":  # PED label values alone cannot say which release they follow
             write_label_schemes(out, BRATS_WRITTEN_SCHEMES)
-        if figure_rows:  # a few of the outputs written in this run, on their masks' grids
-            write_slices_figure(out / "samples.png", figure_rows, writer.modalities,
-                                title=f"{options.sampler} {options.steps} steps, guidance {options.guidance_scale:g}")
+        # A few of the outputs written in this run, on their masks' grids: two draws of each mask side by
+        # side when there are several per mask, else one row per output.
+        title = f"{options.sampler} {options.steps} steps, guidance {options.guidance_scale:g}"
+        pairs = [tuple(rows) for rows in figure_rows.values() if len(rows) == 2]
+        if pairs:
+            write_draws_figure(out / "samples.png", pairs, writer.modalities, title=title)
+        elif figure_rows:
+            write_slices_figure(out / "samples.png", [rows[0] for rows in figure_rows.values()], writer.modalities,
+                                title=title)
     state.wait_for_everyone()
     return done
 
@@ -362,7 +368,7 @@ def _mask_job(case: Case, options: GenerateOptions, preprocess: PreprocessConfig
 
 
 def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, k: int, options: GenerateOptions,
-                  identity: dict, seconds: float, figure_rows: list | None = None) -> dict:
+                  identity: dict, seconds: float, figure_rows: dict | None = None) -> dict:
     """Model-space volume in [-1, 1] -> [0, 1] on the mask's grid, background 0, float32."""
     oid = output_id(job.case.case_id, k)
     files = writer.files(job.case.case_id, k, job.disease)
@@ -375,10 +381,13 @@ def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, k: int, opti
         images[modality] = image
         save_volume(files[modality], image, job.geometry.source_affine_array, qform_code=job.geometry.qform_code,
                     sform_code=job.geometry.sform_code)
-    if figure_rows is not None and len(figure_rows) < SAMPLES_IN_FIGURE:
+    case_id = job.case.case_id
+    if (figure_rows is not None and k < min(options.per_mask, 2)
+            and (case_id in figure_rows or len(figure_rows) < SAMPLES_IN_FIGURE)):
         affine = job.geometry.source_affine_array
-        figure_rows.append(FigureRow(f"{oid} ({job.disease})", {m: to_ras(a, affine) for m, a in images.items()},
-                                     to_ras(job.source_common, affine), value_range=(0.0, 1.0)))
+        figure_rows.setdefault(case_id, []).append(axial_row(FigureRow(
+            f"{case_id if options.per_mask > 1 else oid} ({job.disease})", {m: to_ras(a, affine) for m, a in images.items()},
+            to_ras(job.source_common, affine), value_range=(0.0, 1.0))))
     save_volume(files["mask"], writer.mask_array(job), job.geometry.source_affine_array,
                 qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
     return {

@@ -172,6 +172,7 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
         f"- Steps: {training.get('steps', (config.get('optim') or {}).get('steps', 'unknown'))}, batch size "
         f"{(config.get('optim') or {}).get('batch_size', '?')} per process, learning rate "
         f"{(config.get('optim') or {}).get('learning_rate', '?')}, EMA weights shipped.",
+        f"- Recipe: {_recipe(config.get('diffusion') or {})}.",
         f"- Fine-tuned from: {(config.get('finetune') or {}).get('source', 'no (trained from scratch)')}.", "",
         "## Use", "",
         "```bash",
@@ -236,6 +237,20 @@ def _baseline_card(folder: Path, index: dict, report, license: str) -> str:
     lines += ["## Intended use and limitations", "", "Research use only, as a baseline; not for diagnosis.", "",
               f"Written by diffusion_glioma {__version__}.", ""]
     return "\n".join(lines)
+
+
+def _recipe(diffusion: dict) -> str:
+    """The training choices that decide whether a diffusion model samples or regresses, in words."""
+    levels = diffusion.get("noise_levels", "uniform")
+    if levels == "lognormal":
+        levels = (f"EDM log-normal noise levels (log sigma mean {diffusion.get('lognormal_mean', -1.2)}, "
+                  f"sd {diffusion.get('lognormal_std', 1.2)})")
+    else:
+        levels = "noise levels uniform over t"
+    weighting = f", min-SNR-{diffusion['snr_gamma']:g} weighting" if diffusion.get("snr_gamma") else ""
+    return (f"{diffusion.get('prediction_type', 'v_prediction')} target, {diffusion.get('loss', 'l2')} loss"
+            f"{' inside the head' if diffusion.get('loss_in_head', True) else ''}{weighting}, {levels}"
+            f"{', wavelet bands at unit variance' if diffusion.get('normalise_wavelet_bands', True) else ''}")
 
 
 def write_card(folder: str | Path, **kwargs) -> Path:
