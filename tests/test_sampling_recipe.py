@@ -20,8 +20,10 @@ from tests.helpers import write_nifti
 
 SHAPE = (16, 16, 16)
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
-# The recipe under test is the package's default; a config changes only what a toy run needs.
-RECIPE: dict = {}
+# The recipes under test: the package's default, and the demo weights' and research configs' recipe
+# (configs/demo.yaml); a config changes only what a toy run needs.
+RECIPES = {"default": {}, "x0_lognormal": {"prediction_type": "sample", "noise_levels": "lognormal",
+                                           "lognormal_mean": -0.5}}
 
 
 def _toy_cohort(folder: Path, n: int = 16) -> Path:
@@ -44,9 +46,9 @@ def _toy_cohort(folder: Path, n: int = 16) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def toy_model(tmp_path_factory) -> tuple[MaskToMRIPipeline, dict]:
-    root = tmp_path_factory.mktemp("bimodal")
+@pytest.fixture(scope="module", params=list(RECIPES))
+def toy_model(tmp_path_factory, request) -> tuple[MaskToMRIPipeline, dict]:
+    root = tmp_path_factory.mktemp(f"bimodal_{request.param}")
     cohort = _toy_cohort(root / "raw")
     cache = root / "cache"
     prepare_dataset(cohort, cache, DataConfig(preprocess=PreprocessConfig(shape=SHAPE, spacing=(12.0,) * 3)),
@@ -55,7 +57,7 @@ def toy_model(tmp_path_factory) -> tuple[MaskToMRIPipeline, dict]:
         "output_dir": str(root / "run"), "seed": 0, "data": {"cache": str(cache)},
         "model": {"preset": "tiny", "overrides": {"base_channels": 16, "norm_groups": 8}},
         "optim": {"steps": 500, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 20, "lr_schedule": "cosine"},
-        "diffusion": {"class_dropout": 0.0, **RECIPE},
+        "diffusion": {"class_dropout": 0.0, **RECIPES[request.param]},
         "ema": {"decay": 0.99},
         "validation": {"every": 100000, "num_inference_steps": 2},
         "checkpoints": {"every": 100000},
