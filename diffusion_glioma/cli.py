@@ -83,14 +83,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "studies), overriding optim.max_minutes")
     p.add_argument("--limit-cases", type=int, help="train on the first N cases only (few-shot fine-tuning)")
     p.add_argument("--source", help="pretrained pipeline folder or hub id, overriding finetune.source")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted, the value read as YAML (repeatable): "
+                        "--set diffusion.noise_levels=uniform --set optim.learning_rate=1e-4")
 
 
 def cmd_train(args) -> int:
+    import yaml
+
     from .training.config import load_train_config
 
     overrides = {key: value for key, value in {
         "output_dir": args.output_dir, "optim.steps": args.steps, "optim.max_minutes": args.max_minutes, "data.limit_cases": args.limit_cases,
         "finetune.source": args.source}.items() if value is not None}
+    for setting in args.settings:
+        key, equals, value = setting.partition("=")
+        if not equals or not key:
+            raise DiffusionGliomaError(f"--set {setting!r}: expected KEY=VALUE, e.g. diffusion.noise_levels=uniform")
+        overrides[key] = yaml.safe_load(value)
     config = load_train_config(args.config, overrides)
     from .training import train_for_config
 

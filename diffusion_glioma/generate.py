@@ -279,7 +279,6 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         return done
 
     jobs: dict[str, MaskJob] = {}
-    figure_rows: dict[str, list[FigureRow]] = {}  # mask -> its first draws (one slice each), for samples.png
     bar = tqdm(total=len(todo), desc="generate", unit="volume", disable=not (progress and state.is_local_main_process))
     # Batches follow the fixed plan, so a resumed run batches (and so rounds) as the first run did.
     chunks: dict[int, list] = {}
@@ -296,8 +295,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
                            num_inference_steps=options.steps, generator=generators, progress=False).volumes
         seconds = (time.perf_counter() - began) / len(chunk)
         for (i, case, k), job, volume in zip(chunk, batch_jobs, volumes.cpu().numpy()):
-            record = _write_output(writer, job, volume, k, options, identity, seconds,
-                                   figure_rows if state.is_main_process else None)
+            record = _write_output(writer, job, volume, k, options, identity, seconds)
             record["process"] = state.process_index
             write_json(records_dir / f"{output_id(case.case_id, k)}.json", record)
             done.append(record)
@@ -320,15 +318,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         writer.finish(with_order)
         if options.format == "brats":  # PED label values alone cannot say which release they follow
             write_label_schemes(out, BRATS_WRITTEN_SCHEMES)
-        # A few of the outputs written in this run, on their masks' grids: two draws of each mask side by
-        # side when there are several per mask, else one row per output.
-        title = f"{options.sampler} {options.steps} steps, guidance {options.guidance_scale:g}"
-        pairs = [tuple(rows) for rows in figure_rows.values() if len(rows) == 2]
-        if pairs:
-            write_draws_figure(out / "samples.png", pairs, writer.modalities, title=title)
-        elif figure_rows:
-            write_slices_figure(out / "samples.png", [rows[0] for rows in figure_rows.values()], writer.modalities,
-                                title=title)
+        _samples_figure(out, with_order, writer.modalities, options)
     state.wait_for_everyone()
     return done
 
@@ -367,27 +357,48 @@ def _mask_job(case: Case, options: GenerateOptions, preprocess: PreprocessConfig
     return load_mask(case, preprocess, known, resolve_disease(case, options, pipeline.disease_classes))
 
 
+def _samples_figure(out: Path, records: list[dict], modalities: list[str], options: GenerateOptions) -> None:
+    """samples.png from the written files, whichever process or earlier run wrote them: two draws of each
+    of the first masks side by side when there are several per mask, else one row per output. One
+    volume is read at a time and one axial slice of it kept."""
+    chosen: dict[str, list[dict]] = {}
+    for record in records:
+        case_id = record["case_id"]
+        if record["k"] < min(options.per_mask, 2) and (case_id in chosen or len(chosen) < SAMPLES_IN_FIGURE):
+            chosen.setdefault(case_id, []).append(record)
+    rows = {case_id: [_figure_row(out, r, modalities, options.per_mask) for r in group]
+            for case_id, group in chosen.items()}
+    title = f"{options.sampler} {options.steps} steps, guidance {options.guidance_scale:g}"
+    pairs = [tuple(group) for group in rows.values() if len(group) == 2]
+    if pairs:
+        write_draws_figure(out / "samples.png", pairs, modalities, title=title)
+    elif rows:
+        write_slices_figure(out / "samples.png", [group[0] for group in rows.values()], modalities, title=title)
+
+
+def _figure_row(out: Path, record: dict, modalities: list[str], per_mask: int) -> FigureRow:
+    seg = load_volume(record["source_mask"], kind="label")
+    labels = to_ras(get_scheme(record["label_scheme"]).to_common(seg.array, record["source_mask"]), seg.affine)
+    images = {}
+    for modality in modalities:
+        volume = load_volume(out / record["files"][modality])
+        images[modality] = to_ras(volume.array, volume.affine)
+    name = record["case_id"] if per_mask > 1 else record["output"]
+    return axial_row(FigureRow(f"{name} ({record['disease']})", images, labels, value_range=(0.0, 1.0)))
+
+
 def _write_output(writer: Writer, job: MaskJob, volume: np.ndarray, k: int, options: GenerateOptions,
-                  identity: dict, seconds: float, figure_rows: dict | None = None) -> dict:
+                  identity: dict, seconds: float) -> dict:
     """Model-space volume in [-1, 1] -> [0, 1] on the mask's grid, background 0, float32."""
     oid = output_id(job.case.case_id, k)
     files = writer.files(job.case.case_id, k, job.disease)
     outside_head = job.source_common == BACKGROUND
-    images = {}
     for channel, modality in enumerate(writer.modalities):
         image = to_source((volume[channel] + 1.0) / 2.0, job.geometry)
         image = np.clip(image, 0.0, 1.0)
         image[outside_head] = 0.0
-        images[modality] = image
         save_volume(files[modality], image, job.geometry.source_affine_array, qform_code=job.geometry.qform_code,
                     sform_code=job.geometry.sform_code)
-    case_id = job.case.case_id
-    if (figure_rows is not None and k < min(options.per_mask, 2)
-            and (case_id in figure_rows or len(figure_rows) < SAMPLES_IN_FIGURE)):
-        affine = job.geometry.source_affine_array
-        figure_rows.setdefault(case_id, []).append(axial_row(FigureRow(
-            f"{case_id if options.per_mask > 1 else oid} ({job.disease})", {m: to_ras(a, affine) for m, a in images.items()},
-            to_ras(job.source_common, affine), value_range=(0.0, 1.0))))
     save_volume(files["mask"], writer.mask_array(job), job.geometry.source_affine_array,
                 qform_code=job.geometry.qform_code, sform_code=job.geometry.sform_code, dtype=np.int16)
     return {

@@ -193,6 +193,13 @@ def test_corrupt_checkpoint_and_bad_config(tiny_cache, tmp_path, capsys):
     bad.write_text(config.read_text().replace("learning_rate", "learning_rat"))
     assert main(["train", "--config", str(bad)]) == 2
     assert "optim.learning_rat: unknown key" in capsys.readouterr().err
+    # --set reaches any key, read as YAML, and is validated like the file.
+    assert main(["train", "--config", str(config), "--set", "diffusion.noise_levels=sometimes"]) == 2
+    assert "diffusion.noise_levels: Input should be 'uniform' or 'lognormal'" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "set"), "--set", "optim.steps=2",
+                 "--set", "diffusion.prediction_type=sample"]) == 0
+    record = json.loads((tmp_path / "set" / "pipeline" / "training.json").read_text())
+    assert record["steps"] == 2 and record["config"]["diffusion"]["prediction_type"] == "sample"
 
 
 def test_shipped_configs_are_valid():
