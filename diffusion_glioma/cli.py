@@ -189,6 +189,7 @@ def cmd_evaluate(args) -> int:
              inception_weights=args.inception_weights, max_slices=args.max_slices,
              segmentation_steps=args.segmentation_steps, features_3d=args.features_3d,
              anomaly_steps=args.anomaly_steps, segmentation_seeds=args.segmentation_seeds,
+             segmentation_test=args.segmentation_test,
              nnunet_study=args.nnunet_study, truth=args.truth, real_reference=args.real_reference,
              progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-seeds", type=int, nargs="+",
                    help="repeat the segmentation study's training with these seeds on the split --seed draws, and "
                         "report mean ± sd")
+    p.add_argument("--segmentation-test", help="real cases with segmentations (a folder) to test the segmentation "
+                                               "study on, as many as its question needs (default: a third of "
+                                               "--real, held out)")
     p.add_argument("--nnunet-study", help="a scored `nnunet-study` folder whose nnU-Net results join the report")
     p.add_argument("--truth", help="same-mask truth draws of the real cases (phantom --truth-draws): the reference "
                                    "rows of a perfect sampler and a perfect regressor, and the spread columns")

@@ -172,7 +172,7 @@ def model_card(folder: str | Path, *, report: str | Path | None = None, license:
         f"- Steps: {training.get('steps', (config.get('optim') or {}).get('steps', 'unknown'))}, batch size "
         f"{(config.get('optim') or {}).get('batch_size', '?')} per process, learning rate "
         f"{(config.get('optim') or {}).get('learning_rate', '?')}, EMA weights shipped.",
-        f"- Recipe: {_recipe(config.get('diffusion') or {})}.",
+        f"- Recipe: {_recipe(config.get('diffusion') or {}, unet)}.",
         f"- Fine-tuned from: {(config.get('finetune') or {}).get('source', 'no (trained from scratch)')}.", "",
         "## Use", "",
         "```bash",
@@ -239,7 +239,7 @@ def _baseline_card(folder: Path, index: dict, report, license: str) -> str:
     return "\n".join(lines)
 
 
-def _recipe(diffusion: dict) -> str:
+def _recipe(diffusion: dict, unet: dict) -> str:
     """The training choices that decide whether a diffusion model samples or regresses, in words."""
     levels = diffusion.get("noise_levels", "uniform")
     if levels == "lognormal":
@@ -250,7 +250,7 @@ def _recipe(diffusion: dict) -> str:
     weighting = f", min-SNR-{diffusion['snr_gamma']:g} weighting" if diffusion.get("snr_gamma") else ""
     return (f"{diffusion.get('prediction_type', 'v_prediction')} target, {diffusion.get('loss', 'l2')} loss"
             f"{' inside the head' if diffusion.get('loss_in_head', True) else ''}{weighting}, {levels}"
-            f"{', wavelet bands at unit variance' if diffusion.get('normalise_wavelet_bands', True) else ''}")
+            f"{', wavelet bands at unit variance' if unet.get('wavelet_band_scale') else ''}")
 
 
 def write_card(folder: str | Path, **kwargs) -> Path:

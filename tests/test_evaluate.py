@@ -429,6 +429,29 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, monkeyp
     assert len(models) == 2 and other_seed["test_cases"] == first["test_cases"]
 
 
+def test_a_fixed_test_set_of_its_own(phantom_dir, tmp_path):
+    """`segmentation_test`: the study tests on a separate real folder; every real case trains the real
+    regime, no volume of a test case's mask is trained on (they are the mask-consistency volumes), and a
+    test case the generator trained on is refused."""
+    from diffusion_glioma.data.layouts import MODALITIES
+    from diffusion_glioma.data.phantom import write_cohort
+    from diffusion_glioma.evaluation import segmentation
+    from diffusion_glioma.evaluation.sets import read_set
+
+    test_dir = tmp_path / "test"
+    write_cohort(test_dir, n_adult=1, n_pediatric=1, spacing=3.0, seed=7, first_index=100, progress=False)
+    real = segmentation.prepare_items(read_set(phantom_dir, MODALITIES))
+    test = segmentation.prepare_items(read_set(test_dir, MODALITIES))
+    synthetic = real + test  # a copy of every case, the test cases' included
+    study = segmentation.segmentation_study(real, synthetic, 1, anomaly_steps=0, test=test)
+    assert sorted(study["test_cases"]) == sorted(c["id"] for c in test)
+    assert study["train_real"] == len(real) == 5 and study["train_synthetic"] == 5
+    assert study["mask_consistency"]["WT"]["n"] == 2
+    refused = segmentation.segmentation_study(real, synthetic, 1, anomaly_steps=0, test=test,
+                                              generator_cases={test[0]["source"]})
+    assert "in the generator's training record" in refused["note"]
+
+
 def test_tumour_location_baseline_tells_a_midline_from_a_hemispheric_tumour():
     """Adult tumours sit in one hemisphere (either side), pediatric ones on the midline: tumour location
     alone classifies held-out cases, a tumour on the side never trained on included (the left-right

@@ -20,7 +20,7 @@ from tests.helpers import write_nifti
 
 SHAPE = (16, 16, 16)
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
-# The recipes under test: the package's default, and the demo weights' and research configs' recipe
+# The recipes under test: the package's default (the research configs'), and the demo weights' recipe
 # (configs/demo.yaml); a config changes only what a toy run needs.
 RECIPES = {"default": {}, "x0_lognormal": {"prediction_type": "sample", "noise_levels": "lognormal",
                                            "lognormal_mean": -0.5}}

@@ -330,11 +330,14 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
              max_slices: int = 8, segmentation_steps: int = 200, features_3d: str | Path | None = None, seed: int = 0,
              anomaly_steps: int | None = None, segmentation_seeds: list[int] | None = None,
              nnunet_study: str | Path | None = None, truth: str | Path | None = None,
-             real_reference: str | Path | None = None, progress: bool = True) -> dict:
+             real_reference: str | Path | None = None, segmentation_test: str | Path | None = None,
+             progress: bool = True) -> dict:
     """Score each synthetic folder against `real`, beside reference sets made on the same cases and
     grid (references.py): mean-fill and noise always, the same-mask truth draws and their conditional
     mean when `truth` names them (`phantom --truth-draws`), an independent real cohort when
-    `real_reference` does."""
+    `real_reference` does. `segmentation_test`, a folder of real cases with segmentations, is the
+    segmentation study's fixed test set (default: a third of `real`, held out).
+    """
     from .references import TRUTH, independent_set, model_grid_set, trivial_sets, truth_sets
 
     out = Path(out)
@@ -419,22 +422,31 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
 
         with_masks = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
         real_cases = prepare_items(with_masks(sets["real"]))
+        test_cases = None
+        if segmentation_test is not None:
+            test_cases = prepare_items(with_masks(read_set(segmentation_test, modalities)))
+            if not test_cases:
+                raise DataError(f"{segmentation_test}: no real cases with segmentations for the segmentation test set")
         real_models = {}  # the real regime is trained once per split and seed, not once per synthetic set
         for name in names:
             synthetic_cases = prepare_items(with_masks(sets[name]))
             # One split (drawn by --seed) for every training seed: the spread over seeds is the training's luck.
             runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s, split_seed=seed,
                                        generator_cases=training_records[name], anomaly_steps=anomaly_steps,
-                                       real_models=real_models)
+                                       real_models=real_models, test=test_cases)
                     for s in (segmentation_seeds or [seed])]
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
                 results["sets"][name]["segmentation"]["across_seeds"] = across_seeds(runs, segmentation_seeds)
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
-                                         "32^3 grid of 6 mm; a third of the real cases held out for testing (one split, "
-                                         "drawn by --seed, for every training seed), drawn from outside the "
-                                         "generator's training record; nothing derived from a held-out case is "
-                                         "trained on; 'half real' is a random half of each disease's cases")
+                                         "32^3 grid of 6 mm; "
+                                         + (f"tested on the {len(test_cases)} real cases of {segmentation_test}"
+                                            if test_cases is not None else
+                                            "a third of the real cases held out for testing (one split, drawn by "
+                                            "--seed, for every training seed), drawn from outside the generator's "
+                                            "training record")
+                                         + "; nothing derived from a test case is trained on; 'half real' is a "
+                                           "random half of each disease's cases")
     if nnunet_study is not None:  # nnU-Net's scores from the user's GPUs, beside the in-package study
         from .nnunet_study import score_study
 

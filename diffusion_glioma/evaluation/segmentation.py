@@ -279,6 +279,23 @@ def held_out_split(real: list[dict], synthetic: list[dict], seed: int, generator
     return test, train_real, train_synthetic
 
 
+def fixed_split(real: list[dict], synthetic: list[dict], test: list[dict], generator_cases: set[str] = frozenset()):
+    """(test, train_real, train_synthetic) around a test set the user fixed (a separate folder of real
+    cases), or a note saying why it is not leak-free: no real case or synthetic volume descending from
+    a test case is trained on, and no test case may be in the generator's training record."""
+    held_out = {c["source"] for c in test}
+    seen = sorted(held_out & set(generator_cases))
+    if seen:
+        return (f"{len(seen)} of the {len(held_out)} test cases are in the generator's training record "
+                f"(e.g. {seen[0]}): test on cases the generator never trained on")
+    train_real = [c for c in real if c["source"] not in held_out]
+    if not train_real:
+        return f"all {len(real)} real cases are test cases: none left to train the real regime on"
+    train_synthetic = [c for c in synthetic if c["source"] not in held_out]
+    check_no_leak({c["id"]: c["source"] for c in train_real + train_synthetic}, held_out, "segmentation study")
+    return list(test), train_real, train_synthetic
+
+
 def training_mixes(train_real: list, train_synthetic: list, seed: int = 0) -> dict[str, list]:
     """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export).
     The half is a random half of each disease's real cases (sorted order would take one disease first)."""
@@ -312,15 +329,18 @@ def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: 
 def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
                        spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset(),
                        anomaly_steps: int | None = None, split_seed: int | None = None,
-                       real_models: dict | None = None) -> dict:
+                       real_models: dict | None = None, test: list[dict] | None = None) -> dict:
     """Mask consistency and the four training regimes, tested on held-out real cases.
 
     Test cases come only from real cases outside the generator's training record (`generator_cases`),
     and no synthetic volume descending from a test case (through augmentation too) is trained on.
     `split_seed` (default `seed`) draws the split and `seed` the training, so several seeds on one split
     measure the training's luck alone; `real_models`, a dict shared across calls, holds the real regime's
-    segmenter per split and seed, trained once however many synthetic sets are studied on that split."""
-    split = held_out_split(real, synthetic, seed if split_seed is None else split_seed, generator_cases)
+    segmenter per split and seed, trained once however many synthetic sets are studied on that split.
+    `test`, real cases of their own (a fixed test set, as large as the question needs: inference is
+    cheap), replaces the held-out third of `real`."""
+    split = (fixed_split(real, synthetic, test, generator_cases) if test is not None else
+             held_out_split(real, synthetic, seed if split_seed is None else split_seed, generator_cases))
     if isinstance(split, str):
         return {"note": split}
     test, train_real, train_synthetic = split
