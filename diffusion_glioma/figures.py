@@ -70,30 +70,9 @@ def write_draws_figure(path: str | Path, pairs: list[tuple[FigureRow, FigureRow]
         z = tumour_slice(first.labels)
         for c, modality in enumerate(modalities):
             for d, draw in enumerate((first, second)):
-                image = draw.images[modality][:, :, z].T
-                low, high = draw.value_range or (np.percentile(image, 1), np.percentile(image, 99.5))
-                axes[r, 2 * c + d].imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high)
-                if r == 0:
-                    axes[r, 2 * c + d].set_title(f"{modality} draw {d + 1}", fontsize=8)
-        overlay = np.zeros((*first.labels.shape[:2], 4))
-        for value, colour in LABEL_COLOURS.items():
-            overlay[first.labels[:, :, z] == value] = (*colour, 0.65)
-        axes[r, -1].imshow(first.images[modalities[-1]][:, :, z].T, cmap="gray", origin="lower",
-                           vmin=first.value_range[0] if first.value_range else None,
-                           vmax=first.value_range[1] if first.value_range else None)
-        axes[r, -1].imshow(overlay.transpose(1, 0, 2), origin="lower")
-        if r == 0:
-            axes[r, -1].set_title("mask", fontsize=8)
-        axes[r, 0].set_ylabel(first.name, fontsize=7)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LABEL_COLOURS.values()]
-    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=5, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save_png(fig, path, dpi=90)
+                _image_panel(axes[r, 2 * c + d], draw, modality, z, f"{modality} draw {d + 1}" if r == 0 else None, 8)
+        _mask_panel(axes[r], first, modalities, z, r == 0, 8)
+    return _legend_and_save(fig, path, title, ncol=5)
 
 
 def write_slices_figure(path: str | Path, rows: list[FigureRow], modalities: list[str] | tuple[str, ...],
@@ -104,26 +83,39 @@ def write_slices_figure(path: str | Path, rows: list[FigureRow], modalities: lis
     for r, row in enumerate(rows):
         z = tumour_slice(row.labels)
         for c, modality in enumerate(modalities):
-            image = row.images[modality][:, :, z].T
-            low, high = row.value_range or (np.percentile(image, 1), np.percentile(image, 99.5))
-            axes[r, c].imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high)
-            if r == 0:
-                axes[r, c].set_title(modality, fontsize=9)
-        overlay = np.zeros((*row.labels.shape[:2], 4))
-        for value, colour in LABEL_COLOURS.items():
-            overlay[row.labels[:, :, z] == value] = (*colour, 0.65)
-        background = row.images[modalities[-1]][:, :, z].T
-        axes[r, -1].imshow(background, cmap="gray", origin="lower", vmin=row.value_range[0] if row.value_range else None,
-                           vmax=row.value_range[1] if row.value_range else None)
-        axes[r, -1].imshow(overlay.transpose(1, 0, 2), origin="lower")
-        if r == 0:
-            axes[r, -1].set_title("mask", fontsize=9)
-        axes[r, 0].set_ylabel(row.name, fontsize=7)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _image_panel(axes[r, c], row, modality, z, modality if r == 0 else None, 9)
+        _mask_panel(axes[r], row, modalities, z, r == 0, 9)
+    return _legend_and_save(fig, path, title, ncol=3)
+
+
+def _image_panel(ax, row: FigureRow, modality: str, z: int, title: str | None, fontsize: int) -> None:
+    image = row.images[modality][:, :, z].T
+    low, high = row.value_range or (np.percentile(image, 1), np.percentile(image, 99.5))
+    ax.imshow(image, cmap="gray", origin="lower", vmin=low, vmax=high)
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def _mask_panel(axes_row, row: FigureRow, modalities, z: int, titled: bool, fontsize: int) -> None:
+    """The last column: the labels over the last modality; then the row's name and no ticks."""
+    overlay = np.zeros((*row.labels.shape[:2], 4))
+    for value, colour in LABEL_COLOURS.items():
+        overlay[row.labels[:, :, z] == value] = (*colour, 0.65)
+    low, high = row.value_range or (None, None)
+    axes_row[-1].imshow(row.images[modalities[-1]][:, :, z].T, cmap="gray", origin="lower", vmin=low, vmax=high)
+    axes_row[-1].imshow(overlay.transpose(1, 0, 2), origin="lower")
+    if titled:
+        axes_row[-1].set_title("mask", fontsize=fontsize)
+    axes_row[0].set_ylabel(row.name, fontsize=7)
+    for ax in axes_row:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _legend_and_save(fig, path: str | Path, title: str, ncol: int) -> Path:
+    plt = pyplot()
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in LABEL_COLOURS.values()]
-    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=3, fontsize=7)
+    fig.legend(handles, [COMMON_LABELS[v] for v in LABEL_COLOURS], loc="lower center", ncol=ncol, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))

@@ -220,8 +220,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
     elif not 1 <= options.steps <= limit:
         raise DiffusionGliomaError(f"--steps must be between 1 and {limit} for this model, got {options.steps}")
     pipeline.use_sampler(options.sampler)
-    preprocess = PreprocessConfig(**{k: v for k, v in (pipeline.config.preprocess or {}).items()
-                                     if k in PreprocessConfig.model_fields})
+    preprocess = pipeline.grid
     known = set(_labels_seen(model_dir)) | {BACKGROUND, HEAD}
     modalities = pipeline.modalities
 

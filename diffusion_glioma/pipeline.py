@@ -72,6 +72,14 @@ class _MaskConditionedPipeline(DiffusionPipeline):
     def disease_classes(self) -> list[str]:
         return list(self._model.config.disease_classes)
 
+    @property
+    def grid(self):
+        """The model grid it was trained on (`preprocess` in model_index.json) as a PreprocessConfig."""
+        from .config import PreprocessConfig
+
+        return PreprocessConfig(**{k: v for k, v in (self.config.preprocess or {}).items()
+                                   if k in PreprocessConfig.model_fields})
+
     def class_index(self, disease: str | int) -> int:
         if isinstance(disease, int):
             if not 0 <= disease < len(self.disease_classes):
@@ -95,14 +103,12 @@ class _MaskConditionedPipeline(DiffusionPipeline):
 
     def masks_from_files(self, paths: list[str | Path]) -> tuple[torch.Tensor, list]:
         """Label maps in the common scheme (head = 1) as NIfTI files -> model-grid masks and geometry."""
-        from .config import PreprocessConfig
         from .data.preprocess import check_tumour_inside, plan_geometry, to_model
         from .data.layouts import Case
         from .io import load_volume
         from .labels import BACKGROUND, HEAD, get_scheme
 
-        grid = PreprocessConfig(**{k: v for k, v in (self.config.preprocess or {}).items()
-                                   if k in PreprocessConfig.model_fields})
+        grid = self.grid
         masks, records = [], []
         for path in paths:
             seg = load_volume(path, kind="label")

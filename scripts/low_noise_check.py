@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_glioma.config import PreprocessConfig
 from diffusion_glioma.data.layouts import discover_cases
 from diffusion_glioma.data.phantom import write_cohort
 from diffusion_glioma.data.preprocess import prepare_case
@@ -24,8 +23,7 @@ from diffusion_glioma.pipeline import load_pipeline
 
 def estimate_against_input(weights: str, case_folder: Path, t: int = 39) -> tuple[float, float]:
     pipe = load_pipeline(weights)
-    preprocess = PreprocessConfig(**{k: v for k, v in pipe.config.preprocess.items() if k in PreprocessConfig.model_fields})
-    case = prepare_case(discover_cases(case_folder)[0], preprocess)
+    case = prepare_case(discover_cases(case_folder)[0], pipe.grid)
     unet, scheduler = pipe.unet, pipe.scheduler
     x0 = unet.encode(torch.from_numpy(case.image).float()[None])
     labels = torch.from_numpy(case.labels.astype(np.int64))[None]

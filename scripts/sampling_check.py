@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_glioma.config import PreprocessConfig
 from diffusion_glioma.data.layouts import MODALITIES, Case, discover_cases
 from diffusion_glioma.data.preprocess import prepare_case
 from diffusion_glioma.evaluation.conditional import correlation_with_real, spread_ratio, two_draw_ratio
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
 
     pipe = load_pipeline(args.model).to("cpu")
     pipe.use_sampler(args.sampler)
-    preprocess = PreprocessConfig(**{k: v for k, v in pipe.config.preprocess.items() if k in PreprocessConfig.model_fields})
+    preprocess = pipe.grid
     truth_by_case: dict[str, list] = {}
     for item in read_set(args.truth, MODALITIES):
         truth_by_case.setdefault(item.key, []).append(item)

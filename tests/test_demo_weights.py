@@ -59,15 +59,12 @@ def test_demo_weights_generate_from_phantom_masks(phantom_dir, tmp_path):
 # 0.29, the shipped ones 0.55. Its x0 estimate at the smallest noise level does not yet beat its input
 # (scripts/low_noise_check.py; docs/evaluation.md), so that half of the test is not here.
 def _held_out_case(folder: Path, pipe):
-    from diffusion_glioma.config import PreprocessConfig
     from diffusion_glioma.data.layouts import discover_cases
     from diffusion_glioma.data.phantom import write_cohort
     from diffusion_glioma.data.preprocess import prepare_case
 
     write_cohort(folder, n_adult=1, n_pediatric=0, spacing=3.0, first_index=100, progress=False)  # never trained on
-    preprocess = PreprocessConfig(**{k: v for k, v in pipe.config.preprocess.items()
-                                     if k in PreprocessConfig.model_fields})
-    return prepare_case(discover_cases(folder)[0], preprocess)
+    return prepare_case(discover_cases(folder)[0], pipe.grid)
 
 
 def two_draws_against_the_real_case(weights: Path, folder: Path) -> tuple[float, float]:

@@ -59,8 +59,8 @@ def curate(real: str | Path, synthetic: str | Path, out: str | Path, *, min_dice
     for k, group in enumerate(tqdm(fold_sources, desc="curate: segmenters", unit="fold", disable=not progress)):
         segmenters.append(train_segmenter([c for c in real_cases if c["source"] not in group], steps, seed + k))
         for case in (c for c in real_cases if c["source"] in group):
-            references["real held-out"][case["id"]] = _whole_tumour_dice(segmenters[k], case)
-            references["mean-fill"][case["id"]] = _whole_tumour_dice(segmenters[k], mean_filled(case))
+            references["real held-out"][case["id"]] = _region_dice(segmenters[k], case)["WT"]
+            references["mean-fill"][case["id"]] = _region_dice(segmenters[k], mean_filled(case))["WT"]
     del real_cases
 
     records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
@@ -70,10 +70,8 @@ def curate(real: str | Path, synthetic: str | Path, out: str | Path, *, min_dice
         case = prepare_items([item])[0]  # one at a time: memory does not grow with the set
         # A mask that descends from no real case was seen by no segmenter: any fold may score it.
         k = fold_of.get(case["source"], 0)
-        result = dice_and_hd95(predict(segmenters[k], [case]), regions_of(case["labels"][None]), (6.0,) * 3,
-                               bootstrap=1)
         scores.append({"output": record["output"], "source": case["source"], "fold": k,
-                       **{r: result[r]["dice"] for r in REGIONS}})
+                       **_region_dice(segmenters[k], case)})
     kept = [(record, s) for record, s in zip(records, scores) if s["WT"] >= min_dice]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -102,9 +100,10 @@ def fold_split(sources: list[str], folds: int, seed: int) -> list[list[str]]:
     return [sorted(order[k::folds]) for k in range(folds)]
 
 
-def _whole_tumour_dice(segmenter, case: dict) -> float:
+def _region_dice(segmenter, case: dict) -> dict[str, float]:
+    """Dice per region (WT/TC/ET) of one case against its own mask."""
     result = dice_and_hd95(predict(segmenter, [case]), regions_of(case["labels"][None]), (6.0,) * 3, bootstrap=1)
-    return result["WT"]["dice"]
+    return {r: result[r]["dice"] for r in REGIONS}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

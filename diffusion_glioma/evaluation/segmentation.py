@@ -166,10 +166,14 @@ def train_classifier(cases: list[dict], classes: list[str], steps: int, seed: in
 def classification_scores(model: torch.nn.Module, cases: list[dict], classes: list[str]) -> dict:
     """Accuracy and balanced accuracy (the mean recall over the classes present)."""
     predicted = torch.cat([model(c["image"][None]).argmax(dim=1) for c in cases])
-    truth = torch.tensor([classes.index(c["disease"]) for c in cases])
-    recalls = [float((predicted[truth == k] == k).float().mean()) for k in truth.unique().tolist()]
-    return {"accuracy": float((predicted == truth).float().mean()), "balanced_accuracy": float(np.mean(recalls)),
-            "n": len(cases)}
+    return label_scores([classes[k] for k in predicted.tolist()], [c["disease"] for c in cases])
+
+
+def label_scores(predicted: list[str], truth: list[str]) -> dict:
+    """Accuracy and balanced accuracy (the mean recall over the classes present) of a baseline's labels."""
+    recalls = [np.mean([p == k for p, t in zip(predicted, truth) if t == k]) for k in sorted(set(truth))]
+    return {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
+            "balanced_accuracy": float(np.mean(recalls)), "n": len(truth)}
 
 
 def head_size_scores(train: list[dict], test: list[dict], classes: list[str]) -> dict | None:
@@ -182,10 +186,7 @@ def head_size_scores(train: list[dict], test: list[dict], classes: list[str]) ->
     if len(means) < 2:
         return None
     predicted = [min(means, key=lambda k: abs(means[k] - size(c))) for c in test]
-    truth = [c["disease"] for c in test]
-    recalls = [np.mean([p == k for p, t in zip(predicted, truth) if t == k]) for k in sorted(set(truth))]
-    return {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
-            "balanced_accuracy": float(np.mean(recalls)), "n": len(test)}
+    return label_scores(predicted, [c["disease"] for c in test])
 
 
 def tumour_location(case: dict) -> np.ndarray:
@@ -211,10 +212,7 @@ def tumour_location_scores(train: list[dict], test: list[dict], classes: list[st
     if len(means) < 2 or not test:
         return None
     predicted = [min(means, key=lambda k: float(np.linalg.norm(means[k] - tumour_location(c)))) for c in test]
-    truth = [c["disease"] for c in test]
-    recalls = [np.mean([p == k for p, t in zip(predicted, truth) if t == k]) for k in sorted(set(truth))]
-    return {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])),
-            "balanced_accuracy": float(np.mean(recalls)), "n": len(test)}
+    return label_scores(predicted, [c["disease"] for c in test])
 
 
 def classification_study(train_real: list[dict], train_synthetic: list[dict], test: list[dict], steps: int,
