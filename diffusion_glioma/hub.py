@@ -248,7 +248,10 @@ def _recipe(diffusion: dict, unet: dict) -> str:
     else:
         levels = "noise levels uniform over t"
     weighting = f", min-SNR-{diffusion['snr_gamma']:g} weighting" if diffusion.get("snr_gamma") else ""
-    return (f"{diffusion.get('prediction_type', 'v_prediction')} target, {diffusion.get('loss', 'l2')} loss"
+    target = diffusion.get('prediction_type', 'v_prediction')
+    if unet.get("skip_sigma_data") is not None:
+        target += f" with EDM's skip (sigma_data {unet['skip_sigma_data']:g})"
+    return (f"{target} target, {diffusion.get('loss', 'l2')} loss"
             f"{' inside the head' if diffusion.get('loss_in_head', True) else ''}{weighting}, {levels}"
             f"{', wavelet bands at unit variance' if unet.get('wavelet_band_scale') else ''}")
 

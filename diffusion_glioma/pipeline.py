@@ -48,6 +48,18 @@ def training_scheduler(prediction_type: str = "v_prediction", num_train_timestep
                          prediction_type=prediction_type, clip_sample=True, clip_sample_range=value_range)
 
 
+def skip_coefficients(alpha_bar: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM's preconditioning (Karras et al. 2022) in this schedule's coordinates: (skip, out) with
+    x0 = skip * x_t + out * F. EDM's x = x_t / alpha and sigma = sqrt(1 - alpha_bar) / alpha give
+    c_skip = sd^2 / (sigma^2 + sd^2) on x and c_out = sigma sd / sqrt(sigma^2 + sd^2). At sd = 1 this
+    is v-prediction (skip = alpha, out = -sqrt(1 - alpha_bar), F = -v); a smaller sd hands more of
+    the middle noise levels to the network's own estimate while keeping the skip at low noise."""
+    sigma2 = (1 - alpha_bar) / alpha_bar
+    skip = sigma_data**2 / ((sigma2 + sigma_data**2) * alpha_bar.sqrt())
+    out = sigma2.sqrt() * sigma_data / (sigma2 + sigma_data**2).sqrt()
+    return skip, out
+
+
 @dataclass
 class MRIPipelineOutput(BaseOutput):
     """`volumes` on the model grid; for masks given as files, `geometry[i]` writes volume i back onto
@@ -150,26 +162,43 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         self.scheduler = make_scheduler(name, self.scheduler.config)
         return self
 
+    def x0_estimate(self, prediction: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
+        """The network's output at timestep t (an int, or one per volume) as an estimate of x0, in
+        whichever parametrisation it was trained (the scheduler's prediction_type, and for x0 the
+        model's EDM skip if it has one). Uses the schedule's public alphas (DDPM, DDIM and
+        DPM-Solver++ share them at integer timesteps)."""
+        alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(t).long().cpu()].to(sample.device, torch.float32)
+        alpha_bar = alpha_bar.reshape(-1, *[1] * (sample.ndim - 1))
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        kind = self.scheduler.config.prediction_type
+        if kind == "sample":
+            sigma_data = self.unet.config.get("skip_sigma_data")
+            if sigma_data is None:
+                return prediction
+            skip, out = skip_coefficients(alpha_bar, sigma_data)
+            return skip * sample + out * prediction
+        if kind == "epsilon":
+            return (sample - s * prediction) / a
+        if kind == "v_prediction":
+            return a * sample - s * prediction
+        raise ValueError(f"unknown prediction_type {kind!r}")
+
     def project_prediction(self, prediction: torch.Tensor, t, sample: torch.Tensor,
                            labels: torch.Tensor) -> torch.Tensor:
-        """The network's output with its x0 estimate projected onto what a volume with these masks can
-        be (`DenoiserUNet3D.project_to_data`: a clip in image space, the known background), given back
-        in the network's own parametrisation, so that any sampler steps from a possible volume. Uses
-        the schedule's public alphas (DDPM, DDIM and DPM-Solver++ share them at integer timesteps).
+        """The network's x0 estimate projected onto what a volume with these masks can be
+        (`DenoiserUNet3D.project_to_data`: a clip in image space, the known background), given back
+        in the scheduler's parametrisation, so that any sampler steps from a possible volume.
         Without it, epsilon prediction on the capped cosine schedule amplifies the network's error
         about 2e4-fold at the first step."""
-        kind = self.scheduler.config.prediction_type
+        x0 = self.unet.project_to_data(self.x0_estimate(prediction, t, sample), labels)
         alpha_bar = self.scheduler.alphas_cumprod.to(sample.device, torch.float32)[int(t)]
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        kind = self.scheduler.config.prediction_type
         if kind == "sample":
-            return self.unet.project_to_data(prediction, labels)
+            return x0
         if kind == "epsilon":
-            x0 = self.unet.project_to_data((sample - s * prediction) / a, labels)
             return (sample - a * x0) / s
-        if kind == "v_prediction":
-            x0 = self.unet.project_to_data(a * sample - s * prediction, labels)
-            return (a * sample - x0) / s
-        raise ValueError(f"unknown prediction_type {kind!r}")
+        return (a * sample - x0) / s  # v_prediction (x0_estimate refused anything else)
 
     @torch.no_grad()
     def __call__(self, labels: torch.Tensor | list, disease: str | int | list = 0, *, guidance_scale: float = 1.0,

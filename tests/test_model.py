@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffusion_glioma.models.unet3d import PRESETS, DenoiserOutput, DenoiserUNet3D, build_denoiser
-from diffusion_glioma.pipeline import MaskToMRIPipeline, training_scheduler
+from diffusion_glioma.pipeline import MaskToMRIPipeline, skip_coefficients, training_scheduler
 
 
 def test_output_shape_and_conditioning_matter():
@@ -135,15 +135,19 @@ class _Oracle(DenoiserUNet3D):
         eps = (sample - a.sqrt() * self.truth) / (1 - a).sqrt() + self.error
         x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
         out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.kind]
+        if self.config.skip_sigma_data is not None:  # EDM's F, from which the pipeline rebuilds x0
+            skip, scale = skip_coefficients(a, self.config.skip_sigma_data)
+            out = (x0 - skip * sample) / scale
         return DenoiserOutput(sample=out)
 
 
 @pytest.mark.parametrize("wavelet", [False, True])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_a_perfect_denoiser_recovers_the_volume(prediction_type, sampler, wavelet):
+@pytest.mark.parametrize("prediction_type,skip_sigma_data", [("epsilon", None), ("v_prediction", None),
+                                                             ("sample", None), ("sample", 0.5)])
+def test_a_perfect_denoiser_recovers_the_volume(prediction_type, skip_sigma_data, sampler, wavelet):
     torch.manual_seed(0)
-    oracle = _Oracle(**{**PRESETS["tiny"], "wavelet": wavelet})
+    oracle = _Oracle(**{**PRESETS["tiny"], "wavelet": wavelet, "skip_sigma_data": skip_sigma_data})
     labels = torch.ones(1, 16, 16, 16, dtype=torch.long)
     volume = (torch.rand(1, 4, 16, 16, 16) * 1.6 - 0.8)
     scheduler = training_scheduler(prediction_type, value_range=oracle.value_range)

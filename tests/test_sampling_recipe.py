@@ -13,6 +13,7 @@ import yaml
 
 from diffusion_glioma.config import DataConfig, PreprocessConfig
 from diffusion_glioma.data.cache import prepare_dataset
+from diffusion_glioma.evaluation.denoiser import low_noise_errors
 from diffusion_glioma.pipeline import MaskToMRIPipeline
 from diffusion_glioma.training import diffusion as loop
 from diffusion_glioma.training.config import load_train_config
@@ -92,20 +93,5 @@ def test_a_bimodal_conditional_is_sampled_in_both_modes(toy_model):
 
 def test_at_the_smallest_noise_level_the_estimate_beats_its_input(toy_model):
     pipe, item = toy_model
-    unet, scheduler = pipe.unet, pipe.scheduler
-    x0 = unet.encode(item["image"].float()[None])
-    labels = item["labels"][None].long()
-    t = torch.tensor([39])  # the last step of a 25-step trailing schedule over 1000
-    torch.manual_seed(0)
-    noise = torch.randn_like(x0)
-    noisy = scheduler.add_noise(x0, noise, t)
-    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1, 1)
-    sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1, 1)
-    with torch.no_grad():
-        out = unet(noisy, t, unet.condition(labels), torch.tensor([1])).sample
-    kind = scheduler.config.prediction_type
-    estimate = {"sample": out, "epsilon": (noisy - sigma * out) / alpha, "v_prediction": alpha * noisy - sigma * out}[kind]
-    head = (labels > 0)[:, None].expand_as(x0)
-    error = ((estimate - x0) ** 2)[head].mean()
-    returning_the_input = ((noisy / alpha - x0) ** 2)[head].mean()
-    assert error < returning_the_input, (float(error), float(returning_the_input))
+    error, returning_the_input = low_noise_errors(pipe, item["image"].float().numpy(), item["labels"].numpy())
+    assert error < returning_the_input, (error, returning_the_input)

@@ -158,6 +158,10 @@ def test_finetune_refuses_mismatched_data(tiny_cache, phantom_dir, tmp_path):
                                 finetune={"source": str(tmp_path / "pre" / "pipeline")})
     with pytest.raises(TrainingError, match="predicts 'sample'"):
         loop.train(load_train_config(other_target))
+    with_skip = write_config(tmp_path / "skip.yaml", tiny_cache, tmp_path / "skip", diffusion={
+        "prediction_type": "sample", "skip_sigma_data": 0.5}, finetune={"source": str(tmp_path / "pre" / "pipeline")})
+    with pytest.raises(TrainingError, match="EDM skip is skip_sigma_data=None"):
+        loop.train(load_train_config(with_skip))
     missing = write_config(tmp_path / "missing.yaml", tiny_cache, tmp_path / "m", finetune={"source": str(tmp_path / "nope")})
     with pytest.raises(DataError, match="model folder not found"):
         loop.train(load_train_config(missing))
@@ -196,6 +200,9 @@ def test_corrupt_checkpoint_and_bad_config(tiny_cache, tmp_path, capsys):
     # --set reaches any key, read as YAML, and is validated like the file.
     assert main(["train", "--config", str(config), "--set", "diffusion.noise_levels=sometimes"]) == 2
     assert "diffusion.noise_levels: Input should be 'uniform' or 'lognormal'" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--set", "diffusion.prediction_type=v_prediction",
+                 "--set", "diffusion.skip_sigma_data=0.5"]) == 2
+    assert "skip_sigma_data is a parametrisation of x0-prediction" in capsys.readouterr().err
     assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "set"), "--set", "optim.steps=2",
                  "--set", "diffusion.prediction_type=sample"]) == 0
     record = json.loads((tmp_path / "set" / "pipeline" / "training.json").read_text())
@@ -471,3 +478,23 @@ def test_lognormal_noise_levels_follow_edm_and_uniform_covers_every_level():
         assert abs(float(log_sigma.mean()) - mean) < 0.03 and abs(float(log_sigma.std()) - sd) < 0.03
     uniform = drawn("uniform")
     assert abs(float(uniform.float().mean()) - 499.5) < 5 and int(uniform.min()) == 0 and int(uniform.max()) == 999
+
+
+def test_the_edm_skip_trains_and_samples_in_one_parametrisation():
+    """The training target of an x0 model with EDM's skip, read back by the pipeline's x0 estimate,
+    is x0 at every noise level (a target and a sampler that disagreed would train one thing and
+    sample another); at sigma_data = 1 the skip is v-prediction, as its docstring says."""
+    from diffusion_glioma.models.unet3d import build_denoiser
+    from diffusion_glioma.pipeline import training_scheduler
+
+    scheduler = training_scheduler("sample")
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 8, 4, 4, 4, generator=generator), torch.randn(3, 8, 4, 4, 4, generator=generator)
+    t = torch.tensor([0, 39, 700])
+    noisy = scheduler.add_noise(x0, noise, t)
+    target = loop.diffusion_target(scheduler, x0, noise, noisy, t, "sample", 0.5)
+    pipe = MaskToMRIPipeline(build_denoiser("tiny", skip_sigma_data=0.5), scheduler)
+    torch.testing.assert_close(pipe.x0_estimate(target, t, noisy), x0, atol=1e-4, rtol=0)
+    assert not torch.allclose(target, x0, atol=0.1)  # the network's output is F, not x0
+    torch.testing.assert_close(loop.diffusion_target(scheduler, x0, noise, noisy, t, "sample", 1.0),
+                               -scheduler.get_velocity(x0, noise, t), atol=1e-4, rtol=0)

@@ -154,6 +154,10 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
             (training measures it); `encode` divides by it so that every band meets the unit-variance
             noise on equal terms (raw detail bands are 10-20x smaller than the low-pass band, and a
             model then samples noise in them). None: raw coefficients (models trained before this).
+        skip_sigma_data: for x0-prediction, EDM's preconditioning (Karras et al. 2022) at this data
+            sd: the network's output is EDM's F, and the x0 estimate is c_skip * x + c_out * F
+            (`diffusion_glioma.pipeline.skip_coefficients`), so that at low noise the network corrects
+            its input instead of redrawing it. None: the output is the x0 estimate itself.
     """
 
     _supports_gradient_checkpointing = True
@@ -174,6 +178,7 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         wavelet: bool = False,
         wavelet_mask: str = "mean",
         wavelet_band_scale: tuple[float, ...] | None = None,
+        skip_sigma_data: float | None = None,
     ):
         super().__init__()
         # Checks up front, with the values, so a bad config fails before any allocation.
@@ -190,6 +195,8 @@ class DenoiserUNet3D(ModelMixin, ConfigMixin):
         if wavelet_band_scale is not None and (not wavelet or len(wavelet_band_scale) != 8
                                                or min(wavelet_band_scale) <= 0):
             raise ValueError(f"wavelet_band_scale must be 8 positive values for a wavelet model, got {wavelet_band_scale}")
+        if skip_sigma_data is not None and not skip_sigma_data > 0:
+            raise ValueError(f"skip_sigma_data must be positive, got {skip_sigma_data}")
         if len(set(disease_classes)) != len(disease_classes):
             raise ValueError(f"disease_classes must be distinct, got {list(disease_classes)}")
 

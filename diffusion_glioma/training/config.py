@@ -93,6 +93,10 @@ class DiffusionSection(StrictModel):
                                   "alpha_bar) / alpha_bar) (EDM's P_mean, tuned for data of sd 0.5; about -0.5 is its equivalent "
                                   "for unit-variance data such as normalised wavelet bands)")
     lognormal_std: float = Field(1.2, gt=0, description="lognormal only: sd of log sigma (EDM's P_std)")
+    skip_sigma_data: float | None = Field(None, gt=0, description="x0-prediction only: EDM's preconditioning "
+                                          "at this data sd (c_skip * x_t + c_out * F; the loss is on F, EDM's "
+                                          "weighting), so that at low noise the network corrects its input "
+                                          "instead of redrawing it; None: the network predicts x0 itself")
     loss_in_head: bool = Field(True, description="count the loss only inside the head (the mask fixes the "
                                "background, and the pipeline writes it)")
     normalise_wavelet_bands: bool = Field(True, description="a new wavelet model divides each Haar band by its "
@@ -189,6 +193,11 @@ class TrainConfig(StrictModel):
         if self.gan is not None and self.finetune is not None and self.finetune.mode != "full":
             raise ValueError("finetune.mode frozen_encoder is for the diffusion model; a GAN freezes discriminator "
                              "blocks with finetune.freeze_discriminator_layers")
+        if self.diffusion.skip_sigma_data is not None and self.diffusion.prediction_type != "sample":
+            raise ValueError("diffusion.skip_sigma_data is a parametrisation of x0-prediction; set "
+                             "diffusion.prediction_type: sample (v-prediction is the same skip at sigma_data 1)")
+        if self.diffusion.skip_sigma_data is not None and self.diffusion.snr_gamma is not None:
+            raise ValueError("diffusion.skip_sigma_data brings EDM's own loss weighting; leave snr_gamma unset")
         if self.gan is None and self.finetune is not None and self.finetune.freeze_discriminator_layers:
             raise ValueError("finetune.freeze_discriminator_layers needs a gan section")
         return self

@@ -27,7 +27,7 @@ from ..data.cache import read_index
 from ..data.dataset import CachedCases
 from ..io import write_json
 from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
-from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, training_scheduler
+from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, skip_coefficients, training_scheduler
 from ..figures import FigureRow, write_slices_figure
 from .common import (StepSampler, TrainingClock, TrainingError, budget_spent, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
                      log_figure, rewind_log, save_checkpoint, source_drift, start_run, start_trackers, step_generator,
@@ -47,7 +47,8 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
         if settings.get("wavelet") and config.diffusion.normalise_wavelet_bands and "wavelet_band_scale" not in settings:
             measured["wavelet_band_scale"] = wavelet_band_scale(config.data.cache, config.model.disease_classes)
         model = build_denoiser(config.model.preset, modalities=modalities,
-                               disease_classes=tuple(config.model.disease_classes), **config.model.overrides, **measured)
+                               disease_classes=tuple(config.model.disease_classes),
+                               skip_sigma_data=config.diffusion.skip_sigma_data, **config.model.overrides, **measured)
         return model, None
     source = load_pipeline(config.finetune.source)
     source_config = source.unet.config
@@ -58,6 +59,10 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
     if source_prediction != config.diffusion.prediction_type:
         raise TrainingError(f"{config.finetune.source}: the source model predicts {source_prediction!r}; set "
                             f"diffusion.prediction_type to it (the config says {config.diffusion.prediction_type!r})")
+    source_skip = source_config.get("skip_sigma_data")
+    if source_skip != config.diffusion.skip_sigma_data:
+        raise TrainingError(f"{config.finetune.source}: the source model's EDM skip is skip_sigma_data={source_skip}; "
+                            f"set diffusion.skip_sigma_data to it (the config says {config.diffusion.skip_sigma_data})")
     source_grid = (source.config.preprocess or {})
     data_grid = cache_index["preprocess"]
     for key in ("shape", "spacing"):
@@ -100,7 +105,14 @@ def wavelet_band_scale(cache, disease_classes, cases: int = 16) -> tuple[float, 
     return tuple(round(float(v), 5) for v in variance.clamp_min(1e-8).sqrt())
 
 
-def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
+                     kind: str, skip_sigma_data: float | None = None) -> torch.Tensor:
+    """What the network learns to output. With an EDM skip, F = (x0 - skip * x_t) / out: a uniform loss
+    on F is EDM's loss weighting on x0."""
+    if skip_sigma_data is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
+        skip, out = skip_coefficients(alpha_bar, skip_sigma_data)
+        return (x0 - skip * noisy) / out
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
@@ -249,7 +261,8 @@ def _diffusion_loss(model, unwrapped, noise_scheduler, batch, generator, config:
     class_labels = torch.where(drop, torch.zeros_like(batch["disease"]), batch["disease"])
     noisy = noise_scheduler.add_noise(x0, noise, t)
     prediction = model(noisy, t, batch["labels"], class_labels).sample.float()
-    target = diffusion_target(noise_scheduler, x0, noise, t, config.diffusion.prediction_type).float()
+    target = diffusion_target(noise_scheduler, x0, noise, noisy, t, config.diffusion.prediction_type,
+                              config.diffusion.skip_sigma_data).float()
     error = (prediction - target).abs() if config.diffusion.loss == "l1" else (prediction - target) ** 2
     if config.diffusion.loss_in_head:  # the background is the mask's: its loss only teaches a constant
         head = head_on_model_grid(batch["labels"], unwrapped.config.wavelet)
