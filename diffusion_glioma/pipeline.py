@@ -162,13 +162,17 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         self.scheduler = make_scheduler(name, self.scheduler.config)
         return self
 
+    def _alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at timestep t (an int, or one per volume), shaped to broadcast against `like`."""
+        alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(t).long().cpu()].to(like.device, torch.float32)
+        return alpha_bar.reshape(-1, *[1] * (like.ndim - 1))
+
     def x0_estimate(self, prediction: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
         """The network's output at timestep t (an int, or one per volume) as an estimate of x0, in
         whichever parametrisation it was trained (the scheduler's prediction_type, and for x0 the
         model's EDM skip if it has one). Uses the schedule's public alphas (DDPM, DDIM and
         DPM-Solver++ share them at integer timesteps)."""
-        alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(t).long().cpu()].to(sample.device, torch.float32)
-        alpha_bar = alpha_bar.reshape(-1, *[1] * (sample.ndim - 1))
+        alpha_bar = self._alpha_bar(t, sample)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         kind = self.scheduler.config.prediction_type
         if kind == "sample":
@@ -191,7 +195,7 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         Without it, epsilon prediction on the capped cosine schedule amplifies the network's error
         about 2e4-fold at the first step."""
         x0 = self.unet.project_to_data(self.x0_estimate(prediction, t, sample), labels)
-        alpha_bar = self.scheduler.alphas_cumprod.to(sample.device, torch.float32)[int(t)]
+        alpha_bar = self._alpha_bar(t, sample)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         kind = self.scheduler.config.prediction_type
         if kind == "sample":

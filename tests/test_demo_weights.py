@@ -54,7 +54,7 @@ def test_demo_weights_generate_from_phantom_masks(phantom_dir, tmp_path):
     assert np.corrcoef(real[head], data[head])[0, 1] > 0.5
 
 
-# Issue 24's sampling tests on the shipped model itself, where the old recipe's failure shows (on the
+# Issue 24's sampling test on the shipped model itself, where the old recipe's failure shows (on the
 # toy cohort of test_sampling_recipe.py the old recipe passes too). On this held-out case the weights
 # before the recipe change (git 6c3b49a) score a two-draw ratio of 0.025 and the x0 uniform-t weights
 # (git 1a4e939) 0.29, the shipped ones 0.55. The issue's other test, an x0 estimate at t = 39 that beats
@@ -77,4 +77,3 @@ def test_two_draws_of_a_held_out_mask_differ_like_samples(tmp_path):
     ratio, correlation = two_draws_against_the_real_case(DEMO, tmp_path / "heldout")
     assert ratio > 0.3, ratio  # a sampler about 1, a mask-to-mean regressor 0 (the old weights: 0.01)
     assert correlation > 0.4, correlation  # and each draw is the mask's anatomy, not noise (about 0)
-

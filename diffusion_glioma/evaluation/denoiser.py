@@ -1,6 +1,7 @@
 """Checks of a trained denoiser on a held-out phantom at its own grid, which a mask-to-mean regressor
 fails: its x0 estimate at the smallest sampling noise level must beat returning its input.
-scripts/low_noise_check.py prints it for any model; tests/test_demo_weights.py holds the shipped one to it."""
+scripts/low_noise_check.py prints it for any model (the shipped demo weights fail it: docs/evaluation.md);
+tests/test_sampling_recipe.py holds the toy recipes to it."""
 
 from __future__ import annotations
 
