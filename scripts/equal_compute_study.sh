@@ -10,6 +10,8 @@
 # of the 8 held-out masks and are scored by `evaluate --truth`: FID/KID 3D with intervals, the spread of a
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
 # reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
+# RECIPES="NAME=KEY=VALUE[,KEY=VALUE] ..." adds diffusion rows trained here under the same budget with
+# configs/demo.yaml and those overrides (RECIPES="skip=diffusion.skip_sigma_data=0.25" is EDM's skip);
 # EXTRA_MODELS="NAME=PIPELINE ..." adds rows trained elsewhere; DIFFUSION_MODEL=PIPELINE scores an already trained
 # diffusion pipeline folder instead of training one; DEVICE=cuda samples on a GPU.
 set -euo pipefail
@@ -34,6 +36,17 @@ fi
   --output-dir "$out/pix2pix" --max-minutes "$minutes" --resume
 model[pix2pix]=$out/pix2pix/pipeline
 names=(diffusion pix2pix)
+for recipe in ${RECIPES:-}; do  # NAME=KEY=VALUE[,KEY=VALUE]: a diffusion recipe at the same budget
+  name=${recipe%%=*}
+  case " ${names[*]} " in *" $name "*) echo "RECIPES: $name is already a row" >&2; exit 2;; esac
+  settings=()
+  IFS=, read -ra overrides <<< "${recipe#*=}"
+  for kv in "${overrides[@]}"; do settings+=(--set "$kv"); done
+  [ -f "$out/$name/pipeline/training.json" ] || diffusion-glioma train --config configs/demo.yaml \
+    --output-dir "$out/$name" --steps "$steps" --max-minutes "$minutes" --resume "${settings[@]}"
+  model[$name]=$out/$name/pipeline
+  names+=("$name")
+done
 for extra in ${EXTRA_MODELS:-}; do  # NAME=PIPELINE rows trained elsewhere (an older recipe, say)
   case " ${names[*]} " in *" ${extra%%=*} "*) echo "EXTRA_MODELS: ${extra%%=*} is already a row" >&2; exit 2;; esac
   model[${extra%%=*}]=${extra#*=}
