@@ -24,6 +24,9 @@ draws=${DRAWS:-4}
 [ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
 [ -f runs/phantom_heldout_truth/manifest.jsonl ] || diffusion-glioma phantom --out runs/phantom_heldout --n-adult 4 --n-pediatric 4 \
   --first-index 100 --spacing 3 --truth-draws 4 --truth-out runs/phantom_heldout_truth --quiet
+for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do  # refuse a clash of row names before any training
+  case "${row%%=*}" in diffusion|pix2pix) echo "RECIPES/EXTRA_MODELS: ${row%%=*} is already a row" >&2; exit 2;; esac
+done
 declare -A model
 if [ -n "${DIFFUSION_MODEL:-}" ]; then
   model[diffusion]=$DIFFUSION_MODEL

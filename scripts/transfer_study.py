@@ -1,14 +1,15 @@
 """The transfer study: for each count of target cases and each seed, three arms at equal compute
 (from scratch, fine-tuned from a model pretrained on the source disease, and trained jointly on
-both); every model is scored on the same held-out target cases (paired metrics inside the head,
-KID on tumour slices) beside a trivial and a real-vs-real reference.
+both) and a scratch arm with the fine-tuned one's target steps; every model is scored on the same
+held-out target cases (KID on tumour slices, the ranking; paired metrics inside the head) beside
+mean-fill and an independent real target cohort of the same size.
 
-    diffusion-glioma phantom --out runs/phantom_transfer --n-adult 16 --n-pediatric 9 --spacing 3
+    diffusion-glioma phantom --out runs/phantom_transfer_peds --n-adult 16 --n-pediatric 30 --spacing 3
     python scripts/transfer_study.py --config configs/transfer_phantom.yaml --out runs/transfer \
-        --counts 1 4 --test-cases 5 --seeds 0 1 2 --source-steps 200 --target-steps 60 --slices-per-case 2
+        --counts 1 4 10 --test-cases 10 --seeds 0 1 2 --source-steps 1500 --target-steps 500 --slices-per-case 2
 
 The config gives the data (prepared into its cache first), the model and the optimiser; runs go to
-OUT/seedS/{source,scratch_N,finetuned_N,joint_N} (re-running resumes), the numbers to
+OUT/seedS/{source,scratch_N,scratch_target_steps_N,finetuned_N,joint_N} (re-running resumes), the numbers to
 OUT/transfer.json and OUT/transfer.md, the plot to OUT/transfer.png.
 """
 
@@ -30,7 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="pediatric_diffuse_glioma", help="target disease")
     parser.add_argument("--source-steps", type=int, default=2000)
     parser.add_argument("--target-steps", type=int, default=500)
-    parser.add_argument("--test-cases", type=int, default=5, help="target cases held out for scoring (default 5)")
+    parser.add_argument("--test-cases", type=int, default=10,
+                        help="target cases held out for scoring, and as many more as the independent real reference "
+                             "(default 10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver++ steps when scoring")
     parser.add_argument("--features", choices=["auto", "inception", "random"], default="auto",

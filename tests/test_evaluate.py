@@ -637,3 +637,51 @@ def test_comparison_table_shows_scores_over_seeds():
     assert rows["reference: real cases"]["dice_trained_on"]["mean"] == pytest.approx(0.9)
     assert rows["reference: mean-fill inside the head"]["ssim"] == pytest.approx(0.5)
     assert "reference: head size only" not in rows
+
+
+def test_a_learning_curve_reads_one_run_at_each_budget_and_finds_the_plateau(phantom_dir):
+    """The curve's score at a budget is what a separate run of that many steps scores (same seed, same
+    batches), and the plateau rule picks the first budget within 0.01 of the last one."""
+    from diffusion_glioma.data.layouts import MODALITIES
+    from diffusion_glioma.evaluation import segmentation
+    from diffusion_glioma.evaluation.sets import read_set
+
+    cases = segmentation.prepare_items(read_set(phantom_dir, MODALITIES))
+    train, test = cases[:3], cases[3:]
+    curve = segmentation.learning_curve(train, test, [4, 2], seed=5)
+    assert [p["steps"] for p in curve] == [2, 4]
+    target = segmentation.regions_of(torch.stack([c["labels"] for c in test]))
+    for point in curve:
+        alone = segmentation.train_segmenter(train, point["steps"], seed=5)
+        scores = segmentation.dice_and_hd95(segmentation.predict(alone, test), target, segmentation.GRID.spacing)
+        assert all(point[r] == pytest.approx(scores[r]["dice"], abs=1e-6) for r in segmentation.REGIONS)
+    assert curve[0]["WT"] != curve[1]["WT"]  # two budgets, two models
+
+    rising = [{"steps": s, "WT": d} for s, d in ((100, 0.40), (200, 0.70), (400, 0.795), (800, 0.80))]
+    assert segmentation.plateau_budget(rising) == {"region": "WT", "tolerance": 0.01, "plateau": 0.80,
+                                                   "steps": 400, "flat": True}
+    still_rising = rising[:3]
+    assert segmentation.plateau_budget(still_rising)["flat"] is False
+    assert segmentation.plateau_budget(still_rising)["steps"] == 400
+
+
+def test_the_learning_curve_script_writes_its_table_and_refuses_a_shared_case(phantom_dir, tmp_path, capsys):
+    import json
+    import sys
+
+    from diffusion_glioma.data.phantom import write_cohort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import segmentation_learning_curve as script
+
+    test_dir = tmp_path / "test"
+    write_cohort(test_dir, n_adult=1, n_pediatric=1, spacing=3.0, seed=7, first_index=100, progress=False)
+    out = tmp_path / "curve"
+    assert script.main(["--real", str(phantom_dir), "--test", str(test_dir), "--budgets", "1", "2",
+                        "--seeds", "0", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "learning_curve.json").read_text())
+    assert result["train_cases"] == 5 and result["test_cases"] == 2 and len(result["per_seed"]) == 2
+    assert result["mean"][0]["WT"] == pytest.approx(np.mean([c[0]["WT"] for c in result["per_seed"]]))
+    assert "| 2 |" in (out / "learning_curve.md").read_text() and (out / "learning_curve.png").stat().st_size > 5000
+    assert script.main(["--real", str(phantom_dir), "--test", str(phantom_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "also in" in capsys.readouterr().err

@@ -241,38 +241,78 @@ def test_two_processes_split_the_cases_and_keep_one_model(tiny_cache, tmp_path):
     assert (tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_out(tiny_cache, tmp_path):
-    """Scratch, fine-tuned and joint arms for 1 pediatric case and 2 seeds, scored on the other one."""
+@pytest.fixture(scope="module")
+def transfer_cache(tmp_path_factory):
+    """Two adult and three pediatric phantoms (one to train on, one independent reference, one test case)."""
+    from diffusion_glioma.config import DataConfig
+    from diffusion_glioma.data.phantom import write_cohort
+
+    raw, cache = tmp_path_factory.mktemp("transfer_raw"), tmp_path_factory.mktemp("transfer_cache")
+    write_cohort(raw, n_adult=2, n_pediatric=3, spacing=3.0, seed=11, progress=False)
+    prepare_dataset(raw, cache, DataConfig(preprocess=TINY_DATA), progress=False)
+    return cache
+
+
+def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_out(transfer_cache, tmp_path):
+    """Scratch, fine-tuned and joint arms for 1 pediatric case and 2 seeds, scored on another one beside an
+    independent third."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import transfer_study
 
-    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "unused", diffusion={"prediction_type": "epsilon"})
+    config = write_config(tmp_path / "c.yaml", transfer_cache, tmp_path / "unused", diffusion={"prediction_type": "epsilon"})
     study = tmp_path / "study"
     assert transfer_study.main(["--config", str(config), "--out", str(study), "--counts", "1", "--seeds", "0", "1",
                                 "--source-steps", "4", "--target-steps", "3", "--test-cases", "1",
                                 "--sample-steps", "2", "--features", "random", "--quiet"]) == 0
     results = json.loads((study / "transfer.json").read_text())
-    assert results["held_out"] == ["BraTS-PED-00001-000"]
+    assert results["held_out"] == ["BraTS-PED-00002-000"] and results["reference_cohort"] == ["BraTS-PED-00001-000"]
     facts = lambda run: json.loads((study / run / "pipeline" / "training.json").read_text())  # noqa: E731
     # Equal compute: scratch and joint train 4 + 3 steps; fine-tuning 3 on top of the 4-step source model.
     assert facts("seed0/scratch_1")["steps"] == facts("seed1/joint_1")["steps"] == 7
     assert facts("seed0/finetuned_1")["steps"] == 3 and facts("seed0/source")["steps"] == 4
     assert facts("seed0/scratch_1")["cases"] == ["BraTS-PED-00000-000"]
-    assert sorted(facts("seed1/joint_1")["cases"]) == [f"BraTS-GLI-0000{i}-000" for i in range(3)] + ["BraTS-PED-00000-000"]
-    for run in ("seed0/source", "seed0/scratch_1", "seed0/finetuned_1", "seed0/joint_1"):
-        assert "BraTS-PED-00001-000" not in facts(run)["cases"]
-    for arm in ("scratch", "fine-tuned", "joint"):
+    assert sorted(facts("seed1/joint_1")["cases"]) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-PED-00000-000"]
+    assert facts("seed1/scratch_target_steps_1")["steps"] == 3
+    for run in ("seed0/source", "seed0/scratch_1", "seed0/scratch_target_steps_1", "seed0/finetuned_1", "seed0/joint_1"):
+        assert not {"BraTS-PED-00001-000", "BraTS-PED-00002-000"} & set(facts(run)["cases"])
+        # The config's 2 warm-up steps are more than a tenth of any phase here: none is spent warming up.
+        assert yaml.safe_load((study / run / "config.yaml").read_text())["optim"]["warmup_steps"] == 0
+    # Fine-tuning learns on target data for 3 of scratch's 7 steps (a cosine from the peak: 2.0 of 4.0 peak
+    # rates), as much as the short scratch arm.
+    learning = results["learning_on_target"]
+    assert learning["scratch"] == pytest.approx(learning["joint"]) == pytest.approx(4.0 * 3e-3)
+    assert learning["fine-tuned"] == pytest.approx(learning["scratch, target steps"]) == pytest.approx(2.0 * 3e-3)
+    for arm in ("scratch", "scratch, target steps", "fine-tuned", "joint"):
         entry = results["arms"][arm]["1"]
         assert set(entry["per_seed"]) == {"0", "1"}
         assert entry["mean"]["ssim"] == pytest.approx(np.mean([s["ssim"] for s in entry["per_seed"].values()]))
         assert entry["sd"]["psnr"] is not None and entry["per_seed"]["0"]["kid_2d"] is not None
     # Seeds differ: the two scratch models are not the same model.
     assert results["arms"]["scratch"]["1"]["per_seed"]["0"] != results["arms"]["scratch"]["1"]["per_seed"]["1"]
-    assert list(results["references"]) == ["mean-fill inside the head"]  # one held-out case: no real-vs-real
+    # The independent real case scores a KID and a paired SSIM of its own (another head), and is not mean-fill.
+    references = results["references"]
+    assert list(references) == ["mean-fill inside the head", "independent real target cohort"]
+    assert references["independent real target cohort"]["ssim"] != references["mean-fill inside the head"]["ssim"]
     assert (study / "transfer.png").stat().st_size > 5000 and "| joint | 1 |" in (study / "transfer.md").read_text()
     # Asking for more cases than there are is refused before any training.
-    assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "s2"), "--counts", "5",
+    assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "s2"), "--counts", "2",
                                 "--test-cases", "1"]) == 2
+
+
+def test_a_phase_warms_up_over_at_most_a_tenth_of_its_steps_and_learning_on_target_follows_the_schedule():
+    from diffusion_glioma.evaluation.transfer import learning_on_target, phase_warmup
+    from diffusion_glioma.training.config import TrainConfig
+
+    assert phase_warmup(50, 60) == 6 and phase_warmup(50, 2000) == 50  # the old study: 50 of 60 steps
+    constant = TrainConfig.model_validate({"data": {"cache": "c"}, "optim": {"learning_rate": 1e-3, "warmup_steps": 0,
+                                                                             "lr_schedule": "constant"}})
+    assert learning_on_target(constant, [(100, False), (40, True)]) == pytest.approx(40 * 1e-3)
+    cosine = constant.model_copy(update={"optim": constant.optim.model_copy(update={"lr_schedule": "cosine",
+                                                                                     "warmup_steps": 10})})
+    # A linear warm-up then a cosine to 0 sums to half the peak rate per step, whatever the warm-up: the
+    # old study's fine-tune phase was short in steps (60 of scratch's 260), not in rate.
+    assert learning_on_target(cosine, [(1000, True)]) == pytest.approx(0.5 * 1000 * 1e-3, rel=1e-3)
+    assert learning_on_target(cosine, [(40, True), (20, False)]) == pytest.approx(0.5 * 40 * 1e-3, rel=1e-3)
 
 
 def test_untrained_classes_start_from_the_mean_of_the_trained_ones(tiny_cache, tmp_path):

