@@ -11,7 +11,8 @@
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
 # reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
 # RECIPES="NAME=KEY=VALUE[,KEY=VALUE] ..." adds diffusion rows trained here under the same budget with
-# configs/demo.yaml and those overrides (RECIPES="skip=diffusion.skip_sigma_data=0.25" is EDM's skip);
+# configs/demo.yaml and those overrides (RECIPES="skip=diffusion.skip_sigma_data=0.25" is EDM's skip; no
+# spaces or commas inside a value);
 # EXTRA_MODELS="NAME=PIPELINE ..." adds rows trained elsewhere; DIFFUSION_MODEL=PIPELINE scores an already trained
 # diffusion pipeline folder instead of training one; DEVICE=cuda samples on a GPU.
 set -euo pipefail
@@ -24,8 +25,15 @@ draws=${DRAWS:-4}
 [ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
 [ -f runs/phantom_heldout_truth/manifest.jsonl ] || diffusion-glioma phantom --out runs/phantom_heldout --n-adult 4 --n-pediatric 4 \
   --first-index 100 --spacing 3 --truth-draws 4 --truth-out runs/phantom_heldout_truth --quiet
-for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do  # refuse a clash of row names before any training
-  case "${row%%=*}" in diffusion|pix2pix) echo "RECIPES/EXTRA_MODELS: ${row%%=*} is already a row" >&2; exit 2;; esac
+declare -A seen=([diffusion]=1 [pix2pix]=1)  # refuse a malformed row or a clash of names before any training
+for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do
+  name=${row%%=*}
+  [[ $row == *=?* && -n $name ]] || { echo "RECIPES/EXTRA_MODELS: '$row' is not NAME=..." >&2; exit 2; }
+  [ -z "${seen[$name]:-}" ] || { echo "RECIPES/EXTRA_MODELS: $name is already a row" >&2; exit 2; }
+  seen[$name]=1
+done
+for recipe in ${RECIPES:-}; do
+  [[ ${recipe#*=} == ?*=* ]] || { echo "RECIPES: '$recipe' is not NAME=KEY=VALUE" >&2; exit 2; }
 done
 declare -A model
 if [ -n "${DIFFUSION_MODEL:-}" ]; then
@@ -41,7 +49,6 @@ model[pix2pix]=$out/pix2pix/pipeline
 names=(diffusion pix2pix)
 for recipe in ${RECIPES:-}; do  # NAME=KEY=VALUE[,KEY=VALUE]: a diffusion recipe at the same budget
   name=${recipe%%=*}
-  case " ${names[*]} " in *" $name "*) echo "RECIPES: $name is already a row" >&2; exit 2;; esac
   settings=()
   IFS=, read -ra overrides <<< "${recipe#*=}"
   for kv in "${overrides[@]}"; do settings+=(--set "$kv"); done
@@ -51,7 +58,6 @@ for recipe in ${RECIPES:-}; do  # NAME=KEY=VALUE[,KEY=VALUE]: a diffusion recipe
   names+=("$name")
 done
 for extra in ${EXTRA_MODELS:-}; do  # NAME=PIPELINE rows trained elsewhere (an older recipe, say)
-  case " ${names[*]} " in *" ${extra%%=*} "*) echo "EXTRA_MODELS: ${extra%%=*} is already a row" >&2; exit 2;; esac
   model[${extra%%=*}]=${extra#*=}
   names+=("${extra%%=*}")
 done

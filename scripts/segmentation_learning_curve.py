@@ -63,7 +63,8 @@ def plot(path: Path, result: dict) -> None:
     for region, marker in zip(REGIONS, "osd"):
         ax.errorbar(steps, [p[region] for p in result["mean"]], yerr=[p[f"{region}_sd"] or 0 for p in result["mean"]],
                     marker=marker, capsize=3, label=region)
-    ax.axvline(result["plateau"]["steps"], color="grey", linestyle=":", label="within 0.01 of the WT plateau")
+    choice = result["plateau"]
+    ax.axvline(choice["steps"], color="grey", linestyle=":", label=f"within {choice['tolerance']} of the WT plateau")
     ax.set_xscale("log")
     ax.set_xlabel("segmenter training steps")
     ax.set_ylabel("Dice on the real test set")
@@ -78,14 +79,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", required=True, help="real training cases (BraTS layout or a generated set)")
     parser.add_argument("--test", required=True, help="real test cases, none of them in --real")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400, 800, 1600])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400, 800, 1600],
+                        help="training steps at which the run is read (each at least 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if min(args.budgets) < 1:
+        parser.error("--budgets: every budget is at least 1 step")
     try:
         train, test = cases_with_masks(args.real), cases_with_masks(args.test)
-        shared = {c["id"] for c in train} & {c["id"] for c in test}
+        # A generated --real set names its source cases: none of them may be a test case either.
+        names = lambda cases: {c["id"] for c in cases} | {c["source"] for c in cases}  # noqa: E731
+        shared = names(test) & names(train)
         if shared:
             raise DataError(f"{args.test}: {len(shared)} test cases are also in {args.real} (e.g. {sorted(shared)[0]})")
         curves = [learning_curve(train, test, args.budgets, seed) for seed in tqdm(args.seeds, desc="seeds", unit="run")]

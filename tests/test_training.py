@@ -254,8 +254,8 @@ def transfer_cache(tmp_path_factory):
 
 
 def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_out(transfer_cache, tmp_path):
-    """Scratch, fine-tuned and joint arms for 1 pediatric case and 2 seeds, scored on another one beside an
-    independent third."""
+    """The four arms for 1 pediatric case and 2 seeds, scored on another one beside an independent third;
+    a study folder trained to other budgets is refused, not reused."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import transfer_study
 
@@ -278,9 +278,9 @@ def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_o
         # The config's 2 warm-up steps are more than a tenth of any phase here: none is spent warming up.
         assert yaml.safe_load((study / run / "config.yaml").read_text())["optim"]["warmup_steps"] == 0
     # Fine-tuning learns on target data for 3 of scratch's 7 steps (a cosine from the peak: 2.0 of 4.0 peak
-    # rates), as much as the short scratch arm.
-    learning = results["learning_on_target"]
-    assert learning["scratch"] == pytest.approx(learning["joint"]) == pytest.approx(4.0 * 3e-3)
+    # rates), as much as the short scratch arm; joint's 7 steps draw the one target case a third of the time.
+    learning = results["learning_on_target"]["1"]
+    assert learning["scratch"] == pytest.approx(4.0 * 3e-3) and learning["joint"] == pytest.approx(4.0 * 3e-3 / 3)
     assert learning["fine-tuned"] == pytest.approx(learning["scratch, target steps"]) == pytest.approx(2.0 * 3e-3)
     for arm in ("scratch", "scratch, target steps", "fine-tuned", "joint"):
         entry = results["arms"][arm]["1"]
@@ -294,6 +294,9 @@ def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_o
     assert list(references) == ["mean-fill inside the head", "independent real target cohort"]
     assert references["independent real target cohort"]["ssim"] != references["mean-fill inside the head"]["ssim"]
     assert (study / "transfer.png").stat().st_size > 5000 and "| joint | 1 |" in (study / "transfer.md").read_text()
+    assert transfer_study.main(["--config", str(config), "--out", str(study), "--counts", "1", "--seeds", "0",
+                                "--source-steps", "5", "--target-steps", "3", "--test-cases", "1",
+                                "--sample-steps", "2", "--features", "random", "--quiet"]) == 2
     # Asking for more cases than there are is refused before any training.
     assert transfer_study.main(["--config", str(config), "--out", str(tmp_path / "s2"), "--counts", "2",
                                 "--test-cases", "1"]) == 2
@@ -306,13 +309,14 @@ def test_a_phase_warms_up_over_at_most_a_tenth_of_its_steps_and_learning_on_targ
     assert phase_warmup(50, 60) == 6 and phase_warmup(50, 2000) == 50  # the old study: 50 of 60 steps
     constant = TrainConfig.model_validate({"data": {"cache": "c"}, "optim": {"learning_rate": 1e-3, "warmup_steps": 0,
                                                                              "lr_schedule": "constant"}})
-    assert learning_on_target(constant, [(100, False), (40, True)]) == pytest.approx(40 * 1e-3)
+    assert learning_on_target(constant, [(100, 0.0), (40, 1.0)]) == pytest.approx(40 * 1e-3)
+    assert learning_on_target(constant, [(40, 0.25)]) == pytest.approx(10 * 1e-3)
     cosine = constant.model_copy(update={"optim": constant.optim.model_copy(update={"lr_schedule": "cosine",
                                                                                      "warmup_steps": 10})})
-    # A linear warm-up then a cosine to 0 sums to half the peak rate per step, whatever the warm-up: the
+    # A linear warm-up then a cosine to 0 sums to half the peak rate per step, for any warm-up: the
     # old study's fine-tune phase was short in steps (60 of scratch's 260), not in rate.
-    assert learning_on_target(cosine, [(1000, True)]) == pytest.approx(0.5 * 1000 * 1e-3, rel=1e-3)
-    assert learning_on_target(cosine, [(40, True), (20, False)]) == pytest.approx(0.5 * 40 * 1e-3, rel=1e-3)
+    assert learning_on_target(cosine, [(1000, 1.0)]) == pytest.approx(0.5 * 1000 * 1e-3, rel=1e-3)
+    assert learning_on_target(cosine, [(40, 1.0), (20, 0.0)]) == pytest.approx(0.5 * 40 * 1e-3, rel=1e-3)
 
 
 def test_untrained_classes_start_from_the_mean_of_the_trained_ones(tiny_cache, tmp_path):

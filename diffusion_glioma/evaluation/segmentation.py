@@ -195,40 +195,7 @@ def train_classifier(cases: list[dict], classes: list[str], steps: int, seed: in
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if after_step is not None:
-            model.eval()
-            with torch.no_grad():
-                after_step(step, model)
-            model.train()
     return model.eval()
-
-
-def learning_curve(train: list[dict], test: list[dict], budgets: list[int], seed: int = 0,
-                   spacing: tuple[float, ...] = GRID.spacing) -> list[dict]:
-    """Dice per region (with its bootstrap 95% interval over test cases) on `test` of one segmenter
-    trained on `train`, read at each budget (steps) of a single run: the score a run of that many
-    steps would get (same seed, same batches)."""
-    budgets = sorted(set(budgets))
-    target = regions_of(torch.stack([c["labels"] for c in test]))
-    curve = []
-
-    def read(step, model):
-        if step in budgets:
-            scores = dice_and_hd95(predict(model, test), target, spacing, seed=seed)
-            curve.append({"steps": step, **{region: scores[region]["dice"] for region in REGIONS},
-                          **{f"{region}_ci95": scores[region]["dice_ci95"] for region in REGIONS}})
-
-    train_segmenter(train, budgets[-1], seed, after_step=read)
-    return curve
-
-
-def plateau_budget(curve: list[dict], region: str = "WT", tolerance: float = 0.01) -> dict:
-    """The smallest budget whose Dice is within `tolerance` of the plateau (the largest budget's), and
-    whether the curve has reached one (its last two budgets within `tolerance` of each other)."""
-    plateau = curve[-1][region]
-    steps = next(point["steps"] for point in curve if point[region] >= plateau - tolerance)
-    flat = len(curve) >= 2 and abs(curve[-1][region] - curve[-2][region]) <= tolerance
-    return {"region": region, "tolerance": tolerance, "plateau": plateau, "steps": steps, "flat": flat}
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ other than `source`: FreezeD, L2-SP).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,24 +56,25 @@ def phase_warmup(configured: int, steps: int) -> int:
     return min(configured, int(steps * MAX_WARMUP_FRACTION))
 
 
-def learning_on_target(base: TrainConfig, phases: list[tuple[int, bool]]) -> float:
-    """Sum of the learning rate over the steps an arm trained on target cases; the arm is a list of
-    phases (steps, on target?), each with its own schedule as `_run` trains it. The GANs and the VAE
-    train at a constant rate (the generator's for a GAN)."""
+def learning_on_target(base: TrainConfig, phases: list[tuple[int, float]]) -> float:
+    """Sum of the learning rate over an arm's steps, each weighted by the share of target cases it
+    trained on; the arm is a list of phases (steps, target share), each with its own schedule as `_run`
+    trains it (cases are drawn uniformly, so a joint phase's share is its fraction of target cases).
+    The GANs and the VAE train at a constant rate (the generator's for a GAN)."""
     from diffusers.optimization import get_scheduler
 
     total = 0.0
-    for steps, on_target in phases:
-        if not on_target:
+    for steps, share in phases:
+        if not share:
             continue
         if base.gan is not None or base.vae is not None:
-            total += steps * (base.gan.generator_lr if base.gan is not None else base.optim.learning_rate)
+            total += share * steps * (base.gan.generator_lr if base.gan is not None else base.optim.learning_rate)
             continue
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base.optim.learning_rate)
         schedule = get_scheduler(base.optim.lr_schedule, optimizer, num_training_steps=steps,
                                  num_warmup_steps=phase_warmup(base.optim.warmup_steps, steps))
         for _ in range(steps):
-            total += schedule.get_last_lr()[0]
+            total += share * schedule.get_last_lr()[0]
             optimizer.step()
             schedule.step()
     return total
@@ -91,6 +93,11 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], s
     })
     pipeline = output_dir / "pipeline"
     if (pipeline / "model_index.json").is_file():  # done in an earlier run of the study: resume
+        facts = pipeline / "training.json"
+        trained = json.loads(facts.read_text()).get("steps") if facts.is_file() else None
+        if trained != steps:
+            raise DataError(f"{output_dir}: trained for {trained} steps, this study asks {steps}; "
+                            "give the study a new --out")
         return pipeline
     return train_for_config(config, resume=True)  # any model kind goes through the same study
 
@@ -203,10 +210,11 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
                "batch_size": base.optim.batch_size, "features": scorer.features, "slices_per_case": slices_per_case,
                "references": scorer.references(seed=0), "arms": {arm: {} for arm in ARMS}}
     total = source_steps + target_steps
-    phases = {"scratch": [(total, True)], "scratch, target steps": [(target_steps, True)],
-              "fine-tuned": [(source_steps, False), (target_steps, True)], "joint": [(total, True)]}
-    # What equal compute gives each arm on target data (joint's steps mix both diseases).
-    results["learning_on_target"] = {arm: learning_on_target(base, phases[arm]) for arm in ARMS}
+    # What equal compute gives each arm on target data (a joint step is a target step in proportion).
+    results["learning_on_target"] = {str(count): {arm: learning_on_target(base, {
+        "scratch": [(total, 1.0)], "scratch, target steps": [(target_steps, 1.0)],
+        "fine-tuned": [(source_steps, 0.0), (target_steps, 1.0)],
+        "joint": [(total, count / (count + len(source_ids)))]}[arm]) for arm in ARMS} for count in counts}
     jobs = [(seed, count, arm) for seed in seeds for count in counts for arm in ARMS]
     for seed, count, arm in tqdm(jobs, desc="transfer study", unit="model", disable=not progress):
         root = out / f"seed{seed}"
@@ -237,7 +245,7 @@ def markdown_table(results: dict) -> str:
     fmt = lambda mean, sd, d: "n/a" if mean is None else f"{mean:.{d}f}" + (f" ± {sd:.{d}f}" if sd is not None else "")  # noqa: E731
     lines = ["| arm | target cases | KID 2D (tumour slices; lower is better) | paired SSIM (head) | paired PSNR dB (head) "
              "| paired MAE (head) |", "|---|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in [a for a in ARMS if a in results["arms"]]:  # a study written before an arm existed has none
         for count in results["counts"]:
             entry = results["arms"][arm][str(count)]
             m, s = entry["mean"], entry["sd"]
@@ -248,8 +256,10 @@ def markdown_table(results: dict) -> str:
                      f"{scores['psnr']:.2f} | {scores['mae']:.3f} |")
     learning = results.get("learning_on_target")
     if learning:  # studies written before it was recorded have none
-        lines += ["", "Learning on target data (sum of the learning rate over the steps on target cases; joint's "
-                  "steps mix both diseases): " + ", ".join(f"{arm} {value:.3g}" for arm, value in learning.items()) + "."]
+        lines += ["", "Learning on target data (sum of the learning rate over the steps, each weighted by its share "
+                  "of target cases): " + "; ".join(f"{count} cases: " + ", ".join(f"{arm} {value:.3g}" for arm, value
+                                                                                in by_arm.items())
+                                                   for count, by_arm in learning.items()) + "."]
     lines += ["", "KID ranks the arms; the paired columns reward the conditional mean (mean-fill's row shows "
               "how far) and are never a ranking."]
     return "\n".join(lines) + "\n"
@@ -266,6 +276,8 @@ def _plot(path: Path, results: dict) -> None:
               ("psnr", "paired PSNR dB inside the head (rewards the mean)"))
     for ax, (key, title) in zip(axes, panels):
         for arm, marker in zip(ARMS, "os^d"):
+            if arm not in results["arms"]:
+                continue
             means = [results["arms"][arm][str(c)]["mean"][key] for c in counts]
             sds = [results["arms"][arm][str(c)]["sd"][key] or 0 for c in counts]
             ax.errorbar(counts, [m if m is not None else np.nan for m in means], yerr=sds, marker=marker,
