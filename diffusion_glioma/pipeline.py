@@ -48,6 +48,13 @@ def training_scheduler(prediction_type: str = "v_prediction", num_train_timestep
                          prediction_type=prediction_type, clip_sample=True, clip_sample_range=value_range)
 
 
+def alpha_bar_at(scheduler, t, like: torch.Tensor) -> torch.Tensor:
+    """The schedule's alpha_bar at timestep t (an int, or one per volume), shaped to broadcast against `like`."""
+    t = torch.as_tensor(t).long()
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].to(like.device, torch.float32)  # t stays where it is
+    return alpha_bar.reshape(-1, *[1] * (like.ndim - 1))
+
+
 def skip_coefficients(alpha_bar: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
     """EDM's preconditioning (Karras et al. 2022) in this schedule's coordinates: (skip, out) with
     x0 = skip * x_t + out * F. EDM's x = x_t / alpha and sigma = sqrt(1 - alpha_bar) / alpha give
@@ -162,17 +169,12 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         self.scheduler = make_scheduler(name, self.scheduler.config)
         return self
 
-    def _alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar at timestep t (an int, or one per volume), shaped to broadcast against `like`."""
-        alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(t).long().cpu()].to(like.device, torch.float32)
-        return alpha_bar.reshape(-1, *[1] * (like.ndim - 1))
-
     def x0_estimate(self, prediction: torch.Tensor, t, sample: torch.Tensor) -> torch.Tensor:
         """The network's output at timestep t (an int, or one per volume) as an estimate of x0, in
         whichever parametrisation it was trained (the scheduler's prediction_type, and for x0 the
         model's EDM skip if it has one). Uses the schedule's public alphas (DDPM, DDIM and
         DPM-Solver++ share them at integer timesteps)."""
-        alpha_bar = self._alpha_bar(t, sample)
+        alpha_bar = alpha_bar_at(self.scheduler, t, sample)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         kind = self.scheduler.config.prediction_type
         if kind == "sample":
@@ -195,7 +197,7 @@ class MaskToMRIPipeline(_MaskConditionedPipeline):
         Without it, epsilon prediction on the capped cosine schedule amplifies the network's error
         about 2e4-fold at the first step."""
         x0 = self.unet.project_to_data(self.x0_estimate(prediction, t, sample), labels)
-        alpha_bar = self._alpha_bar(t, sample)
+        alpha_bar = alpha_bar_at(self.scheduler, t, sample)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         kind = self.scheduler.config.prediction_type
         if kind == "sample":

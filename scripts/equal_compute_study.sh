@@ -11,7 +11,7 @@
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
 # reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
 # RECIPES="NAME=KEY=VALUE[,KEY=VALUE] ..." adds diffusion rows trained here under the same budget with
-# configs/demo.yaml and those overrides (RECIPES="skip=diffusion.skip_sigma_data=0.25" is EDM's skip; no
+# configs/demo.yaml and those overrides (RECIPES="no_skip=diffusion.skip_sigma_data=null" drops EDM's skip; no
 # spaces or commas inside a value);
 # EXTRA_MODELS="NAME=PIPELINE ..." adds rows trained elsewhere; DIFFUSION_MODEL=PIPELINE scores an already trained
 # diffusion pipeline folder instead of training one; DEVICE=cuda samples on a GPU.

@@ -9,8 +9,9 @@ beside the phantom's own same-mask truth draws.
 Writes `sampling_check.json`, `sampling_check.md` (mean ± sd over cases) and `sampling_check.png`
 (per case: the real case, two draws of its mask, and a truth draw). Columns (evaluation/conditional.py):
 the two-draw ratio (about 1 for a true sampler, 0 for a regressor), the spread of K draws over the
-truth's same-mask spread (1 right, 0 collapse), and a draw's correlation with the real case; the
-truth draws' own scores are the reference row.
+truth's same-mask spread (1 right, 0 collapse), the same on 2x2x2 block means (where voxel-scale grain
+averages out and anatomy does not), a draw's roughness over a truth draw's (above 1 grainier, below 1
+smoother), and a draw's correlation with the real case; the truth draws' own scores are the reference row.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from diffusion_glioma.data.layouts import MODALITIES, Case, discover_cases
 from diffusion_glioma.data.preprocess import prepare_case
-from diffusion_glioma.evaluation.conditional import correlation_with_real, spread_ratio, two_draw_ratio
+from diffusion_glioma.evaluation.conditional import (coarse_spread_ratio, correlation_with_real, roughness_ratio,
+                                                     spread_ratio, two_draw_ratio)
 from diffusion_glioma.evaluation.fidelity import mean_and_sd
 from diffusion_glioma.evaluation.sets import read_set
 from diffusion_glioma.figures import pyplot, save_png
@@ -71,12 +73,17 @@ def main(argv=None) -> int:
             "case": case.case_id,
             "model": {"two_draw_ratio": two_draw_ratio(draws[0], draws[1], real.image, head),
                       "spread_ratio": spread_ratio(draws, truth, head),
+                      "coarse_spread_ratio": coarse_spread_ratio(draws, truth, head),
+                      "roughness_ratio": roughness_ratio(draws[0], truth[0], head),
                       "correlation_with_real": correlation_with_real(draws[0], real.image, head)},
+            # one half of the truth draws against the other: what a perfect sampler reads
             "truth": {"two_draw_ratio": two_draw_ratio(truth[0], truth[1], real.image, head),
-                      # one half of the truth draws against the other: what the spread ratio of a perfect sampler reads
                       "spread_ratio": spread_ratio(truth[:2], truth[2:], head) if len(truth) >= 4 else None,
+                      "coarse_spread_ratio": coarse_spread_ratio(truth[:2], truth[2:], head) if len(truth) >= 4 else None,
+                      "roughness_ratio": roughness_ratio(truth[1], truth[0], head),
                       "correlation_with_real": correlation_with_real(truth[0], real.image, head)},
             "mean_of_truth": {"two_draw_ratio": 0.0,
+                              "roughness_ratio": roughness_ratio(truth[1:].mean(0), truth[0], head),
                               "correlation_with_real": correlation_with_real(truth.mean(0), real.image, head)},
         })
         figure.append((case.case_id, real, draws[:2], truth[0]))
@@ -90,11 +97,13 @@ def main(argv=None) -> int:
                                              "steps": args.steps, "draws": args.draws, "summary": summary, "cases": rows})
     lines = [f"# Sampling check: {args.model}, {args.sampler} {args.steps} steps, {args.draws} draws per mask, "
              f"{len(rows)} held-out cases (mean ± sd over cases)", "",
-             "| set | two-draw ratio | spread / truth spread | correlation with the real case |", "|---|---|---|---|"]
+             "| set | two-draw ratio | spread / truth spread | spread at 2x2x2 blocks / truth's | roughness / truth's "
+             "| correlation with the real case |", "|---|---|---|---|---|---|"]
     names = {"model": "the model", "truth": "same-mask truth draws (a perfect sampler)",
              "mean_of_truth": "mean of the truth draws (a perfect regressor)"}
     for source, name in names.items():
-        cells = [summary[source].get(k) for k in ("two_draw_ratio", "spread_ratio", "correlation_with_real")]
+        cells = [summary[source].get(k) for k in ("two_draw_ratio", "spread_ratio", "coarse_spread_ratio",
+                                                  "roughness_ratio", "correlation_with_real")]
         text = ["-" if c is None else f"{c['mean']:.3f} ± {c['sd'] or 0:.3f}" for c in cells]
         lines.append(f"| {name} | " + " | ".join(text) + " |")
     (out / "sampling_check.md").write_text("\n".join(lines) + "\n")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from diffusion_glioma.data.phantom import GLIOBLASTOMA, MODALITIES, make_subject
-from diffusion_glioma.evaluation.conditional import correlation_with_real, spread_ratio, two_draw_ratio
+from diffusion_glioma.evaluation.conditional import (coarse_spread_ratio, correlation_with_real, roughness_ratio,
+                                                     spread_ratio, two_draw_ratio)
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,23 @@ def test_the_streaming_summary_of_a_mask_equals_the_measures_on_all_its_draws(dr
     cube = np.ones((4000, 1, 1), bool)
     pairs = np.mean([voxelwise_spread(samples[i:i + 2], cube) for i in range(0, 8, 2)])
     assert pairs == pytest.approx(voxelwise_spread(samples, cube), rel=0.03)
+
+
+def test_roughness_and_coarse_spread_tell_grain_from_varied_anatomy(draws):
+    """A truth draw is as rough as the truth and varies at the anatomy's scale; the mean is smoother;
+    the mean plus voxel noise of the truth's spread matches the truth's voxel spread but is grainier
+    and varies far less once 2x2x2 blocks are averaged."""
+    volumes, head = draws
+    truth, other_truth = volumes[1:5], volumes[5:9]
+    mean = truth.mean(axis=0)
+    rng = np.random.default_rng(0)
+    sd = truth[:, :, head].std(axis=0, ddof=1).mean()
+    grain = np.stack([np.where(head, mean + rng.normal(0, sd, mean.shape), 0) for _ in range(4)])
+    assert spread_ratio(grain, other_truth, head) > 0.8  # the voxel spread alone reads it as varied
+    truth_roughness = [roughness_ratio(t, other_truth[0], head) for t in truth]
+    assert 0.85 < min(truth_roughness) and max(truth_roughness) < 1.2  # 0.96-1.11 here
+    assert roughness_ratio(mean, other_truth[0], head) < 0.8 * min(truth_roughness)  # 0.62: blur
+    assert roughness_ratio(grain[0], other_truth[0], head) > 1.1 * max(truth_roughness)  # 1.29: grain
+    # Block-averaged, the truth's variety stays (coarse / voxel spread ratio 1.09 here) and grain's falls (0.61).
+    assert coarse_spread_ratio(truth, other_truth, head) > 0.9 * spread_ratio(truth, other_truth, head)
+    assert coarse_spread_ratio(grain, other_truth, head) < 0.75 * spread_ratio(grain, other_truth, head)

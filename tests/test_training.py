@@ -307,7 +307,7 @@ def test_a_phase_warms_up_over_at_most_a_tenth_of_its_steps_and_learning_on_targ
     from diffusion_glioma.training.config import TrainConfig
 
     assert phase_warmup(50, 60) == 6 and phase_warmup(50, 2000) == 50  # the old study: 50 of 60 steps
-    constant = TrainConfig.model_validate({"data": {"cache": "c"}, "optim": {"learning_rate": 1e-3, "warmup_steps": 0,
+    constant = TrainConfig.model_validate({"output_dir": "o", "data": {"cache": "c"}, "optim": {"learning_rate": 1e-3, "warmup_steps": 0,
                                                                              "lr_schedule": "constant"}})
     assert learning_on_target(constant, [(100, 0.0), (40, 1.0)]) == pytest.approx(40 * 1e-3)
     assert learning_on_target(constant, [(40, 0.25)]) == pytest.approx(10 * 1e-3)

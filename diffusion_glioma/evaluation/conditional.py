@@ -11,6 +11,10 @@ share one mask, compared inside the head on one grid (the model's).
 - `MaskGroup`: the same measures over one mask's draws as they stream past, one volume at a time.
 - `correlation_with_real`: a draw's Pearson correlation with the real case inside the head (a
   sample must look like the anatomy its mask came from, clearly above what noise scores).
+- `roughness_ratio`: a draw's mean squared difference between neighbouring head voxels over a truth
+  draw's: 1 as fine-grained as the truth, above 1 grainier (residual noise), below 1 smoother (blur).
+  Spread alone cannot tell variety of anatomy from grain; this column and `coarse_spread_ratio` (the
+  spread after averaging 2x2x2 blocks, where voxel-scale grain averages out and anatomy does not) can.
 
 Arrays are (modality, x, y, z) or (draw, modality, x, y, z); `head` is a boolean (x, y, z) mask.
 """
@@ -51,6 +55,36 @@ def voxelwise_spread(draws: np.ndarray, head: np.ndarray) -> float:
 def spread_ratio(draws: np.ndarray, truth_draws: np.ndarray, head: np.ndarray) -> float:
     """The generator's same-mask spread over the truth's (both on one grid and intensity scale)."""
     return voxelwise_spread(draws, head) / max(voxelwise_spread(truth_draws, head), 1e-12)
+
+
+def neighbour_roughness(volume: np.ndarray, head: np.ndarray) -> float:
+    """Mean over modalities, axes and neighbouring voxel pairs inside the head of the squared difference."""
+    values = []
+    for axis in range(3):
+        inside = np.logical_and(np.take(head, range(head.shape[axis] - 1), axis), np.take(head, range(1, head.shape[axis]), axis))
+        values.append(np.diff(volume.astype(np.float64), axis=axis + 1)[:, inside].ravel())
+    return float(np.mean(np.concatenate(values) ** 2))
+
+
+def roughness_ratio(draw: np.ndarray, truth_draw: np.ndarray, head: np.ndarray) -> float:
+    """The draw's neighbour roughness over a truth draw's of the same mask (same grid and intensity scale)."""
+    return neighbour_roughness(draw, head) / max(neighbour_roughness(truth_draw, head), 1e-12)
+
+
+def block_mean(volumes: np.ndarray, head: np.ndarray, factor: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(..., x, y, z) volumes averaged over factor^3 blocks (cropped to a multiple), and the blocks that lie
+    wholly inside the head."""
+    x, y, z = (n - n % factor for n in head.shape)
+    blocks = lambda a: a[..., :x, :y, :z].reshape(*a.shape[:-3], x // factor, factor, y // factor, factor,  # noqa: E731
+                                                  z // factor, factor)
+    return blocks(volumes).mean(axis=(-5, -3, -1)), blocks(head).all(axis=(-5, -3, -1))
+
+
+def coarse_spread_ratio(draws: np.ndarray, truth_draws: np.ndarray, head: np.ndarray, factor: int = 2) -> float:
+    """`spread_ratio` on factor^3 block means: the variety at the scale of anatomy rather than of grain."""
+    coarse_draws, coarse_head = block_mean(draws, head, factor)
+    coarse_truth, _ = block_mean(truth_draws, head, factor)
+    return spread_ratio(coarse_draws, coarse_truth, coarse_head)
 
 
 def correlation_with_real(draw: np.ndarray, real: np.ndarray, head: np.ndarray) -> float:

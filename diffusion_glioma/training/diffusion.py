@@ -27,7 +27,8 @@ from ..data.cache import read_index
 from ..data.dataset import CachedCases
 from ..io import write_json
 from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
-from ..pipeline import MaskToMRIPipeline, load_pipeline, make_scheduler, skip_coefficients, training_scheduler
+from ..pipeline import (MaskToMRIPipeline, alpha_bar_at, load_pipeline, make_scheduler, skip_coefficients,
+                        training_scheduler)
 from ..figures import FigureRow, write_slices_figure
 from .common import (StepSampler, TrainingClock, TrainingError, budget_spent, check_ranks_agree, checkpoints, collate, ema_copy, load_checkpoint,
                      log_figure, rewind_log, save_checkpoint, source_drift, start_run, start_trackers, step_generator,
@@ -110,8 +111,7 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, noisy: to
     """What the network learns to output. With an EDM skip, F = (x0 - skip * x_t) / out: a uniform loss
     on F is EDM's loss weighting on x0."""
     if skip_sigma_data is not None:
-        alpha_bar = scheduler.alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
-        skip, out = skip_coefficients(alpha_bar, skip_sigma_data)
+        skip, out = skip_coefficients(alpha_bar_at(scheduler, t, x0), skip_sigma_data)
         return (x0 - skip * noisy) / out
     if kind == "epsilon":
         return noise
