@@ -658,10 +658,10 @@ def test_a_learning_curve_reads_one_run_at_each_budget_and_finds_the_plateau(pha
     # The model the curve reads at a budget is the model a run of that many steps ends with.
     read = {}
     segmentation.train_segmenter(train, 4, seed=5, after_step=lambda step, model: read.setdefault(
-        step, sum(float(p.double().sum()) for p in model.parameters())))
+        step, sum(float(p.detach().double().sum()) for p in model.parameters())))
     for steps in (2, 4):
         alone = segmentation.train_segmenter(train, steps, seed=5)
-        assert read[steps] == pytest.approx(sum(float(p.double().sum()) for p in alone.parameters()), abs=1e-9)
+        assert read[steps] == pytest.approx(sum(float(p.detach().double().sum()) for p in alone.parameters()), abs=1e-9)
     assert read[2] != read[4] and sorted(read) == [1, 2, 3, 4]
 
     rising = [{"steps": s, "WT": d} for s, d in ((100, 0.40), (200, 0.70), (400, 0.795), (800, 0.80))]
