@@ -66,6 +66,8 @@ def plot(path: Path, result: dict) -> None:
     choice = result["plateau"]
     ax.axvline(choice["steps"], color="grey", linestyle=":", label=f"within {choice['tolerance']} of the WT plateau")
     ax.set_xscale("log")
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.minorticks_off()
     ax.set_xlabel("segmenter training steps")
     ax.set_ylabel("Dice on the real test set")
     ax.legend(fontsize=7)
