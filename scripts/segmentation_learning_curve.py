@@ -19,16 +19,16 @@ from tqdm.auto import tqdm
 
 from diffusion_glioma.data.layouts import MODALITIES
 from diffusion_glioma.errors import DataError, DiffusionGliomaError
-from diffusion_glioma.evaluation.segmentation import REGIONS, learning_curve, plateau_budget, prepare_items
+from diffusion_glioma.evaluation.segmentation import REGIONS, learning_curve, plateau_budget, prepare_segmented
 from diffusion_glioma.evaluation.sets import read_set
 from diffusion_glioma.io import atomic_path, write_json
 
 
 def cases_with_masks(folder: str) -> list[dict]:
-    items = [i for i in read_set(folder, MODALITIES) if i.mask is not None and i.labels is not None]
-    if not items:
+    cases = prepare_segmented(read_set(folder, MODALITIES))
+    if not cases:
         raise DataError(f"{folder}: no real cases with segmentations")
-    return prepare_items(items)
+    return cases
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:

@@ -418,18 +418,17 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         notes.append("No same-mask truth draws (--truth): the spread of draws has no reference and shows as n/a; "
                      "phantom cohorts can draw them (diffusion-glioma phantom --truth-draws K).")
     if segmentation_steps > 0:
-        from .segmentation import across_seeds, prepare_items, segmentation_study
+        from .segmentation import across_seeds, prepare_segmented, segmentation_study
 
-        with_masks = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
-        real_cases = prepare_items(with_masks(sets["real"]))
+        real_cases = prepare_segmented(sets["real"])
         test_cases = None
         if segmentation_test is not None:
-            test_cases = prepare_items(with_masks(read_set(segmentation_test, modalities)))
+            test_cases = prepare_segmented(read_set(segmentation_test, modalities))
             if not test_cases:
                 raise DataError(f"{segmentation_test}: no real cases with segmentations for the segmentation test set")
         real_models = {}  # the real regime is trained once per split and seed, not once per synthetic set
         for name in names:
-            synthetic_cases = prepare_items(with_masks(sets[name]))
+            synthetic_cases = prepare_segmented(sets[name])
             # One split (drawn by --seed) for every training seed: the spread over seeds is the training's luck.
             runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s, split_seed=seed,
                                        generator_cases=training_records[name], anomaly_steps=anomaly_steps,

@@ -47,6 +47,11 @@ def prepare_items(items, grid: PreprocessConfig = GRID) -> list[dict]:
     return out
 
 
+def prepare_segmented(items, grid: PreprocessConfig = GRID) -> list[dict]:
+    """`prepare_items` of the items that have a mask and a label scheme (the ones a segmenter can use)."""
+    return prepare_items([i for i in items if i.mask is not None and i.labels is not None], grid)
+
+
 def _bf16() -> bool:
     """bf16 autocast pays off on CPUs with native bf16 (12x faster here) and on GPUs."""
     return fast_bf16("cuda" if torch.cuda.is_available() else "cpu")
