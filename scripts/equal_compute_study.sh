@@ -4,12 +4,17 @@
 # wall-clock"). The budget is the run's whole training wall-clock (resumes included), checkpoints and
 # validation figures included, checked every log_every steps.
 #   bash scripts/equal_compute_study.sh OUT MINUTES
+#   bash scripts/equal_compute_study.sh OUT "8 16 32"     # a learning curve: budgets of one run per generator
 # Both generators train on the demo cohort at 64x80x64, 3 mm (configs/demo.yaml, configs/pix2pix_demo.yaml)
 # for MINUTES of wall-clock each (`--max-minutes`; a finished run is not trained again; the diffusion config's cosine schedule is stretched over
 # STEPS, default 10^6, so that the budget, not the schedule, ends the run), then sample DRAWS volumes for each
 # of the 8 held-out masks and are scored by `evaluate --truth`: FID/KID 3D with intervals, the spread of a
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
 # reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
+# Several MINUTES (ascending) are checkpoints of one run per generator: it trains to the first budget, its
+# pipeline is kept as OUT/GENERATOR/budget_<M>min, then it resumes to the next (the learning rate is constant
+# past warm-up, so this is the same run a single long one would be). Rows are GENERATOR_<M>min, the largest
+# budget's row plain GENERATOR (the naming scripts/plot_equal_compute.py reads as one curve).
 # RECIPES="NAME=KEY=VALUE[,KEY=VALUE] ..." adds diffusion rows trained here under the same budget with
 # configs/demo.yaml and those overrides (RECIPES="no_skip=diffusion.skip_sigma_data=null" drops EDM's skip; no
 # spaces or commas inside a value);
@@ -17,7 +22,13 @@
 # diffusion pipeline folder instead of training one; DEVICE=cuda samples on a GPU.
 set -euo pipefail
 out=$(realpath -m "${1:?output folder}")
-minutes=${2:?training minutes per generator}
+read -ra budgets <<< "${2:?training minutes per generator (one budget, or several ascending)}"
+previous=0
+for m in "${budgets[@]}"; do  # refused before any training, as the row names below are
+  [[ $m =~ ^[0-9]+([.][0-9]+)?$ ]] && awk -v a="$m" -v b="$previous" 'BEGIN { exit !(a > b) }' \
+    || { echo "MINUTES: '$2' is not a list of ascending positive numbers" >&2; exit 2; }
+  previous=$m
+done
 cd "$(dirname "$0")/.."
 steps=${STEPS:-1000000}
 draws=${DRAWS:-4}
@@ -36,26 +47,36 @@ for recipe in ${RECIPES:-}; do
   [[ ${recipe#*=} == ?*=* ]] || { echo "RECIPES: '$recipe' is not NAME=KEY=VALUE" >&2; exit 2; }
 done
 declare -A model
+names=()
+# train_budgets GENERATOR CONFIG [train options]: one run trained to each budget in turn, each budget's
+# pipeline copied aside (to a temporary name, then renamed: a half-copied budget is never scored).
+train_budgets() {
+  local name=$1 config=$2 m row
+  shift 2
+  for m in "${budgets[@]}"; do
+    row=$name; [ "$m" = "${budgets[-1]}" ] || row=${name}_${m}min
+    if [ ! -f "$out/$name/budget_${m}min/training.json" ]; then
+      diffusion-glioma train --config "$config" --output-dir "$out/$name" --max-minutes "$m" --resume "$@"
+      rm -rf "$out/$name/budget_${m}min.tmp"
+      cp -r "$out/$name/pipeline" "$out/$name/budget_${m}min.tmp"
+      mv "$out/$name/budget_${m}min.tmp" "$out/$name/budget_${m}min"
+    fi
+    model[$row]=$out/$name/budget_${m}min
+    names+=("$row")
+  done
+}
 if [ -n "${DIFFUSION_MODEL:-}" ]; then
   model[diffusion]=$DIFFUSION_MODEL
+  names+=(diffusion)
 else
-  [ -f "$out/diffusion/pipeline/training.json" ] || diffusion-glioma train --config configs/demo.yaml \
-    --output-dir "$out/diffusion" --steps "$steps" --max-minutes "$minutes" --resume
-  model[diffusion]=$out/diffusion/pipeline
+  train_budgets diffusion configs/demo.yaml --steps "$steps"
 fi
-[ -f "$out/pix2pix/pipeline/training.json" ] || diffusion-glioma train --config configs/pix2pix_demo.yaml \
-  --output-dir "$out/pix2pix" --max-minutes "$minutes" --resume
-model[pix2pix]=$out/pix2pix/pipeline
-names=(diffusion pix2pix)
-for recipe in ${RECIPES:-}; do  # NAME=KEY=VALUE[,KEY=VALUE]: a diffusion recipe at the same budget
-  name=${recipe%%=*}
+train_budgets pix2pix configs/pix2pix_demo.yaml
+for recipe in ${RECIPES:-}; do  # NAME=KEY=VALUE[,KEY=VALUE]: a diffusion recipe at the same budgets
   settings=()
   IFS=, read -ra overrides <<< "${recipe#*=}"
   for kv in "${overrides[@]}"; do settings+=(--set "$kv"); done
-  [ -f "$out/$name/pipeline/training.json" ] || diffusion-glioma train --config configs/demo.yaml \
-    --output-dir "$out/$name" --steps "$steps" --max-minutes "$minutes" --resume "${settings[@]}"
-  model[$name]=$out/$name/pipeline
-  names+=("$name")
+  train_budgets "${recipe%%=*}" configs/demo.yaml --steps "$steps" "${settings[@]}"
 done
 for extra in ${EXTRA_MODELS:-}; do  # NAME=PIPELINE rows trained elsewhere (an older recipe, say)
   model[${extra%%=*}]=${extra#*=}
