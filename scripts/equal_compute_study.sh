@@ -32,20 +32,28 @@ done
 cd "$(dirname "$0")/.."
 steps=${STEPS:-1000000}
 draws=${DRAWS:-4}
-# The phantom writes these files last: an interrupted cohort is finished, a whole one is not redrawn.
-[ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
-[ -f runs/phantom_heldout_truth/manifest.jsonl ] || diffusion-glioma phantom --out runs/phantom_heldout --n-adult 4 --n-pediatric 4 \
-  --first-index 100 --spacing 3 --truth-draws 4 --truth-out runs/phantom_heldout_truth --quiet
-declare -A seen=([diffusion]=1 [pix2pix]=1)  # refuse a malformed row or a clash of names before any training
+# Refuse a malformed row or a clash of row names (budget rows such as diffusion_8min included) before any training.
 for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do
-  name=${row%%=*}
-  [[ $row == *=?* && -n $name ]] || { echo "RECIPES/EXTRA_MODELS: '$row' is not NAME=..." >&2; exit 2; }
-  [ -z "${seen[$name]:-}" ] || { echo "RECIPES/EXTRA_MODELS: $name is already a row" >&2; exit 2; }
-  seen[$name]=1
+  [[ $row == ?*=?* ]] || { echo "RECIPES/EXTRA_MODELS: '$row' is not NAME=..." >&2; exit 2; }
 done
 for recipe in ${RECIPES:-}; do
   [[ ${recipe#*=} == ?*=* ]] || { echo "RECIPES: '$recipe' is not NAME=KEY=VALUE" >&2; exit 2; }
 done
+declare -A seen=()
+claim_row() {
+  [ -z "${seen[$1]:-}" ] || { echo "RECIPES/EXTRA_MODELS: $1 is already a row" >&2; exit 2; }
+  seen[$1]=1
+}
+for generator in diffusion pix2pix ${RECIPES:-}; do
+  generator=${generator%%=*}
+  claim_row "$generator"
+  for m in "${budgets[@]::${#budgets[@]}-1}"; do claim_row "${generator}_${m}min"; done
+done
+for extra in ${EXTRA_MODELS:-}; do claim_row "${extra%%=*}"; done
+# The phantom writes these files last: an interrupted cohort is finished, a whole one is not redrawn.
+[ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
+[ -f runs/phantom_heldout_truth/manifest.jsonl ] || diffusion-glioma phantom --out runs/phantom_heldout --n-adult 4 --n-pediatric 4 \
+  --first-index 100 --spacing 3 --truth-draws 4 --truth-out runs/phantom_heldout_truth --quiet
 declare -A model
 names=()
 # train_budgets GENERATOR CONFIG [train options]: one run trained to each budget in turn, each budget's
