@@ -10,6 +10,7 @@ from diffusion_glioma.config import DataConfig, PreprocessConfig
 from diffusion_glioma.data.phantom import write_cohort
 
 SMALL = PreprocessConfig(shape=(24, 24, 24), spacing=(8.0, 8.0, 8.0))
+TINY_DATA = SMALL.model_copy(update={"shape": (16, 16, 16), "spacing": (12.0, 12.0, 12.0)})
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,17 @@ def phantom_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom")
     write_cohort(root, n_adult=3, n_pediatric=2, spacing=3.0, seed=7, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(phantom_dir, tmp_path_factory) -> Path:
+    """The phantoms prepared at 16^3, 12 mm: the training cache of the tiny models (read, never written,
+    by the tests that train on it)."""
+    from diffusion_glioma.data.cache import prepare_dataset
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare_dataset(phantom_dir, cache, DataConfig(preprocess=TINY_DATA), progress=False)
+    return cache
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -45,3 +48,59 @@ def interrupt_after_checkpoint(monkeypatch, loop_module, at_step: int):
 
     monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
     return lambda: monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+
+
+# nnunetv2 pulls torchvision, which cannot import beside the CPU torch and then breaks diffusers' imports:
+# .ci/run installs it into a venv of its own (kept between runs) and tells the tests where.
+NNUNET_PYTHON = Path(os.environ.get("DG_NNUNET_PYTHON", Path.home() / ".cache" / "diffusion_glioma" / "nnunet-venv"
+                                    / "bin" / "python"))
+
+# nnU-Net's own checks, every one in a single interpreter (each start imports nnunetv2 and torch): `verify`
+# is nnU-Net's dataset integrity check; `decode` turns every label file into its regions and decodes them
+# with nnU-Net's LabelManager, which must give the file back unchanged.
+NNUNET_CHECKS = """
+import json, sys
+from pathlib import Path
+import nibabel as nib, numpy as np
+
+def verify(root):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    verify_dataset_integrity(root, num_processes=1)
+    return "ok"
+
+def decode(root):
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    root = Path(root)
+    info = json.loads((root / "dataset.json").read_text())
+    manager = LabelManager(info["labels"], info.get("regions_class_order"))
+    assert manager.has_regions
+    checked = 0
+    for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+        seg = np.asarray(nib.load(str(path)).dataobj).astype(np.int16)
+        regions = np.stack([np.isin(seg, np.atleast_1d(r)) for r in manager.foreground_regions]).astype(np.float32)
+        decoded = np.asarray(manager.convert_probabilities_to_segmentation(regions))
+        if not np.array_equal(decoded, seg):
+            return (f"{path.name}: {dict(zip(*np.unique(seg, return_counts=True)))} -> "
+                    f"{dict(zip(*np.unique(decoded, return_counts=True)))}")
+        checked += 1
+    return f"decoded {checked}"
+
+for kind, root in json.loads(sys.argv[1]):
+    try:
+        result = verify(root) if kind == "verify" else decode(root)
+    except BaseException as exc:
+        result = f"error: {type(exc).__name__}: {exc}"
+    print("CHECK " + json.dumps([kind, root, result]), flush=True)
+"""
+
+
+def nnunet_checks(checks: list[tuple[str, Path]], scratch: Path) -> dict[tuple[str, Path], str]:
+    """Run nnU-Net's checks (("verify" or "decode", dataset folder) pairs) in its venv, in one process;
+    returns each check's result: "ok" (verify), "decoded N" (decode), else what went wrong."""
+    result = subprocess.run([str(NNUNET_PYTHON), "-c", NNUNET_CHECKS, json.dumps([[k, str(r)] for k, r in checks])],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "nnUNet_raw": str(scratch), "nnUNet_preprocessed": str(scratch),
+                                 "nnUNet_results": str(scratch)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line[len("CHECK "):]) for line in result.stdout.splitlines() if line.startswith("CHECK ")]
+    return {(kind, Path(root)): outcome for kind, root, outcome in rows}

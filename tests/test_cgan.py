@@ -16,7 +16,7 @@ from diffusion_glioma.training import cgan as loop
 from diffusion_glioma.training import common
 from diffusion_glioma.training.config import load_train_config
 from tests.helpers import interrupt_after_checkpoint
-from tests.test_training import tiny_cache, write_config  # noqa: F401  (tiny_cache is a fixture)
+from tests.test_training import write_config
 
 GAN = {"noise_dim": 8, "base_channels": 8, "levels": 2, "dropout": 0.2}
 
@@ -41,7 +41,7 @@ def test_generator_varies_with_noise_and_discriminator_judges_the_pair():
         CGANGenerator(volume_shape=(18, 16, 16), levels=2)
 
 
-def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path, monkeypatch):
     straight = gan_config(tmp_path / "a.yaml", tiny_cache, tmp_path / "straight", validation={"every": 12})
     assert main(["train", "--config", str(straight)]) == 0
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -90,7 +90,7 @@ def test_patch_discriminator_is_spectrally_normalised_and_judges_patches():
         assert torch.linalg.matrix_norm(weight, ord=2) == pytest.approx(1.0, abs=0.05)
 
 
-def test_pix2pix_trains_with_l1_and_a_gan_fine_tunes_few_shot(tiny_cache, phantom_dir, tmp_path):  # noqa: F811
+def test_pix2pix_trains_with_l1_and_a_gan_fine_tunes_few_shot(tiny_cache, phantom_dir, tmp_path):
     """pix2pix kind: the L1 term falls; then cross-disease adaptation: a GAN pretrained on adults is
     fine-tuned on one pediatric case with FreezeD and L2-SP."""
     source = gan_config(tmp_path / "p.yaml", tiny_cache, tmp_path / "pix2pix", gan={**GAN, "kind": "pix2pix"},

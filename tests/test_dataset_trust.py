@@ -3,9 +3,7 @@ names survive a grown mask folder, manifests cannot reach outside their folder, 
 depend on the working directory."""
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,8 @@ from diffusion_glioma.errors import DataError
 from diffusion_glioma.evaluation.sets import generator_training_cases, read_set
 from diffusion_glioma.generate import GenerateOptions, generate_dataset
 from diffusion_glioma.io import write_json
-from tests.test_generate import FAST, NNUNET_PYTHON, files_of, model_dir  # noqa: F401  (the fixture)
+from tests.helpers import NNUNET_PYTHON, nnunet_checks
+from tests.test_generate import FAST, files_of, model_dir  # noqa: F401  (the fixture)
 
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 
@@ -36,49 +35,21 @@ def test_nnunet_regions_are_written_outside_in(model_dir, phantom_dir, tmp_path)
     assert info["regions_class_order"] == firsts
 
 
-# nnU-Net's own decoding, run in the venv .ci/run installs it into: every label file, turned into
-# its regions and decoded by LabelManager, must come back unchanged.
-DECODE_BACK = """
-import json, sys
-from pathlib import Path
-import nibabel as nib, numpy as np
-from nnunetv2.utilities.label_handling.label_handling import LabelManager
-root = Path(sys.argv[1])
-info = json.loads((root / "dataset.json").read_text())
-manager = LabelManager(info["labels"], info.get("regions_class_order"))
-assert manager.has_regions
-checked = 0
-for path in sorted((root / sys.argv[2]).glob("*.nii.gz")):
-    seg = np.asarray(nib.load(str(path)).dataobj).astype(np.int16)
-    regions = np.stack([np.isin(seg, np.atleast_1d(r)) for r in manager.foreground_regions]).astype(np.float32)
-    decoded = np.asarray(manager.convert_probabilities_to_segmentation(regions))
-    if not np.array_equal(decoded, seg):
-        print(f"{path.name}: {dict(zip(*np.unique(seg, return_counts=True)))} -> "
-              f"{dict(zip(*np.unique(decoded, return_counts=True)))}")
-        sys.exit(1)
-    checked += 1
-print(f"decoded {checked}")
-"""
-
-
-def decodes_back(root: Path, labels_folder: str = "labelsTr") -> subprocess.CompletedProcess:
-    return subprocess.run([str(NNUNET_PYTHON), "-c", DECODE_BACK, str(root), labels_folder], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "nnUNet_raw": str(root.parent),
-                                                       "nnUNet_preprocessed": str(root), "nnUNet_results": str(root)})
-
-
 @pytest.mark.skipif(not NNUNET_PYTHON.is_file(), reason=f"nnunetv2 is not installed ({NNUNET_PYTHON} missing; "
                     ".ci/run installs it)")
-def test_nnunets_label_manager_decodes_every_exported_label_file_back(model_dir, phantom_dir, tmp_path):  # noqa: F811
+def test_nnunet_checks_the_export_and_decodes_every_label_file_back(model_dir, phantom_dir, tmp_path):
     out = tmp_path / "nnunet"
     generate_dataset(model_dir, phantom_dir, out, GenerateOptions(format="nnunet", **FAST), progress=False)
     root = out / "Dataset501_SyntheticGlioma"
-    result = decodes_back(root)
-    assert result.returncode == 0 and "decoded 5" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-    # The order that nnU-Net cannot read (what sorted keys wrote) must fail the same check.
+    # The order that nnU-Net cannot read (what sorted keys wrote) must fail the same decoding.
+    sorted_keys = out / "Dataset502_SortedKeys"
+    shutil.copytree(root, sorted_keys)
     info = json.loads((root / "dataset.json").read_text())
-    (root / "dataset.json").write_text(json.dumps(info, sort_keys=True))
-    assert decodes_back(root).returncode == 1
+    (sorted_keys / "dataset.json").write_text(json.dumps(info, sort_keys=True))
+    results = nnunet_checks([("verify", root), ("decode", root), ("decode", sorted_keys)], tmp_path)
+    assert results[("verify", root)] == "ok", results
+    assert results[("decode", root)] == "decoded 5", results
+    assert not results[("decode", sorted_keys)].startswith("decoded"), results
 
 
 def test_a_killed_run_leaves_nothing_a_resume_or_nnunet_would_count(model_dir, phantom_dir, tmp_path):  # noqa: F811

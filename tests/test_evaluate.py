@@ -11,11 +11,12 @@ import torch
 
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
-from diffusion_glioma.evaluation.features import RandomFeatures
+from diffusion_glioma.evaluation.features import FeatureReservoir, RandomFeatures
 from diffusion_glioma.evaluation.fidelity import (fid_interval, frechet_distance, inception_score,
                                                   kernel_inception_distance, kid_over_subsets, memorisation,
                                                   ms_ssim_diversity, paired_similarity, trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
+from tests.helpers import NNUNET_PYTHON, nnunet_checks
 
 
 def test_distances_have_the_known_answers():
@@ -49,6 +50,33 @@ def test_distances_have_the_known_answers():
     # The same subsets for the same seed (reports are reproducible), other subsets for another.
     assert kid_over_subsets(big_a, big_b, subsets=5, subset_size=100) == kid_over_subsets(big_a, big_b, subsets=5,
                                                                                           subset_size=100)
+
+
+def test_the_slice_feature_reservoir_is_a_uniform_sample_of_the_whole_stream():
+    # A stream shorter than the capacity is kept whole, in order, and by volume.
+    short = FeatureReservoir(capacity=50, seed=0)
+    for volume in range(5):
+        short.add(volume, torch.full((4, 3), float(volume)))
+    assert torch.equal(short.rows_of({1, 3}), torch.tensor([[1.0] * 3] * 4 + [[3.0] * 3] * 4))
+    # A long stream (each row's value its position) in uneven batches: the sample is spread over the whole
+    # stream, not its first or last rows, and is the same for the same seed.
+    def sample(seed):
+        reservoir, position = FeatureReservoir(capacity=200, seed=seed), 0
+        for volume, batch in enumerate([7, 13, 48] * 200):
+            reservoir.add(volume, torch.arange(position, position + batch, dtype=torch.float32)[:, None])
+            position += batch
+        return reservoir, position
+
+    reservoir, total = sample(0)
+    kept = reservoir.rows_of(set(range(600)))[:, 0]
+    assert reservoir.seen == total == 13600 and len(kept) == 200 and len(set(kept.tolist())) == 200
+    assert abs(float(kept.mean()) - (total - 1) / 2) < 5 * total / (12 ** 0.5 * 200 ** 0.5)
+    assert 0.35 < float((kept < total / 2).float().mean()) < 0.65
+    assert torch.equal(kept, sample(0)[0].rows_of(set(range(600)))[:, 0])
+    assert not torch.equal(kept, sample(1)[0].rows_of(set(range(600)))[:, 0])
+    # Rows stay tagged with their volume: volume 2's rows (positions 20-67) only.
+    mine = reservoir.rows_of({2})[:, 0]
+    assert bool(((mine >= 20) & (mine < 68)).all())
 
 
 def test_similarity_diversity_and_memorisation_known_answers():
@@ -532,13 +560,8 @@ def test_curation_keeps_volumes_whose_mask_a_segmenter_that_never_saw_it_recover
               str(tmp_path / "x"), "--quiet"])
 
 
-NNUNET_PYTHON = Path(__file__).resolve().parents[1] / ".ci" / "nnunet-venv" / "bin" / "python"
-
-
 def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_predictions(phantom_dir, tmp_path,
                                                                                          capsys):
-    import subprocess
-
     cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir())
     _manifest_set(tmp_path / "synthetic", [c for c in cases if "GLI" in c.name], per_mask=2, noise=0.1)
     out = tmp_path / "study"
@@ -565,16 +588,13 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
     truth_file = next((out / "test" / "labelsTs").iterdir())
     assert set(np.unique(np.asarray(nib.load(str(truth_file)).dataobj))) <= {0, 1, 2, 3}
     assert len(list((out / "test" / "imagesTs").iterdir())) == 4
-    if NNUNET_PYTHON.is_file():  # nnU-Net's own check, where .ci/run installed it
-        check = ("from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as v; "
-                 f"v({str(out / 'nnUNet_raw' / study['datasets']['real+synthetic']['folder'])!r}, num_processes=1)")
-        result = subprocess.run([str(NNUNET_PYTHON), "-c", check], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        from tests.test_dataset_trust import decodes_back  # nnU-Net's LabelManager gives every label file back
-
-        for dataset in study["datasets"].values():
-            decoded = decodes_back(out / "nnUNet_raw" / dataset["folder"])
-            assert decoded.returncode == 0, decoded.stdout[-2000:] + decoded.stderr[-2000:]
+    if NNUNET_PYTHON.is_file():  # nnU-Net's own check, and its LabelManager gives every label file back
+        folders = {mix: out / "nnUNet_raw" / dataset["folder"] for mix, dataset in study["datasets"].items()}
+        results = nnunet_checks([("verify", folders["real+synthetic"])] + [("decode", f) for f in folders.values()],
+                                tmp_path)
+        assert results.pop(("verify", folders["real+synthetic"])) == "ok", results
+        assert len(results) == 4 and all(r == f"decoded {len(study['datasets'][mix]['cases'])}"
+                                         for mix, r in zip(folders, results.values())), results
     with pytest.raises(DiffusionGliomaError, match="already holds an exported study"):
         main(["--debug", "nnunet-study", "export", "--real", str(phantom_dir), "--synthetic",
               str(tmp_path / "synthetic"), "--out", str(out), "--quiet"])

@@ -8,7 +8,7 @@ import yaml
 from diffusion_glioma import sweep
 from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
-from tests.test_training import tiny_cache, write_config  # noqa: F401  (tiny_cache is a fixture)
+from tests.test_training import write_config
 
 
 def test_grid_and_random_settings():
@@ -20,7 +20,7 @@ def test_grid_and_random_settings():
     assert random == sweep.settings({**grid, "mode": "random", "samples": 4, "seed": 1})  # reproducible
 
 
-def test_sweep_trains_evaluates_ranks_and_resumes(tiny_cache, phantom_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_sweep_trains_evaluates_ranks_and_resumes(tiny_cache, phantom_dir, tmp_path, capsys, monkeypatch):
     base = write_config(tmp_path / "base.yaml", tiny_cache, tmp_path / "unused",
                         optim={"steps": 4, "batch_size": 1, "warmup_steps": 0}, checkpoints={"every": 2})
     grid = tmp_path / "grid.yaml"

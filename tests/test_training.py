@@ -21,19 +21,9 @@ from diffusion_glioma.training import diffusion as loop
 from diffusion_glioma.training.common import TrainingError
 from diffusion_glioma.training.config import load_train_config
 from tests.helpers import interrupt_after_checkpoint
-from tests.conftest import SMALL
+from tests.conftest import SMALL, TINY_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = SMALL.model_copy(update={"shape": (16, 16, 16), "spacing": (12.0, 12.0, 12.0)})
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(phantom_dir, tmp_path_factory):
-    from diffusion_glioma.config import DataConfig
-
-    cache = tmp_path_factory.mktemp("cache")
-    prepare_dataset(phantom_dir, cache, DataConfig(preprocess=TINY_DATA), progress=False)
-    return cache
 
 
 def write_config(path: Path, cache: Path, output_dir: Path, **sections) -> Path:

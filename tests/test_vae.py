@@ -10,7 +10,7 @@ from diffusion_glioma.cli import main
 from diffusion_glioma.config import PreprocessConfig
 from diffusion_glioma.evaluation.anomaly import anomaly_study, auroc, score_maps
 from diffusion_glioma.generate import GenerateOptions, generate_dataset
-from tests.test_training import tiny_cache, write_config  # noqa: F401  (tiny_cache is a fixture)
+from tests.test_training import write_config
 
 VAE = {"latent_dim": 8, "base_channels": 8, "levels": 2}
 
@@ -41,7 +41,7 @@ def test_healthy_tissue_vae_finds_the_tumours(phantom_dir):
     assert 0 <= trained["dice"] <= trained["best_dice"] <= 1
 
 
-def test_vae_baseline_trains_and_generates(tiny_cache, phantom_dir, tmp_path):  # noqa: F811
+def test_vae_baseline_trains_and_generates(tiny_cache, phantom_dir, tmp_path):
     config = write_config(tmp_path / "v.yaml", tiny_cache, tmp_path / "vae", vae=VAE,
                           optim={"steps": 30, "lr_schedule": "constant", "warmup_steps": 0}, validation={"every": 30})
     assert main(["train", "--config", str(config)]) == 0

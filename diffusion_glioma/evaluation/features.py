@@ -6,6 +6,9 @@
   applied to each modality.
 - Both: a fixed, seeded random CNN as the labelled fallback. Random features give reproducible
   distances to compare sets within one report, not numbers to compare with papers.
+
+`FeatureReservoir` keeps a bounded, seeded sample of a stream of feature rows, so that the slice
+features of a set of any size fit in fixed memory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,3 +138,33 @@ class InceptionFeatures:
             low, high = self.INPUT_RANGE
             out.append(_pooled(self.model(images * (high - low) + low)))
         return torch.cat(out)
+
+
+class FeatureReservoir:
+    """A uniform, seeded sample of at most `capacity` rows from a stream of feature rows (Vitter's
+    algorithm R), each row tagged with the volume it came from. Memory is bounded by the capacity
+    whatever the set's size; a stream no longer than the capacity is kept whole."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        if capacity < 1:
+            raise DiffusionGliomaError(f"a feature reservoir needs a capacity of at least 1, got {capacity}")
+        self.capacity, self.seen = capacity, 0
+        self.rows: list[torch.Tensor] = []
+        self.owners: list[int] = []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, owner: int, rows: torch.Tensor) -> None:
+        """Offer (n, d) rows of volume `owner`."""
+        for row in rows:
+            # The k-th row (0-based) is kept with probability capacity / (k + 1), in a random slot.
+            if self.seen < self.capacity:
+                self.rows.append(row.clone())
+                self.owners.append(owner)
+            elif (slot := int(self.rng.integers(self.seen + 1))) < self.capacity:
+                self.rows[slot], self.owners[slot] = row.clone(), owner
+            self.seen += 1
+
+    def rows_of(self, owners: set[int]) -> torch.Tensor:
+        """The kept rows of the given volumes, (n, d); (0, 1) when there are none."""
+        chosen = [row for row, owner in zip(self.rows, self.owners) if owner in owners]
+        return torch.stack(chosen) if chosen else torch.zeros(0, 1)

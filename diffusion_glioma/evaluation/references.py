@@ -10,6 +10,8 @@
   `generate` writes its outputs: what a perfect generator at that resolution scores (the ceiling).
 
 Each is a list of items and a lazy stream of (volume, affine), one volume in memory at a time.
+`paired_reference_scores` gives the paired columns' references for one real volume as the real set
+passes: mean-fill, noise and another real case on the same grid.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from ..config import PreprocessConfig
 from ..data.layouts import discover_cases
 from ..data.preprocess import prepare_case, to_source
 from ..errors import DataError
-from .fidelity import trivial_references
+from .fidelity import paired_similarity, trivial_references
 from .sets import Item, head_of, normalised, normalised_arrays
 
 TRUTH, CONDITIONAL_MEAN, INDEPENDENT, MEAN_FILL, NOISE = (
     "same-mask truth draws", "conditional mean (mean of the truth draws)", "independent real cohort",
     "mean-fill inside the head", "noise inside the head")
+ANOTHER_REAL_CASE = "real vs another real case"
+PAIRED_REFERENCES = (MEAN_FILL, NOISE, ANOTHER_REAL_CASE)
 
 
 @dataclass
@@ -108,3 +112,18 @@ def model_grid_set(real_folder, real: list[Item], preprocess: dict, modalities) 
     tag = "x".join(f"{v:g}" for v in config.spacing)
     return ReferenceSet(f"real through the model grid ({tag} mm)", [replace(item, item_id=f"{item.item_id}-grid{tag}") for item in real],
                         stream)
+
+
+def paired_reference_scores(volume: np.ndarray, other: np.ndarray | None, modalities, seed: int) -> dict:
+    """The paired scores of references against one real volume: what a trivial generator scores
+    (mean-fill, noise inside the head) and what realistic but unpaired data scores (another real case
+    on the same grid, when there is one); {reference: {modality: {ssim, psnr, mae}}}."""
+    head = head_of(volume)
+    out = {}
+    for c, m in enumerate(modalities):
+        references = trivial_references(volume[c], head, seed)
+        if other is not None:
+            references[ANOTHER_REAL_CASE] = other[c]
+        for reference, array in references.items():
+            out.setdefault(reference, {})[m] = paired_similarity(volume[c], array, head)
+    return out

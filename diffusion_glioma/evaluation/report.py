@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from ..data.layouts import MODALITIES
 from ..errors import DataError
 from ..figures import to_ras
-from ..io import load_volume
-from .features import InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
-from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kernel_inception_distance,
-                       kid_over_subsets, mean_and_sd, memorisation, memorisation_against_training, ms_ssim_diversity, paired_similarity,
-                       trivial_references)
-from .sets import Item, generator_grids, generator_training_cases, generator_training_items, head_of, normalised, read_set
+from .features import FeatureReservoir, InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kid_over_subsets, mean_and_sd,
+                       memorisation, memorisation_against_training, ms_ssim_diversity, paired_similarity)
+from .references import (PAIRED_REFERENCES, TRUTH, independent_set, model_grid_set, paired_reference_scores,
+                         trivial_sets, truth_sets)
+from .sets import (Item, generator_grids, generator_training_cases, generator_training_items, head_of, normalised,
+                   read_set, tumour_of)
 
 
 def _to_ras_stack(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -54,15 +55,6 @@ def _slices(volume_ras: np.ndarray, max_per_axis: int, tumour_ras: np.ndarray | 
             out[f"{axis_name}/{subset}"] = F.interpolate(torch.stack(slices), size=SLICE_SIZE, mode="bilinear",
                                                          align_corners=False)
     return out
-
-
-def _tumour_ras(item: Item, affine: np.ndarray) -> np.ndarray | None:
-    from ..labels import TUMOUR_LABELS, get_scheme
-
-    if item.mask is None or item.labels is None:
-        return None
-    common = get_scheme(item.labels).to_common(load_volume(item.mask, kind="label").array, item.mask)
-    return to_ras(np.isin(common, TUMOUR_LABELS), affine)
 
 
 class Extractors:
@@ -104,7 +96,7 @@ class SetData:
     items: list[Item]
     f3d: dict = field(default_factory=dict)  # modality -> [features per volume]
     f3d_all: list = field(default_factory=list)
-    f2d: dict = field(default_factory=dict)  # modality -> slice subset ("axial/all") -> [(volume index, features)]
+    f2d: dict = field(default_factory=dict)  # modality -> slice subset ("axial/all") -> FeatureReservoir
     hist: dict = field(default_factory=dict)  # modality -> summed histogram inside the head
     small: dict = field(default_factory=dict)  # volume index -> (modality, *VOLUME_SIZE), for a bounded sample
     paired: list = field(default_factory=list)  # synthetic: (index, {modality: {ssim, psnr, mae}}) vs its real volume
@@ -116,6 +108,10 @@ class SetData:
         return [i for i, item in enumerate(self.items) if disease is None or item.disease == disease]
 
 
+# Slice features kept per modality and slice subset (axis x all/tumour) of a set: a seeded uniform sample
+# beyond this (2D FID and KID use it), so memory stays flat in the set's size: 2048 Inception features x
+# 1024 rows x 6 subsets x 4 modalities is 200 MB a set however many volumes it has.
+SLICE_RESERVOIR = 1024
 DIVERSITY_SAMPLE = 64  # volumes kept at VOLUME_SIZE for the across-set MS-SSIM (it uses 50 pairs)
 FIXED_MASK_GROUPS = 16  # masks with several samples kept for the MS-SSIM at a fixed mask
 SHOWN = 3
@@ -155,17 +151,19 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
                                                           unit="volume", disable=not progress)):
         ras, small, per_modality, together = _volume_features(volume, affine, extractors)
         data.f3d_all.append(together)
-        slices = _slices(ras, max_slices, _tumour_ras(item, affine)) if with_slices else {}
+        slices = _slices(ras, max_slices, to_ras(tumour, affine) if (tumour := tumour_of(item)) is not None else None) if with_slices else {}
         for c, m in enumerate(modalities):
             data.f3d[m].append(per_modality[c])
             for key, stack in slices.items():
-                data.f2d[m].setdefault(key, []).append((index, extractors.slices(stack[:, c:c + 1])))
+                if key not in data.f2d[m]:
+                    data.f2d[m][key] = FeatureReservoir(SLICE_RESERVOIR, seed)
+                data.f2d[m][key].add(index, extractors.slices(stack[:, c:c + 1]))
             data.hist[m] += np.histogram(volume[c][volume[c] > 0], bins=50, range=(0, 1))[0]
         if index in keep:
             data.small[index] = small.half()  # half precision: MS-SSIM does not need more
         if real_by_key is None:
             grid = (volume.shape, tuple(np.round(affine, 3).ravel()))
-            data.references.append((index, _reference_scores(volume, previous_by_grid.get(grid), modalities, seed + index)))
+            data.references.append((index, paired_reference_scores(volume, previous_by_grid.get(grid), modalities, seed + index)))
             previous_by_grid[grid] = volume
         else:
             real_volume = None
@@ -214,24 +212,6 @@ def _by_mask(items: list[Item]) -> list[Item]:
     return sorted(items, key=lambda item: item.key)
 
 
-REFERENCES = ("mean-fill inside the head", "noise inside the head", "real vs another real case")
-
-
-def _reference_scores(volume: np.ndarray, other: np.ndarray | None, modalities, seed: int) -> dict:
-    """Reference sets scored against one real volume: what a trivial generator scores (mean-fill,
-    noise inside the head) and what realistic but unpaired data scores (another real case on the
-    same grid, when there is one)."""
-    head = head_of(volume)
-    out = {}
-    for c, m in enumerate(modalities):
-        references = trivial_references(volume[c], head, seed)
-        if other is not None:
-            references["real vs another real case"] = other[c]
-        for reference, array in references.items():
-            out.setdefault(reference, {})[m] = paired_similarity(volume[c], array, head)
-    return out
-
-
 def _mean_paired(scores: list[dict], modalities) -> dict:
     """Mean SSIM/PSNR/MAE per modality over per-volume score dicts ({modality: {metric: value}})."""
     out = {}
@@ -242,11 +222,12 @@ def _mean_paired(scores: list[dict], modalities) -> dict:
 
 def _paired_references(real: SetData, indices: set[int], modalities) -> dict:
     scores = [s for i, s in real.references if i in indices]
-    return {ref: _mean_paired([s[ref] for s in scores if ref in s], modalities) for ref in REFERENCES}
+    return {ref: _mean_paired([s[ref] for s in scores if ref in s], modalities) for ref in PAIRED_REFERENCES}
 
 
 def _pooled_2d(data: SetData, m: str, indices: set[int], subset: str = "/all") -> torch.Tensor:
-    chosen = [f for key, rows in data.f2d[m].items() if key.endswith(subset) for i, f in rows if i in indices]
+    chosen = [rows for key, reservoir in data.f2d[m].items() if key.endswith(subset)
+              if len(rows := reservoir.rows_of(indices))]
     return torch.cat(chosen) if chosen else torch.zeros(0, 1)
 
 
@@ -312,7 +293,7 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
             entry["by_slices"] = {}
             for key in sorted(set(real.f2d[m]) & set(syn.f2d[m])):
                 rk, sk = _pooled_2d(real, m, real_idx, key), _pooled_2d(syn, m, syn_idx, key)
-                entry["by_slices"][key] = {"fid": frechet_distance(rk, sk), "kid": kernel_inception_distance(rk, sk),
+                entry["by_slices"][key] = {"fid": frechet_distance(rk, sk), "kid": kid_over_subsets(rk, sk, seed=seed),
                                            "slices": [len(rk), len(sk)]}
         block["per_modality"][m] = entry
     pairs = [scores for i, scores in syn.paired if i in syn_idx]
@@ -338,8 +319,6 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     `real_reference` does. `segmentation_test`, a folder of real cases with segmentations, is the
     segmentation study's fixed test set (default: a third of `real`, held out).
     """
-    from .references import TRUTH, independent_set, model_grid_set, trivial_sets, truth_sets
-
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
     if len(names) != len(synthetic):
@@ -356,6 +335,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         through_grid = model_grid_set(real, sets["real"], grid, modalities)
         references += [through_grid] if through_grid is not None else []
     extractors = Extractors(modalities, features, inception_weights, features_3d, seed)
+    # The 2D features' cost per volume, bounded by --max-slices: slices over the head and over the tumour
+    # along each of the three axes, for each modality.
+    extractors.description["2d"] += (f"; at most {max_slices} slices per axis over the head and {max_slices} over "
+                                     f"the tumour, so at most {6 * max_slices} slices per modality and volume")
 
     # 1. One streaming pass per set.
     real_data = _collect("real", sets["real"], modalities, extractors, max_slices, seed, None, progress)
@@ -409,6 +392,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             "threshold": mem.threshold, "quantile": mem.quantile, "suspicious": mem.suspicious,
             "nearest": [{"synthetic": s, "real": r, "distance": d} for s, r, d in mem.nearest]}
         results["sets"][name] = entry
+        draws = entry["conditional"]["draws_per_mask"]
+        if draws is not None and draws < 4:
+            notes.append(f"{name}: {draws:g} draws per mask; the spread of a mask's draws and the two-draw ratio "
+                         "are noisy below 4 (generate --per-mask 4).")
     # The references, scored as a set is (no memorisation or segmentation: they are not generators).
     results["references"] = {name: _block(real_data, ref, modalities, everything_real, set(ref.indices()), seed,
                                           by_slices=False, truth_groups=truth_groups)
@@ -450,6 +437,11 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         from .nnunet_study import score_study
 
         results["nnunet_study"] = score_study(nnunet_study, progress=progress)
+    most_seen = max((r.seen for d in data.values() for m in modalities for r in d.f2d[m].values()), default=0)
+    if most_seen > SLICE_RESERVOIR:
+        notes.append(f"2D FID and KID use a seeded uniform sample of {SLICE_RESERVOIR} slices per modality, axis and "
+                     f"slice subset of each set (the largest such stream had {most_seen}), so memory stays flat in the "
+                     "set's size.")
     slices = min(len(_pooled_2d(d, modalities[0], set(d.indices()))) for d in data.values())
     dimensions = 2048 if extractors.inception else None
     if dimensions and slices < dimensions:

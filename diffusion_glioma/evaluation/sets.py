@@ -138,6 +138,17 @@ def normalised_arrays(arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack(out)
 
 
+def tumour_of(item: Item) -> np.ndarray | None:
+    """The item's tumour (any tumour label of the common scheme) on its mask's own voxel grid; None
+    when the item has no mask or no known label scheme."""
+    from ..labels import TUMOUR_LABELS, get_scheme
+
+    if item.mask is None or item.labels is None:
+        return None
+    return np.isin(get_scheme(item.labels).to_common(load_volume(item.mask, kind="label").array, item.mask),
+                   TUMOUR_LABELS)
+
+
 def head_of(volume: np.ndarray) -> np.ndarray:
     """The head of a normalised (modality, x, y, z) volume: where any modality is above 0."""
     return (volume > 0).any(axis=0)
