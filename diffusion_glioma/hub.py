@@ -248,10 +248,11 @@ def _recipe(diffusion: dict, unet: dict) -> str:
     else:
         levels = "noise levels uniform over t"
     weighting = f", min-SNR-{diffusion['snr_gamma']:g} weighting" if diffusion.get("snr_gamma") else ""
-    target = diffusion.get('prediction_type', 'v_prediction')
+    kind = diffusion.get("prediction_type", "v_prediction")
+    target = {"sample": "x0-prediction", "v_prediction": "v-prediction", "epsilon": "epsilon-prediction"}.get(kind, kind)
     if unet.get("skip_sigma_data") is not None:
         target += f" with EDM's skip (sigma_data {unet['skip_sigma_data']:g})"
-    return (f"{target} target, {diffusion.get('loss', 'l2')} loss"
+    return (f"{target}, {diffusion.get('loss', 'l2')} loss"
             f"{' inside the head' if diffusion.get('loss_in_head', True) else ''}{weighting}, {levels}"
             f"{', wavelet bands at unit variance' if unet.get('wavelet_band_scale') else ''}")
 

@@ -22,9 +22,10 @@ from tests.helpers import write_nifti
 SHAPE = (16, 16, 16)
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 # The recipes under test: the package's default (the research configs'), and the demo weights' recipe
-# (configs/demo.yaml); a config changes only what a toy run needs.
-RECIPES = {"default": {}, "x0_lognormal": {"prediction_type": "sample", "noise_levels": "lognormal",
-                                           "lognormal_mean": -0.5}}
+# (configs/demo.yaml: x0 with EDM's skip at sigma_data 0.25 and log-normal levels); a config changes only
+# what a toy run needs.
+RECIPES = {"default": {}, "demo": {"prediction_type": "sample", "skip_sigma_data": 0.25, "noise_levels": "lognormal",
+                                   "lognormal_mean": -0.5}}
 
 
 def _toy_cohort(folder: Path, n: int = 16) -> Path:
