@@ -6,7 +6,7 @@ N real and M synthetic volumes (BraTS scale is 500 real + 2,000 synthetic), on a
 A few phantom cases (and their same-mask truth draws, as the synthetic volumes) are written once;
 each set is a manifest that names them again and again under new ids, so a set of 2,000 volumes
 costs no disk, while `evaluate` reads, normalises, features and scores every one of its volumes as
-it would distinct files. Each size runs `evaluate` in a process of its own (a clean peak), with the
+it would distinct files (from the page cache: cold disk reads are not measured). Each size runs `evaluate` in a process of its own (a clean peak), with the
 random features (`--features inception` for the 2D Inception network: about 1 s a slice on 2 CPU
 cores) and no segmentation study. Prints one JSON line per size, appends them to OUT/benchmark.jsonl.
 """
@@ -37,7 +37,7 @@ def write_manifest(folder: Path, records: list[dict]) -> None:
 def make_sets(out: Path, n_real: int, n_synthetic: int, spacing: float) -> tuple[Path, Path]:
     """A real set of `n_real` volumes and a synthetic set of `n_synthetic` (the same number of draws
     for each real volume), both naming the same 8 phantom cases and their 4 truth draws each."""
-    source, truth = out / "source", out / "source_truth"
+    source, truth = out / f"source_{spacing:g}mm", out / f"source_{spacing:g}mm_truth"
     if not (truth / "manifest.jsonl").is_file():
         write_cohort(source, n_adult=4, n_pediatric=4, spacing=spacing, truth_draws=4, truth_out=truth, progress=False)
     cases = [json.loads(line) for line in (truth / "manifest.jsonl").read_text().splitlines() if line.strip()]
@@ -45,13 +45,13 @@ def make_sets(out: Path, n_real: int, n_synthetic: int, spacing: float) -> tuple
     for record in cases:
         by_case.setdefault(record["case_id"], []).append(record)
     ids = sorted(by_case)
-    real, synthetic = out / f"real_{n_real}", out / f"synthetic_{n_synthetic}_for_{n_real}"
+    real, synthetic = out / f"real_{n_real}_{spacing:g}mm", out / f"synthetic_{n_synthetic}_for_{n_real}_{spacing:g}mm"
     for folder, origin in ((real, source), (synthetic, truth)):
         if not folder.is_dir():  # a copy of the few files the manifest names, inside the set's folder
             shutil.copytree(origin, folder.with_suffix(".tmp"), dirs_exist_ok=True)
             folder.with_suffix(".tmp").rename(folder)
     real_records, synthetic_records = [], []
-    draws = max(1, n_synthetic // n_real)
+    draws = -(-n_synthetic // n_real)  # ceil: the last real volumes may get one draw fewer
     for i in range(n_real):
         first = by_case[ids[i % len(ids)]][0]
         cid, output = first["case_id"], f"real{i:05d}"

@@ -34,7 +34,7 @@ steps=${STEPS:-1000000}
 draws=${DRAWS:-4}
 # Refuse a malformed row or a clash of row names (budget rows such as diffusion_8min included) before any training.
 for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do
-  [[ $row == ?*=?* ]] || { echo "RECIPES/EXTRA_MODELS: '$row' is not NAME=..." >&2; exit 2; }
+  [[ $row =~ ^[A-Za-z0-9._-]+=. ]] || { echo "RECIPES/EXTRA_MODELS: '$row' is not NAME=... (a name of letters, digits, . _ -)" >&2; exit 2; }
 done
 for recipe in ${RECIPES:-}; do
   [[ ${recipe#*=} == ?*=* ]] || { echo "RECIPES: '$recipe' is not NAME=KEY=VALUE" >&2; exit 2; }

@@ -52,8 +52,8 @@ def interrupt_after_checkpoint(monkeypatch, loop_module, at_step: int):
 
 # nnunetv2 pulls torchvision, which cannot import beside the CPU torch and then breaks diffusers' imports:
 # .ci/run installs it into a venv of its own (kept between runs) and tells the tests where.
-NNUNET_PYTHON = Path(os.environ.get("DG_NNUNET_PYTHON", Path.home() / ".cache" / "diffusion_glioma" / "nnunet-venv"
-                                    / "bin" / "python"))
+NNUNET_PYTHON = Path(os.environ.get("DG_NNUNET_PYTHON") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                     / "diffusion_glioma" / "nnunet-venv" / "bin" / "python")
 
 # nnU-Net's own checks, every one in a single interpreter (each start imports nnunetv2 and torch): `verify`
 # is nnU-Net's dataset integrity check; `decode` turns every label file into its regions and decodes them

@@ -248,6 +248,23 @@ def test_diversity_at_a_fixed_mask_exposes_a_collapsed_generator(phantom_dir, tm
     assert collapsed["paired"]["pairs"] == 6 and set(collapsed["by_disease"]) == {"glioblastoma"}
 
 
+def test_slice_features_beyond_the_reservoir_are_sampled_per_disease_and_said(phantom_dir, tmp_path, monkeypatch):
+    """Past the reservoir's capacity every disease keeps its own sample (a rare disease is not crowded
+    out of its rows by a common one), every axis the same number, and the report says so."""
+    from diffusion_glioma.evaluation import report as report_module
+
+    monkeypatch.setattr(report_module, "SLICE_RESERVOIR", 3)
+    result = evaluate(phantom_dir, [phantom_dir], tmp_path / "r", names=["itself"], features="random", max_slices=2,
+                      segmentation_steps=0, progress=False)
+    entry = result["sets"]["itself"]
+    # 3 adult and 2 pediatric volumes x 2 slices per axis: 6 and 4 offered per axis, 3 kept of each.
+    assert entry["per_modality"]["t2w"]["by_slices"]["axial/all"]["slices"] == [6, 6]
+    assert entry["per_modality"]["t2w"]["slices"] == [18, 18]  # 3 axes x 2 diseases x 3
+    for disease in ("glioblastoma", "pediatric_diffuse_glioma"):
+        assert entry["by_disease"][disease]["per_modality"]["t2w"]["slices"] == [9, 9]
+    assert any("seeded uniform sample of 3 slices" in note and "had 6" in note for note in result["notes"])
+
+
 def test_evaluate_bad_input(phantom_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(phantom_dir, other)

@@ -2,8 +2,8 @@
 draws: truth redraws (a perfect sampler), the conditional mean (a perfect regressor), a blurred copy of
 the real case, and noise inside the head. The redraws must win on distribution and spread, the mean
 on the paired score while collapsing on spread, noise must lose; and the reference rows the report
-adds (truth draws, conditional mean, mean-fill, noise, the real cases through a model's grid) must
-land where those sets do."""
+adds (truth draws, conditional mean, an independent real cohort, mean-fill, noise, the real cases
+through a model's grid) must land where those sets do."""
 
 import json
 import shutil
@@ -44,6 +44,8 @@ def known_sets(tmp_path_factory):
     write_cohort(root / "real", n_adult=3, n_pediatric=1, spacing=5.0, seed=3, first_index=100,
                  truth_draws=2 * DRAWS, truth_out=root / "all_truth", progress=False)
     records = [json.loads(line) for line in (root / "all_truth" / "manifest.jsonl").read_text().splitlines()]
+    # An independent real cohort: other held-out subjects, the floor of the distribution distances.
+    write_cohort(root / "independent", n_adult=3, n_pediatric=1, spacing=5.0, seed=3, first_index=200, progress=False)
     # A generator's training cohort (other heads) and its record, as a training run leaves them.
     write_cohort(root / "train", n_adult=3, n_pediatric=1, spacing=5.0, seed=3, first_index=0, progress=False)
     trained = sorted(case.case_id for case in discover_cases(root / "train"))
@@ -103,7 +105,8 @@ NAMES = ["redraws", "mean", "blurred", "noise"]  # of known order; "copies" is s
 def report(known_sets):
     return evaluate(known_sets / "real", [known_sets / n for n in NAMES + ["copies"]], known_sets / "report",
                     names=NAMES + ["copies"],
-                    features="random", max_slices=1, segmentation_steps=0, truth=known_sets / "truth", progress=False)
+                    features="random", max_slices=1, segmentation_steps=0, truth=known_sets / "truth",
+                    real_reference=known_sets / "independent", progress=False)
 
 
 def test_the_report_orders_sets_of_known_order(report):
@@ -136,6 +139,11 @@ def test_the_reference_rows_land_where_the_sets_they_stand_for_do(report):
     assert truth["fid_3d"] < rows["reference: mean-fill inside the head"]["fid_3d"]
     assert truth["fid_3d"] < rows["reference: noise inside the head"]["fid_3d"]
     assert rows["redraws"]["fid_3d"] < rows["reference: mean-fill inside the head"]["fid_3d"]
+    # Other real heads: the floor of the distribution distances, far below what learnt only the outline.
+    independent = rows["reference: independent real cohort"]
+    print({k: independent[k] for k in ("fid_3d", "kid_3d")})
+    for trivial in ("mean-fill inside the head", "noise inside the head"):
+        assert independent["fid_3d"] < rows[f"reference: {trivial}"]["fid_3d"]
     # The real cases through the blurred set's 10 mm model grid and back: the real anatomy, aligned (a
     # shift of one 5 mm voxel brings the correlation of the real case with itself to 0.49), but blurred (the noise and the fine
     # structure are gone: measured 0.64, and 1.0 through a 5 mm grid).

@@ -145,7 +145,7 @@ class FeatureReservoir:
     algorithm R), each row tagged with the volume it came from. Memory is bounded by the capacity
     whatever the set's size; a stream no longer than the capacity is kept whole."""
 
-    def __init__(self, capacity: int, seed: int = 0):
+    def __init__(self, capacity: int, seed: int | list[int] = 0):
         if capacity < 1:
             raise DiffusionGliomaError(f"a feature reservoir needs a capacity of at least 1, got {capacity}")
         self.capacity, self.seen = capacity, 0

@@ -158,13 +158,16 @@ def paired_similarity(real: np.ndarray, synthetic: np.ndarray, head: np.ndarray)
             "mae": float(np.abs(difference).mean())}
 
 
+MEAN_FILL, NOISE = "mean-fill inside the head", "noise inside the head"
+
+
 def trivial_references(real: np.ndarray, head: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """What a generator that learnt nothing but the head would write: the real volume's mean
     intensity everywhere inside the head, and uniform noise inside the head (0 outside both)."""
     rng = np.random.default_rng(seed)
     mean_fill = np.where(head, real[head].mean(), 0.0).astype(real.dtype)
     noise = np.where(head, rng.uniform(0, 1, real.shape), 0.0).astype(real.dtype)
-    return {"mean-fill inside the head": mean_fill, "noise inside the head": noise}
+    return {MEAN_FILL: mean_fill, NOISE: noise}
 
 
 @dataclass

@@ -25,12 +25,11 @@ from ..config import PreprocessConfig
 from ..data.layouts import discover_cases
 from ..data.preprocess import prepare_case, to_source
 from ..errors import DataError
-from .fidelity import paired_similarity, trivial_references
+from .fidelity import MEAN_FILL, NOISE, paired_similarity, trivial_references
 from .sets import Item, head_of, normalised, normalised_arrays
 
-TRUTH, CONDITIONAL_MEAN, INDEPENDENT, MEAN_FILL, NOISE = (
-    "same-mask truth draws", "conditional mean (mean of the truth draws)", "independent real cohort",
-    "mean-fill inside the head", "noise inside the head")
+TRUTH, CONDITIONAL_MEAN, INDEPENDENT = (
+    "same-mask truth draws", "conditional mean (mean of the truth draws)", "independent real cohort")
 ANOTHER_REAL_CASE = "real vs another real case"
 PAIRED_REFERENCES = (MEAN_FILL, NOISE, ANOTHER_REAL_CASE)
 

@@ -9,6 +9,7 @@ head -> [0, 1], background 0), so real and synthetic are compared on equal terms
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -90,13 +91,14 @@ class Extractors:
 
 @dataclass
 class SetData:
-    """What one pass over a set keeps: features and per-volume scores for every volume, whole
-    volumes for only a bounded few (memory does not grow with the set's size beyond features)."""
+    """What one pass over a set keeps: 3D features and per-volume scores for every volume, a bounded
+    sample of slice features, whole volumes for only a bounded few (memory does not grow with the
+    set's size beyond a few numbers per volume)."""
 
     items: list[Item]
     f3d: dict = field(default_factory=dict)  # modality -> [features per volume]
     f3d_all: list = field(default_factory=list)
-    f2d: dict = field(default_factory=dict)  # modality -> slice subset ("axial/all") -> FeatureReservoir
+    f2d: dict = field(default_factory=dict)  # modality -> (disease, slice subset "axial/all") -> FeatureReservoir
     hist: dict = field(default_factory=dict)  # modality -> summed histogram inside the head
     small: dict = field(default_factory=dict)  # volume index -> (modality, *VOLUME_SIZE), for a bounded sample
     paired: list = field(default_factory=list)  # synthetic: (index, {modality: {ssim, psnr, mae}}) vs its real volume
@@ -108,10 +110,11 @@ class SetData:
         return [i for i, item in enumerate(self.items) if disease is None or item.disease == disease]
 
 
-# Slice features kept per modality and slice subset (axis x all/tumour) of a set: a seeded uniform sample
-# beyond this (2D FID and KID use it), so memory stays flat in the set's size: 2048 Inception features x
-# 1024 rows x 6 subsets x 4 modalities is 200 MB a set however many volumes it has.
-SLICE_RESERVOIR = 1024
+# Slice features kept per disease, modality and slice subset (axis x all/tumour) of a set: a seeded uniform
+# sample beyond this (2D FID and KID use it), so memory stays flat in the set's size: 2048 Inception features
+# x 2560 rows x 6 subsets x 4 modalities is 500 MB per disease and set, however many volumes it has. More
+# rows than Inception has dimensions, so that one axis's covariance can be of full rank.
+SLICE_RESERVOIR = 2560
 DIVERSITY_SAMPLE = 64  # volumes kept at VOLUME_SIZE for the across-set MS-SSIM (it uses 50 pairs)
 FIXED_MASK_GROUPS = 16  # masks with several samples kept for the MS-SSIM at a fixed mask
 SHOWN = 3
@@ -155,9 +158,9 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
         for c, m in enumerate(modalities):
             data.f3d[m].append(per_modality[c])
             for key, stack in slices.items():
-                if key not in data.f2d[m]:
-                    data.f2d[m][key] = FeatureReservoir(SLICE_RESERVOIR, seed)
-                data.f2d[m][key].add(index, extractors.slices(stack[:, c:c + 1]))
+                if (item.disease, key) not in data.f2d[m]:  # each set its own draw; the same slices for every modality
+                    data.f2d[m][item.disease, key] = FeatureReservoir(SLICE_RESERVOIR, [seed, zlib.crc32(name.encode())])
+                data.f2d[m][item.disease, key].add(index, extractors.slices(stack[:, c:c + 1]))
             data.hist[m] += np.histogram(volume[c][volume[c] > 0], bins=50, range=(0, 1))[0]
         if index in keep:
             data.small[index] = small.half()  # half precision: MS-SSIM does not need more
@@ -226,7 +229,7 @@ def _paired_references(real: SetData, indices: set[int], modalities) -> dict:
 
 
 def _pooled_2d(data: SetData, m: str, indices: set[int], subset: str = "/all") -> torch.Tensor:
-    chosen = [rows for key, reservoir in data.f2d[m].items() if key.endswith(subset)
+    chosen = [rows for (_, key), reservoir in data.f2d[m].items() if key.endswith(subset)
               if len(rows := reservoir.rows_of(indices))]
     return torch.cat(chosen) if chosen else torch.zeros(0, 1)
 
@@ -291,7 +294,7 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
                  "fid_3d": frechet_distance(r3d, s3d), "kid_3d": kid_over_subsets(r3d, s3d, seed=seed)}
         if by_slices:  # every axis and subset (all slices / tumour slices) on its own
             entry["by_slices"] = {}
-            for key in sorted(set(real.f2d[m]) & set(syn.f2d[m])):
+            for key in sorted({k for _, k in real.f2d[m]} & {k for _, k in syn.f2d[m]}):
                 rk, sk = _pooled_2d(real, m, real_idx, key), _pooled_2d(syn, m, syn_idx, key)
                 entry["by_slices"][key] = {"fid": frechet_distance(rk, sk), "kid": kid_over_subsets(rk, sk, seed=seed),
                                            "slices": [len(rk), len(sk)]}
@@ -439,8 +442,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         results["nnunet_study"] = score_study(nnunet_study, progress=progress)
     most_seen = max((r.seen for d in data.values() for m in modalities for r in d.f2d[m].values()), default=0)
     if most_seen > SLICE_RESERVOIR:
-        notes.append(f"2D FID and KID use a seeded uniform sample of {SLICE_RESERVOIR} slices per modality, axis and "
-                     f"slice subset of each set (the largest such stream had {most_seen}), so memory stays flat in the "
+        notes.append(f"2D FID and KID use a seeded uniform sample of {SLICE_RESERVOIR} slices per disease, modality, "
+                     f"axis and slice subset of each set (the largest such stream had {most_seen}), so memory stays flat in the "
                      "set's size.")
     slices = min(len(_pooled_2d(d, modalities[0], set(d.indices()))) for d in data.values())
     dimensions = 2048 if extractors.inception else None

@@ -44,7 +44,7 @@ from ..provenance import check_no_leak
 from ..training.config import FinetuneSection, TrainConfig
 from ..training import train_for_config
 from .features import InceptionFeatures, RandomFeatures, shipped_inception_path
-from .fidelity import kid_over_subsets, paired_similarity, trivial_references
+from .fidelity import MEAN_FILL, kid_over_subsets, paired_similarity, trivial_references
 
 ARMS = ("scratch", "scratch, target steps", "fine-tuned", "joint")
 METRICS = ("ssim", "psnr", "mae", "kid_2d")
@@ -152,10 +152,10 @@ class Scorer:
     def references(self, seed: int) -> dict:
         """Mean-fill inside the head, and the independent real target cohort (other subjects, same size
         and grid; its tumour slices come from its own masks)."""
-        mean_fill = [torch.from_numpy(np.stack([trivial_references(r[c].numpy(), h, seed)["mean-fill inside the head"]
+        mean_fill = [torch.from_numpy(np.stack([trivial_references(r[c].numpy(), h, seed)[MEAN_FILL]
                                                 for c in range(len(r))])) for r, h in zip(self.real, self.heads)]
         volumes, labels = self.reference
-        return {"mean-fill inside the head": self.score(mean_fill),
+        return {MEAN_FILL: self.score(mean_fill),
                 "independent real target cohort": self.score(volumes, labels)}
 
 

@@ -9,6 +9,8 @@ import numpy as np
 
 from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import atomic_path, load_volume, write_json
+from .fidelity import MEAN_FILL
+from .references import ANOTHER_REAL_CASE
 from .segmentation import REGIONS
 from .sets import normalised
 
@@ -214,8 +216,8 @@ def markdown(results: dict, names: list[str], modalities) -> str:
             fixed = b["fixed_mask_diversity"]
             lines.append(f"| {n} | {disease} | {b['volumes'][0]} / {b['volumes'][1]} | {_fmt(b['fid_3d'])} | "
                          f"{_fmt(b['kid_3d'])} | {fid_2d} | {_fmt(_mean_over({m: b['paired'][m] for m in modalities}, 'ssim'))} | "
-                         f"{_fmt(_mean_over(refs['mean-fill inside the head'], 'ssim'))} / "
-                         f"{_fmt(_mean_over(refs['real vs another real case'], 'ssim'))} | "
+                         f"{_fmt(_mean_over(refs[MEAN_FILL], 'ssim'))} / "
+                         f"{_fmt(_mean_over(refs[ANOTHER_REAL_CASE], 'ssim'))} | "
                          f"{_fmt(fixed['ms_ssim']) if fixed else 'n/a'} |")
     if "segmentation_setup" in results:
         lines += _segmentation_markdown(results, names)
