@@ -76,7 +76,7 @@ def toy_model(tmp_path_factory, request) -> tuple[MaskToMRIPipeline, dict]:
 
 def test_a_bimodal_conditional_is_sampled_in_both_modes(toy_model):
     pipe, item = toy_model
-    labels = item["labels"][None].long().repeat(12, 1, 1, 1)
+    labels = item["labels"][None].long().repeat(24, 1, 1, 1)
     pipe.use_sampler("ddim")
     volumes = pipe(labels, "glioblastoma", num_inference_steps=25, generator=torch.Generator().manual_seed(1),
                    progress=False).volumes.numpy()
@@ -89,7 +89,7 @@ def test_a_bimodal_conditional_is_sampled_in_both_modes(toy_model):
     decided = np.abs(contrast) > 0.5 * contrast_true  # a grey head (the mean) decides nothing
     bright_left = int((contrast > 0)[decided].sum())
     assert decided.mean() >= 0.75, contrast.round(2)
-    assert 3 <= bright_left <= decided.sum() - 3, contrast.round(2)  # both modes, neither rare
+    assert 5 <= bright_left <= decided.sum() - 5, contrast.round(2)  # both modes, neither rare
 
 
 def test_at_the_smallest_noise_level_the_estimate_beats_its_input(toy_model):
