@@ -99,7 +99,7 @@ def main() -> None:
         except ValueError:
             parser.error(f"--sizes: {size!r} is not REAL:SYNTHETIC")
         real, synthetic = make_sets(args.out, n_real, n_synthetic, args.spacing)
-        child = subprocess.run([sys.executable, __file__, "--features", args.features, "--one", str(real),
+        child = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--features", args.features, "--one", str(real),
                                 str(synthetic), str(args.out / f"report_{n_real}_{n_synthetic}")],
                                capture_output=True, text=True)
         if child.returncode != 0:
