@@ -111,7 +111,7 @@ class SetData:
 
 
 # Slice features kept per disease, modality and slice subset (axis x all/tumour) of a set: a seeded uniform
-# sample beyond this (2D FID and KID use it), so memory stays flat in the set's size: 2048 Inception features
+# sample beyond this (2D FID and KID use it), so their memory is bounded whatever the set's size: 2048 Inception features
 # x 2560 rows x 6 subsets x 4 modalities is 500 MB per disease and set, however many volumes it has. More
 # rows than Inception has dimensions, so that one axis's covariance can be of full rank.
 SLICE_RESERVOIR = 2560
@@ -443,8 +443,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     most_seen = max((r.seen for d in data.values() for m in modalities for r in d.f2d[m].values()), default=0)
     if most_seen > SLICE_RESERVOIR:
         notes.append(f"2D FID and KID use a seeded uniform sample of {SLICE_RESERVOIR} slices per disease, modality, "
-                     f"axis and slice subset of each set (the largest such stream had {most_seen}), so memory stays flat in the "
-                     "set's size.")
+                     f"axis and slice subset of each set (the largest such stream had {most_seen}), so their memory is bounded "
+                     "whatever the set's size.")
     slices = min(len(_pooled_2d(d, modalities[0], set(d.indices()))) for d in data.values())
     dimensions = 2048 if extractors.inception else None
     if dimensions and slices < dimensions:
