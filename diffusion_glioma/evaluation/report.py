@@ -111,9 +111,9 @@ class SetData:
 
 
 # Slice features kept per disease, modality and slice subset (axis x all/tumour) of a set: a seeded uniform
-# sample beyond this (2D FID and KID use it), so their memory is bounded whatever the set's size: 2048 Inception features
-# x 2560 rows x 6 subsets x 4 modalities is 500 MB per disease and set, however many volumes it has. More
-# rows than Inception has dimensions, so that one axis's covariance can be of full rank.
+# sample beyond this (2D FID and KID use it), so their memory is bounded whatever the set's size: 2048
+# Inception features x 2560 rows x 6 subsets x 4 modalities is 500 MB per disease and set. More rows than
+# Inception has dimensions, so that one axis's covariance can be of full rank.
 SLICE_RESERVOIR = 2560
 DIVERSITY_SAMPLE = 64  # volumes kept at VOLUME_SIZE for the across-set MS-SSIM (it uses 50 pairs)
 FIXED_MASK_GROUPS = 16  # masks with several samples kept for the MS-SSIM at a fixed mask
