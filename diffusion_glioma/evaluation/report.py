@@ -154,7 +154,10 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
                                                           unit="volume", disable=not progress)):
         ras, small, per_modality, together = _volume_features(volume, affine, extractors)
         data.f3d_all.append(together)
-        slices = _slices(ras, max_slices, to_ras(tumour, affine) if (tumour := tumour_of(item)) is not None else None) if with_slices else {}
+        slices = {}
+        if with_slices:
+            tumour = tumour_of(item)
+            slices = _slices(ras, max_slices, None if tumour is None else to_ras(tumour, affine))
         for c, m in enumerate(modalities):
             data.f3d[m].append(per_modality[c])
             for key, stack in slices.items():
