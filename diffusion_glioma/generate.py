@@ -34,7 +34,7 @@ from .data.layouts import SEG, Case, Layout, discover_cases, write_label_schemes
 from .data.preprocess import GeometryRecord, check_tumour_inside, load_case, plan_geometry, to_model, to_source
 from .errors import DataError, DiffusionGliomaError
 from .figures import FigureRow, axial_row, to_ras, write_draws_figure, write_slices_figure
-from .io import atomic_path, is_temporary, load_volume, remove_stale_temporaries, save_volume, write_json
+from .io import is_temporary, load_volume, remove_stale_temporaries, save_volume, write_json, write_text
 from .provenance import read_sources
 from .pipeline import load_pipeline
 from .precision import resolve_dtype
@@ -312,8 +312,7 @@ def generate_dataset(model_dir: str | Path, masks: str | Path, out: str | Path, 
         with_order = sorted(all_records, key=lambda r: (r["case_id"], r["k"]))
         manifest = out / "manifest.jsonl"
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in with_order)
-        with atomic_path(manifest) as tmp:
-            tmp.write_text(text)
+        write_text(manifest, text)
         writer.finish(with_order)
         if options.format == "brats":  # PED label values alone cannot say which release they follow
             write_label_schemes(out, BRATS_WRITTEN_SCHEMES)

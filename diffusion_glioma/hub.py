@@ -21,7 +21,7 @@ import yaml
 
 from . import __version__
 from .errors import DataError, DiffusionGliomaError, first_line
-from .io import atomic_path
+from .io import write_text
 from .labels import COMMON_LABELS
 
 WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -260,8 +260,7 @@ def _recipe(diffusion: dict, unet: dict) -> str:
 def write_card(folder: str | Path, **kwargs) -> Path:
     path = Path(folder) / "README.md"
     text = model_card(folder, **kwargs)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_text(path, text)
     return path
 
 

@@ -7,6 +7,8 @@ user sees which file is wrong and why in one line, never a traceback from inside
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -117,6 +119,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (a temporary sibling, then a rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, *, qform_code: int = 1,
                 sform_code: int = 1, dtype=np.float32) -> Path:
     """Write a NIfTI atomically with the given affine and qform/sform codes."""
@@ -130,6 +139,28 @@ def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, *, qfor
 
 # What `atomic_path` names its temporaries: a leftover of a killed run, never a finished file.
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+(\.[A-Za-z0-9]+)*$")
+
+
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    A stream of volumes allocates and frees arrays of many sizes; past the first large free, glibc
+    serves them from the heap, where the small objects kept between volumes pin the free space, so
+    the resident memory of a long stream grows with its length though nothing more is kept
+    (docs/benchmarks.md, "Evaluation at BraTS counts"). Call it every few volumes."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def is_temporary(path: Path) -> bool:

@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import load_yaml
 from .errors import DataError
-from .io import atomic_path, write_json
+from .io import write_json, write_text
 
 METRICS = {  # name -> higher is better
     "kid_2d": False, "fid_3d": False, "spread_error": False, "classifier_accuracy": True, "ssim": True, "psnr": True}
@@ -173,8 +173,7 @@ def _rank(out: Path, combos: list[dict], results: list[dict], rank_by: str) -> d
             cells = [spread(group["scores"][m]) for m in METRICS]
             lines.append("| " + " | ".join(str(group["setting"][n]) for n in others)
                          + f" | {len(group['seeds'])} | " + " | ".join(cells) + " |")
-    with atomic_path(out / "sweep.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text(out / "sweep.md", "\n".join(lines) + "\n")
     _figure(out / "sweep.png", ranked, rank_by)
     return summary
 

@@ -26,12 +26,11 @@ from pathlib import Path
 
 from diffusion_glioma.data.layouts import MODALITIES
 from diffusion_glioma.data.phantom import write_cohort
-from diffusion_glioma.io import atomic_path
+from diffusion_glioma.io import write_text
 
 
 def write_manifest(folder: Path, records: list[dict]) -> None:
-    with atomic_path(folder / "manifest.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text(folder / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def make_sets(out: Path, n_real: int, n_synthetic: int, spacing: float) -> tuple[Path, Path]:

@@ -36,7 +36,7 @@ from diffusion_glioma.evaluation.segmentation import bootstrap_interval
 from diffusion_glioma.evaluation.sets import head_of, normalised, read_set
 from diffusion_glioma.figures import pyplot, save_png
 from diffusion_glioma.generate import GenerateOptions, generate_dataset
-from diffusion_glioma.io import write_json
+from diffusion_glioma.io import write_json, write_text
 
 METRICS = ("spread_ratio", "two_draw_ratio", "correlation_with_real")
 DECIDING = ("spread_ratio", "correlation_with_real")  # a step count must keep both
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                  f"{t['fid_3d']:.4g} | {kid(t['kid_3d'])} | | | |")
     lines += ["", "Smallest step count within noise of the largest (spread and correlation): "
               + ", ".join(f"{s} {n}" for s, n in results["smallest_within_noise"].items())]
-    (out / "sampler_study.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "sampler_study.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
     plt = pyplot()

@@ -31,7 +31,7 @@ from diffusion_glioma.evaluation.conditional import (coarse_spread_ratio, correl
 from diffusion_glioma.evaluation.fidelity import mean_and_sd
 from diffusion_glioma.evaluation.sets import read_set
 from diffusion_glioma.figures import pyplot, save_png
-from diffusion_glioma.io import write_json
+from diffusion_glioma.io import write_json, write_text
 from diffusion_glioma.pipeline import load_pipeline
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                                                   "roughness_ratio", "correlation_with_real")]
         text = ["-" if c is None else f"{c['mean']:.3f} ± {c['sd'] or 0:.3f}" for c in cells]
         lines.append(f"| {name} | " + " | ".join(text) + " |")
-    (out / "sampling_check.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "sampling_check.md", "\n".join(lines) + "\n")
     _figure(out / "sampling_check.png", figure, pipe.modalities)
     print("\n".join(lines))
     return 0

@@ -21,7 +21,7 @@ from diffusion_glioma.data.layouts import MODALITIES
 from diffusion_glioma.errors import DataError, DiffusionGliomaError
 from diffusion_glioma.evaluation.segmentation import REGIONS, learning_curve, plateau_budget, prepare_segmented
 from diffusion_glioma.evaluation.sets import read_set
-from diffusion_glioma.io import atomic_path, write_json
+from diffusion_glioma.io import write_json, write_text
 
 
 def cases_with_masks(folder: str) -> list[dict]:
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
               "mean": mean, "plateau": plateau_budget(mean, "WT", args.tolerance)}
     out = Path(args.out)
     write_json(out / "learning_curve.json", result)
-    with atomic_path(out / "learning_curve.md") as tmp:
-        tmp.write_text(markdown(result))
+    write_text(out / "learning_curve.md", markdown(result))
     plot(out / "learning_curve.png", result)
     print(markdown(result))
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from diffusion_glioma.errors import DiffusionGliomaError
 from diffusion_glioma.evaluation.transfer import markdown_table, run_transfer_study
+from diffusion_glioma.io import write_text
 from diffusion_glioma.training.config import load_train_config
 
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = markdown_table(results)
-    (Path(args.out) / "transfer.md").write_text(table)
+    write_text(Path(args.out) / "transfer.md", table)
     print(table)
     print(f"plot: {args.out}/transfer.png")
     return 0

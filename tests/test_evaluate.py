@@ -13,7 +13,8 @@ from diffusion_glioma.cli import main
 from diffusion_glioma.errors import DiffusionGliomaError
 from diffusion_glioma.evaluation.features import FeatureReservoir, RandomFeatures
 from diffusion_glioma.evaluation.fidelity import (fid_interval, frechet_distance, inception_score,
-                                                  kernel_inception_distance, kid_over_subsets, memorisation,
+                                                  kernel_inception_distance, kid_interval, kid_over_subsets,
+                                                  memorisation,
                                                   ms_ssim_diversity, paired_similarity, trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
 from tests.helpers import NNUNET_PYTHON, nnunet_checks
@@ -50,6 +51,22 @@ def test_distances_have_the_known_answers():
     # The same subsets for the same seed (reports are reproducible), other subsets for another.
     assert kid_over_subsets(big_a, big_b, subsets=5, subset_size=100) == kid_over_subsets(big_a, big_b, subsets=5,
                                                                                           subset_size=100)
+
+
+def test_the_kid_interval_holds_zero_for_one_distribution_and_not_for_two():
+    rng = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 8, generator=rng), torch.randn(40, 8, generator=rng)
+    same, shifted = kid_interval(a, b), kid_interval(a, b + 0.7)
+    # Drawn from one distribution: the interval holds 0 (a resample that paired a volume with itself would
+    # add its self-similarity and lift the whole interval above 0).
+    assert same[0] < 0 < same[1] and same[0] < kernel_inception_distance(a, b) < same[1]
+    # Shifted: the interval holds the KID and stays above 0; a copy of the real set scores near 0.
+    assert 0 < shifted[0] < kernel_inception_distance(a, b + 0.7) < shifted[1]
+    copy = kid_interval(a, a.clone())
+    assert copy[0] < 0.5 * shifted[0] and copy[1] < shifted[1]
+    many = kid_interval(torch.randn(400, 8, generator=rng), torch.randn(400, 8, generator=rng) + 0.7)
+    assert many[1] - many[0] < 0.5 * (shifted[1] - shifted[0])
+    assert kid_interval(a[:2], b) is None
 
 
 def test_the_slice_feature_reservoir_is_a_uniform_sample_of_the_whole_stream():

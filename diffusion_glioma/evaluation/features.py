@@ -149,22 +149,32 @@ class FeatureReservoir:
         if capacity < 1:
             raise DiffusionGliomaError(f"a feature reservoir needs a capacity of at least 1, got {capacity}")
         self.capacity, self.seen = capacity, 0
-        self.rows: list[torch.Tensor] = []
-        self.owners: list[int] = []
+        # One block of storage, filled in place: a tensor per row would leave thousands of small blocks
+        # between the volumes' large arrays and fragment the heap as the stream grows.
+        self.rows: torch.Tensor | None = None
+        self.owners = np.full(capacity, -1, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
 
     def add(self, owner: int, rows: torch.Tensor) -> None:
         """Offer (n, d) rows of volume `owner`."""
+        if self.rows is None:
+            self.rows = torch.empty(min(self.capacity, 256), rows.shape[1], dtype=rows.dtype)
         for row in rows:
             # The k-th row (0-based) is kept with probability capacity / (k + 1), in a random slot.
             if self.seen < self.capacity:
-                self.rows.append(row.clone())
-                self.owners.append(owner)
-            elif (slot := int(self.rng.integers(self.seen + 1))) < self.capacity:
-                self.rows[slot], self.owners[slot] = row.clone(), owner
+                slot = self.seen
+                if slot == len(self.rows):  # grow geometrically up to the capacity: small sets stay small
+                    grown = torch.empty(min(self.capacity, 2 * len(self.rows)), self.rows.shape[1], dtype=self.rows.dtype)
+                    grown[:slot] = self.rows
+                    self.rows = grown
+            elif (slot := int(self.rng.integers(self.seen + 1))) >= self.capacity:
+                slot = -1
+            if slot >= 0:
+                self.rows[slot], self.owners[slot] = row, owner
             self.seen += 1
 
     def rows_of(self, owners: set[int]) -> torch.Tensor:
         """The kept rows of the given volumes, (n, d); (0, 1) when there are none."""
-        chosen = [row for row, owner in zip(self.rows, self.owners) if owner in owners]
-        return torch.stack(chosen) if chosen else torch.zeros(0, 1)
+        kept = min(self.seen, self.capacity)
+        chosen = np.flatnonzero(np.isin(self.owners[:kept], list(owners)))
+        return self.rows[torch.from_numpy(chosen)].clone() if len(chosen) else torch.zeros(0, 1)

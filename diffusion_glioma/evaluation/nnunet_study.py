@@ -26,7 +26,7 @@ from .. import nnunet
 from ..data.layouts import MODALITIES
 from ..errors import DataError
 from ..figures import pyplot, save_png
-from ..io import atomic_path, load_volume, save_volume, write_json
+from ..io import atomic_path, load_volume, save_volume, write_json, write_text
 from ..labels import TUMOUR_LABELS, get_scheme
 from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, held_out_split, regions_of,
                            training_mixes)
@@ -156,8 +156,7 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
         results[mix] = _pooled_scores(predictions, truths, spacing)
     summary = {"test_cases": len(study["test_cases"]), "scores": results}
     write_json(out / "scores.json", summary)
-    with atomic_path(out / "scores.md") as tmp:
-        tmp.write_text(_markdown(study, results))
+    write_text(out / "scores.md", _markdown(study, results))
     _bars(out / "scores.png", results)
     return summary
 

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from ..data.layouts import MODALITIES
 from ..errors import DataError
 from ..figures import to_ras
+from ..io import return_freed_memory
 from .features import FeatureReservoir, InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
-from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kid_over_subsets, mean_and_sd,
-                       memorisation, memorisation_against_training, ms_ssim_diversity, paired_similarity)
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kid_interval, kid_over_subsets,
+                       mean_and_sd, memorisation, memorisation_against_training, ms_ssim_diversity, paired_similarity)
 from .references import (PAIRED_REFERENCES, TRUTH, independent_set, model_grid_set, paired_reference_scores,
                          trivial_sets, truth_sets)
 from .sets import (Item, generator_grids, generator_training_cases, generator_training_items, head_of, normalised,
@@ -118,6 +119,7 @@ SLICE_RESERVOIR = 2560
 DIVERSITY_SAMPLE = 64  # volumes kept at VOLUME_SIZE for the across-set MS-SSIM (it uses 50 pairs)
 FIXED_MASK_GROUPS = 16  # masks with several samples kept for the MS-SSIM at a fixed mask
 SHOWN = 3
+TRIM_EVERY = 8  # volumes between returns of the freed heap to the system (`return_freed_memory`)
 
 
 def _kept_for_diversity(items: list[Item], seed: int) -> set[int]:
@@ -152,6 +154,8 @@ def _collect(name: str, items: list[Item], modalities, extractors: Extractors, m
     volumes = volumes if volumes is not None else (normalised(item, modalities) for item in items)
     for index, (item, (volume, affine)) in enumerate(tqdm(zip(items, volumes), total=len(items), desc=f"evaluate {name}",
                                                           unit="volume", disable=not progress)):
+        if index % TRIM_EVERY == 0:
+            return_freed_memory()
         ras, small, per_modality, together = _volume_features(volume, affine, extractors)
         data.f3d_all.append(together)
         slices = {}
@@ -285,9 +289,11 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
     subset of a synthetic one (the whole sets, or one disease's volumes)."""
     r_all = torch.stack([real.f3d_all[i] for i in sorted(real_idx)])
     s_all = torch.stack([syn.f3d_all[i] for i in sorted(syn_idx)])
+    kid = kid_over_subsets(r_all, s_all, seed=seed)
+    if kid is not None:
+        kid["ci95"] = kid_interval(r_all, s_all, seed=seed)
     block = {"volumes": [len(real_idx), len(syn_idx)], "fid_3d": frechet_distance(r_all, s_all),
-             "fid_3d_ci95": fid_interval(r_all, s_all, seed=seed),
-             "kid_3d": kid_over_subsets(r_all, s_all, seed=seed), "per_modality": {}}
+             "fid_3d_ci95": fid_interval(r_all, s_all, seed=seed), "kid_3d": kid, "per_modality": {}}
     for m in modalities:
         r2d, s2d = _pooled_2d(real, m, real_idx), _pooled_2d(syn, m, syn_idx)
         r3d = torch.stack([real.f3d[m][i] for i in sorted(real_idx)])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
-from ..io import atomic_path, load_volume, write_json
+from ..io import load_volume, write_json, write_text
 from .fidelity import MEAN_FILL
 from .references import ANOTHER_REAL_CASE
 from .segmentation import REGIONS
@@ -24,8 +24,7 @@ def write_report(out: Path, results: dict, data: dict, names: list[str], modalit
     _samples(out / "samples.png", data, names, modalities, real_by_key)
     if segmentation:
         _segmentation_bars(out / "segmentation.png", results, names)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown(results, names, modalities))
+    write_text(out / "report.md", markdown(results, names, modalities))
 
 
 def finite(obj):
@@ -46,7 +45,8 @@ def _fmt(value, digits=3) -> str:
         return f"{value['mean']:.{digits}g} ± {value['sd']:.2g}"
     if isinstance(value, dict) and "mean" in value:  # KID over subsets (one subset: both whole sets, no spread)
         spread = f" ± {value['std']:.2g}" if value.get("subsets", 2) > 1 else ""
-        return f"{value['mean']:.{digits}g}{spread}"
+        interval = value.get("ci95")
+        return f"{value['mean']:.{digits}g}{spread}" + (f" [{interval[0]:.2g}, {interval[1]:.2g}]" if interval else "")
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
@@ -182,7 +182,9 @@ def markdown(results: dict, names: list[str], modalities) -> str:
         lines.append(f"| reference: {reference} | {_fid_text(block)} | {_fmt(block['kid_3d'])} | "
                      f"{_fmt(block['diversity_ms_ssim'])} | - | {block['paired']['pairs']} | - |")
     lines += ["", "FID 3D: the value [bootstrap 95% interval over the volumes of both sets]; KID 3D: mean ± sd over "
-              "subsets (half of the smaller set when it is small).", ""]
+              "subsets (half of the smaller set when it is small) [bootstrap 95% interval over the volumes of both "
+              "sets]; KID is unbiased, so a set as close as the real cohort's own draw scores about 0 and may go "
+              "below it.", ""]
     lines += ["", "Memorisation: a synthetic volume is flagged when it lies closer (3D features) to a training case "
               "other than the one its mask came from than the "
               f"{_fmt(100 * results['sets'][names[0]]['memorisation']['quantile'] if names else 5.0)}th percentile of "
