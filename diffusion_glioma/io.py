@@ -122,7 +122,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically (a temporary sibling, then a rename)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # reports carry ±, ² and −, whatever the locale
     return Path(path)
 
 

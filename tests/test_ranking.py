@@ -127,6 +127,19 @@ def test_the_report_orders_sets_of_known_order(report):
     assert rows["redraws"]["two_draw"] > 0.5 and rows["mean"]["two_draw"] < 0.02 and rows["blurred"]["two_draw"] < 0.02
     # Noise differs as much between its draws, but does not look like the anatomy of its mask.
     assert rows["noise"]["correlation"] < 0.1 < 0.5 < rows["redraws"]["correlation"]
+    # Every paired column rewards the mean the same way, and puts noise last.
+    assert rows["mean"]["psnr"] > rows["redraws"]["psnr"] > rows["noise"]["psnr"]
+    assert rows["mean"]["mae"] < rows["redraws"]["mae"] < rows["noise"]["mae"]
+    # KID, the unbiased distance: the redraws closest to the real cohort, noise farthest.
+    kid = {n: rows[n]["kid_3d"]["mean"] for n in NAMES}
+    assert all(kid["redraws"] < kid[n] for n in others) and all(kid["noise"] > kid[n] for n in NAMES[:3])
+    # MS-SSIM between draws of one mask: 1 for the mean (identical draws), lower for the redraws.
+    fixed = {n: rows[n]["fixed_mask_diversity"] for n in NAMES}
+    assert fixed["mean"] > 0.999 and fixed["blurred"] > 0.999 and fixed["redraws"] < fixed["mean"] - 0.01
+    # Mean-fill (the real head's mean intensity inside it) is far from the cohort and from its case.
+    fill = rows["reference: mean-fill inside the head"]
+    assert fill["kid_3d"]["mean"] > kid["redraws"] and fill["ssim"] < rows["redraws"]["ssim"]
+    assert fill["psnr"] < rows["redraws"]["psnr"] and fill["mae"] > rows["redraws"]["mae"]
 
 
 def test_the_reference_rows_land_where_the_sets_they_stand_for_do(report):

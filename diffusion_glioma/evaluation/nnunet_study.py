@@ -28,8 +28,8 @@ from ..errors import DataError
 from ..figures import pyplot, save_png
 from ..io import atomic_path, load_volume, save_volume, write_json, write_text
 from ..labels import TUMOUR_LABELS, get_scheme
-from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, held_out_split, regions_of,
-                           training_mixes)
+from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, held_out_split, paired_differences,
+                           regions_of, training_mixes)
 from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
@@ -154,9 +154,12 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
             truths.append(regions_of(torch.from_numpy(nnunet.to_common(truth.array, values).astype(np.int64))))
         # Volumes of different grids are scored one by one; the means and intervals pool the cases.
         results[mix] = _pooled_scores(predictions, truths, spacing)
-    summary = {"test_cases": len(study["test_cases"]), "scores": results}
+    # Each mix against the real mix on the same test cases: the paired design's power (the in-package study's).
+    paired = ({mix: paired_differences(results, mix) for mix in results if mix != "real"}
+              if "real" in results else {})
+    summary = {"test_cases": len(study["test_cases"]), "scores": results, "paired_to_real": paired}
     write_json(out / "scores.json", summary)
-    write_text(out / "scores.md", _markdown(study, results))
+    write_text(out / "scores.md", _markdown(study, results, paired))
     _bars(out / "scores.png", results)
     return summary
 
@@ -171,11 +174,12 @@ def _pooled_scores(predictions: list[torch.Tensor], truths: list[torch.Tensor], 
         dice = torch.tensor([c[region]["dice"] for c in per_case], dtype=torch.float64)
         hd95 = torch.tensor([c[region]["hd95"] for c in per_case], dtype=torch.float64)
         out[region] = {"dice": float(dice.mean()), "hd95": float(hd95.mean()), "n": len(per_case),
+                       "dice_per_case": dice.tolist(),
                        "dice_ci95": bootstrap_interval(dice, 1000, 0), "hd95_ci95": bootstrap_interval(hd95, 1000, 0)}
     return out
 
 
-def _markdown(study: dict, results: dict) -> str:
+def _markdown(study: dict, results: dict, paired: dict) -> str:
     lines = ["# nnU-Net study", "", f"{len(study['test_cases'])} held-out real test cases, shared by every mix; "
              "nnU-Net v2 3d_fullres; Dice [bootstrap 95% interval] (HD95 mm) by the BraTS convention.", "",
              "| trained on | cases | WT | TC | ET |", "|---|---|---|---|---|"]
@@ -183,6 +187,14 @@ def _markdown(study: dict, results: dict) -> str:
         cells = [f"{scores[r]['dice']:.3f} [{scores[r]['dice_ci95'][0]:.2f}, {scores[r]['dice_ci95'][1]:.2f}] "
                  f"({scores[r]['hd95']:.1f})" for r in REGIONS]
         lines.append(f"| {mix} | {len(study['datasets'][mix]['cases'])} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", "Each mix against the real mix on the same test cases: mean per-case Dice difference [bootstrap "
+                  "95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
+                  "| mix | WT | TC | ET |", "|---|---|---|---|"]
+        for mix, differences in paired.items():
+            lines.append(f"| {mix} - real | " + " | ".join(
+                f"{differences[r]['mean_difference']:+.3f} [{differences[r]['ci95'][0]:+.2f}, "
+                f"{differences[r]['ci95'][1]:+.2f}]" for r in REGIONS) + " |")
     return "\n".join(lines) + "\n"
 
 

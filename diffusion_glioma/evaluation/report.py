@@ -417,7 +417,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         notes.append("No same-mask truth draws (--truth): the spread of draws has no reference and shows as n/a; "
                      "phantom cohorts can draw them (diffusion-glioma phantom --truth-draws K).")
     if segmentation_steps > 0:
-        from .segmentation import across_seeds, prepare_segmented, segmentation_study
+        from .segmentation import (POWERED_SEEDS, POWERED_TEST_CASES, across_seeds, prepare_segmented,
+                                   segmentation_study)
 
         real_cases = prepare_segmented(sets["real"])
         test_cases = None
@@ -436,6 +437,14 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
                 results["sets"][name]["segmentation"]["across_seeds"] = across_seeds(runs, segmentation_seeds)
+        tested = [len(study["test_cases"]) for n in names if "test_cases" in (study := results["sets"][n]["segmentation"])]
+        seeds = len(segmentation_seeds or [seed])
+        if tested and (min(tested) < POWERED_TEST_CASES or seeds < POWERED_SEEDS):
+            notes.append(f"Segmentation study on {min(tested)} held-out test cases and {seeds} training seed(s): "
+                         f"indicative only; ranking generators by it needs at least {POWERED_TEST_CASES} test cases "
+                         f"(--segmentation-test, a folder of real cases; inference is cheap) and {POWERED_SEEDS} "
+                         "seeds (--segmentation-seeds), and a segmenter trained to its plateau "
+                         "(scripts/segmentation_learning_curve.py).")
         results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
                                          "32^3 grid of 6 mm; "
                                          + (f"tested on the {len(test_cases)} real cases of {segmentation_test}"

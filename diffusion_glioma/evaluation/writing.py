@@ -46,7 +46,8 @@ def _fmt(value, digits=3) -> str:
     if isinstance(value, dict) and "mean" in value:  # KID over subsets (one subset: both whole sets, no spread)
         spread = f" ± {value['std']:.2g}" if value.get("subsets", 2) > 1 else ""
         interval = value.get("ci95")
-        return f"{value['mean']:.{digits}g}{spread}" + (f" [{interval[0]:.2g}, {interval[1]:.2g}]" if interval else "")
+        return f"{value['mean']:.{digits}g}{spread}" + (f" [{_fmt(interval[0], 2)}, {_fmt(interval[1], 2)}]"
+                                                        if interval else "")
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
@@ -231,10 +232,23 @@ def markdown(results: dict, names: list[str], modalities) -> str:
             lines.append(f"| {mix} | " + " | ".join(
                 f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, {_fmt(scores[r]['dice_ci95'][1], 2)}] "
                 f"({_fmt(scores[r]['hd95'])})" for r in REGIONS) + " |")
+        for mix, differences in (results["nnunet_study"].get("paired_to_real") or {}).items():
+            lines.append(f"| {mix} - real, paired per case | " + " | ".join(
+                f"{differences[r]['mean_difference']:+.3f} [{differences[r]['ci95'][0]:+.2f}, "
+                f"{differences[r]['ci95'][1]:+.2f}]" for r in REGIONS) + " |")
     lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
               "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
     lines += [f"Note: {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _resolved(seg: dict) -> list[str]:
+    return seg.get("regions_resolved", list(REGIONS))
+
+
+def _unresolved(seg: dict) -> str:
+    spacing = seg.get("spacing_mm")
+    return f"not resolved at {max(spacing):g} mm" if spacing else "not resolved"
 
 
 def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
@@ -251,27 +265,32 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
             lines.append(f"| {n} | {seg['note']} | | | |")
             continue
         rows = [*seg["utility"].items(), *_consistency_rows(seg)]
+        resolved = _resolved(seg)
         for regime, scores in rows:
-            cells = [f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
-                     f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})" if scores else "n/a"
+            cells = ["n/a" if not scores else _unresolved(seg) if r not in resolved else
+                     f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
+                     f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})"
                      for r in REGIONS]
             lines.append(f"| {n} | {regime} | " + " | ".join(cells) + " |")
         spread = seg.get("across_seeds")
         for regime, scores in (spread or {}).get("utility", {}).items():
             if scores:
                 lines.append(f"| {n} | {regime}, mean ± sd over seeds {spread['seeds']} | " + " | ".join(
-                    f"{scores[r]['dice_mean']:.3f} ± {scores[r]['dice_sd']:.3f}" for r in REGIONS) + " |")
+                    f"{scores[r]['dice_mean']:.3f} ± {scores[r]['dice_sd']:.3f}" if r in resolved else _unresolved(seg)
+                    for r in REGIONS) + " |")
     paired = []
     for n in names:
         seg = results["sets"][n]["segmentation"]
         for regime, differences in (seg.get("paired_to_real") or {}).items():
             paired.append(f"| {n} | {regime} - real, seed {seg.get('seed', 'n/a')} | " + " | ".join(
                 f"{differences[r]['mean_difference']:+.3f} [{differences[r]['ci95'][0]:+.2f}, "
-                f"{differences[r]['ci95'][1]:+.2f}]" for r in REGIONS) + " |")
+                f"{differences[r]['ci95'][1]:+.2f}]" if r in _resolved(seg) else _unresolved(seg)
+                for r in REGIONS) + " |")
         spread = seg.get("across_seeds") or {}
         for regime, differences in (spread.get("paired_to_real") or {}).items():
             paired.append(f"| {n} | {regime} - real, mean ± sd over seeds {spread['seeds']} | " + " | ".join(
-                f"{differences[r]['mean']:+.3f} ± {differences[r]['sd']:.3f}" for r in REGIONS) + " |")
+                f"{differences[r]['mean']:+.3f} ± {differences[r]['sd']:.3f}" if r in _resolved(seg)
+                else _unresolved(seg) for r in REGIONS) + " |")
     if paired:
         lines += ["", "Each regime against the real regime on the same test cases: mean per-case Dice difference "
                   "[bootstrap 95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
@@ -324,14 +343,15 @@ def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
         if "note" in seg:
             ax.set_title(f"{name}: {seg['note']}", fontsize=8)
             continue
-        rows = [*seg["utility"].items(), *_consistency_rows(seg)]
+        rows, regions = [*seg["utility"].items(), *_consistency_rows(seg)], _resolved(seg)
         width = 0.8 / len(rows)
         for i, (regime, scores) in enumerate(rows):
-            values = [(scores[r]["dice"] or 0) if scores else 0 for r in REGIONS]
-            ax.bar(np.arange(len(REGIONS)) + i * width, values, width, label=regime)
-        ax.set_xticks(np.arange(len(REGIONS)) + 0.4 - width / 2, REGIONS)
+            values = [(scores[r]["dice"] or 0) if scores else 0 for r in regions]
+            ax.bar(np.arange(len(regions)) + i * width, values, width, label=regime)
+        ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2, regions)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{name}: Dice on held-out real cases", fontsize=9)
+        hidden = "".join(f" ({r} {_unresolved(seg)})" for r in REGIONS if r not in regions)
+        ax.set_title(f"{name}: Dice on held-out real cases{hidden}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_png(fig, path)
