@@ -357,8 +357,6 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     seg = report["sets"]["copy"]["segmentation"]
     assert seg["train_real"] == 4 and seg["train_synthetic"] == 4  # the held-out case's copy is not trained on
     assert set(seg["utility"]) == {"real", "synthetic", "real+synthetic", "half real+synthetic"}
-    wt = [seg["utility"][k]["WT"]["dice"] for k in seg["utility"]]
-    assert all(0 <= d <= 1 for d in wt)
     # Trained on the same four volumes (in another order), both find most of the tumour.
     assert seg["utility"]["real"]["WT"]["dice"] > 0.4 and seg["utility"]["synthetic"]["WT"]["dice"] > 0.4
     # Mask consistency scores only the volumes of masks the segmenter never saw: here the copy of the one
