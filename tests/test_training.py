@@ -347,8 +347,10 @@ print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 @pytest.mark.slow
 def test_host_memory_does_not_grow_with_the_number_of_cases(phantom_dir, tmp_path):
-    """Training passes over every case of a 24-case cache at 96x96x64 with the peak memory of a
-    4-case one: cases are read when needed, not kept (the old dataset held ~240 MB more here)."""
+    """Training passes over every case of a 48-case cache at 96x96x64 with the peak memory of a
+    4-case one: cases are read when needed, not kept. Keeping them would add 5.3 MB a case as stored
+    (250 MB here; the old dataset kept float32, twice that); the peak itself moves by up to about
+    80 MB from run to run (the C heap), hence 48 cases and a margin of 120 MB."""
 
     from diffusion_glioma.config import DataConfig
     from diffusion_glioma.data.cache import read_index
@@ -358,7 +360,7 @@ def test_host_memory_does_not_grow_with_the_number_of_cases(phantom_dir, tmp_pat
                     "spacing": (2.0, 2.0, 2.0)})), limit=1, progress=False)
     index = read_index(one)
     peaks = {}
-    for n in (4, 24):
+    for n in (4, 48):
         cache = tmp_path / f"cache{n}"
         (cache / "cases").mkdir(parents=True)
         entries = []
@@ -369,7 +371,7 @@ def test_host_memory_does_not_grow_with_the_number_of_cases(phantom_dir, tmp_pat
             entries.append(entry)
         (cache / "dataset.json").write_text(json.dumps({**index, "cases": entries}))
         config = write_config(tmp_path / f"c{n}.yaml", cache, tmp_path / f"run{n}",
-                              optim={"steps": 12, "batch_size": 2}, ema={"enabled": False},
+                              optim={"steps": 24, "batch_size": 2}, ema={"enabled": False},
                               model={"preset": "tiny", "overrides": {"base_channels": 4, "norm_groups": 2,
                                                                      "wavelet": True}},
                               checkpoints={"every": 1000}, validation={"every": 1000, "num_inference_steps": 1},
@@ -382,9 +384,9 @@ def test_host_memory_does_not_grow_with_the_number_of_cases(phantom_dir, tmp_pat
         peaks[n] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
         visited = {c for line in (tmp_path / f"run{n}" / "logs" / "data_order_rank0.jsonl").read_text().splitlines()
                    for c in json.loads(line)["cases"]}
-        assert len(visited) == min(n, 24)
+        assert len(visited) == n
     print(peaks)
-    assert peaks[24] - peaks[4] < 40, peaks
+    assert peaks[48] - peaks[4] < 120, peaks
 
 
 def test_bf16_config_trains_in_fp32_on_a_cpu_without_native_bf16(monkeypatch):
