@@ -28,8 +28,8 @@ from ..errors import DataError
 from ..figures import pyplot, save_png
 from ..io import atomic_path, load_volume, save_volume, write_json, write_text
 from ..labels import TUMOUR_LABELS, get_scheme
-from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, held_out_split, paired_differences,
-                           regions_of, training_mixes)
+from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, difference_text, held_out_split,
+                           paired_differences, regions_of, training_mixes)
 from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
@@ -192,9 +192,7 @@ def _markdown(study: dict, results: dict, paired: dict) -> str:
                   "95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
                   "| mix | WT | TC | ET |", "|---|---|---|---|"]
         for mix, differences in paired.items():
-            lines.append(f"| {mix} - real | " + " | ".join(
-                f"{differences[r]['mean_difference']:+.3f} [{differences[r]['ci95'][0]:+.2f}, "
-                f"{differences[r]['ci95'][1]:+.2f}]" for r in REGIONS) + " |")
+            lines.append(f"| {mix} - real | " + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
     return "\n".join(lines) + "\n"
 
 

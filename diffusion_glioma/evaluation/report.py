@@ -437,7 +437,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
                 results["sets"][name]["segmentation"]["across_seeds"] = across_seeds(runs, segmentation_seeds)
-        tested = [len(study["test_cases"]) for n in names if "test_cases" in (study := results["sets"][n]["segmentation"])]
+        studies = [results["sets"][n]["segmentation"] for n in names]
+        tested = [len(study["test_cases"]) for study in studies if "test_cases" in study]
         seeds = len(segmentation_seeds or [seed])
         if tested and (min(tested) < POWERED_TEST_CASES or seeds < POWERED_SEEDS):
             notes.append(f"Segmentation study on {min(tested)} held-out test cases and {seeds} training seed(s): "

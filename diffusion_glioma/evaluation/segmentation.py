@@ -376,6 +376,12 @@ def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: 
     return out
 
 
+def difference_text(difference: dict) -> str:
+    """One region's paired difference as a table cell: `+0.012 [-0.03, +0.05]`."""
+    low, high = difference["ci95"]
+    return f"{difference['mean_difference']:+.3f} [{low:+.2f}, {high:+.2f}]"
+
+
 def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
                        spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset(),
                        anomaly_steps: int | None = None, split_seed: int | None = None,

@@ -11,7 +11,7 @@ from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import load_volume, write_json, write_text
 from .fidelity import MEAN_FILL
 from .references import ANOTHER_REAL_CASE
-from .segmentation import REGIONS
+from .segmentation import REGIONS, difference_text
 from .sets import normalised
 
 
@@ -233,9 +233,8 @@ def markdown(results: dict, names: list[str], modalities) -> str:
                 f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, {_fmt(scores[r]['dice_ci95'][1], 2)}] "
                 f"({_fmt(scores[r]['hd95'])})" for r in REGIONS) + " |")
         for mix, differences in (results["nnunet_study"].get("paired_to_real") or {}).items():
-            lines.append(f"| {mix} - real, paired per case | " + " | ".join(
-                f"{differences[r]['mean_difference']:+.3f} [{differences[r]['ci95'][0]:+.2f}, "
-                f"{differences[r]['ci95'][1]:+.2f}]" for r in REGIONS) + " |")
+            lines.append(f"| {mix} - real, paired per case | "
+                         + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
     lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
               "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
     lines += [f"Note: {note}" for note in results["notes"]]
@@ -249,6 +248,11 @@ def _resolved(seg: dict) -> list[str]:
 def _unresolved(seg: dict) -> str:
     spacing = seg.get("spacing_mm")
     return f"not resolved at {max(spacing):g} mm" if spacing else "not resolved"
+
+
+def _region_cells(seg: dict, text) -> str:
+    """The WT | TC | ET cells of a row: `text(region)` where the study's grid resolves the region."""
+    return " | ".join(text(r) if r in _resolved(seg) else _unresolved(seg) for r in REGIONS)
 
 
 def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
@@ -265,32 +269,26 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
             lines.append(f"| {n} | {seg['note']} | | | |")
             continue
         rows = [*seg["utility"].items(), *_consistency_rows(seg)]
-        resolved = _resolved(seg)
         for regime, scores in rows:
-            cells = ["n/a" if not scores else _unresolved(seg) if r not in resolved else
-                     f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
-                     f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})"
-                     for r in REGIONS]
-            lines.append(f"| {n} | {regime} | " + " | ".join(cells) + " |")
+            cells = (_region_cells(seg, lambda r: f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, "
+                                                  f"{_fmt(scores[r]['dice_ci95'][1], 2)}] ({_fmt(scores[r]['hd95'])})")
+                     if scores else " | ".join("n/a" for _ in REGIONS))
+            lines.append(f"| {n} | {regime} | {cells} |")
         spread = seg.get("across_seeds")
         for regime, scores in (spread or {}).get("utility", {}).items():
             if scores:
-                lines.append(f"| {n} | {regime}, mean ± sd over seeds {spread['seeds']} | " + " | ".join(
-                    f"{scores[r]['dice_mean']:.3f} ± {scores[r]['dice_sd']:.3f}" if r in resolved else _unresolved(seg)
-                    for r in REGIONS) + " |")
+                lines.append(f"| {n} | {regime}, mean ± sd over seeds {spread['seeds']} | " + _region_cells(
+                    seg, lambda r: f"{scores[r]['dice_mean']:.3f} ± {scores[r]['dice_sd']:.3f}") + " |")
     paired = []
     for n in names:
         seg = results["sets"][n]["segmentation"]
         for regime, differences in (seg.get("paired_to_real") or {}).items():
-            paired.append(f"| {n} | {regime} - real, seed {seg.get('seed', 'n/a')} | " + " | ".join(
-                f"{differences[r]['mean_difference']:+.3f} [{differences[r]['ci95'][0]:+.2f}, "
-                f"{differences[r]['ci95'][1]:+.2f}]" if r in _resolved(seg) else _unresolved(seg)
-                for r in REGIONS) + " |")
+            paired.append(f"| {n} | {regime} - real, seed {seg.get('seed', 'n/a')} | "
+                          + _region_cells(seg, lambda r: difference_text(differences[r])) + " |")
         spread = seg.get("across_seeds") or {}
         for regime, differences in (spread.get("paired_to_real") or {}).items():
-            paired.append(f"| {n} | {regime} - real, mean ± sd over seeds {spread['seeds']} | " + " | ".join(
-                f"{differences[r]['mean']:+.3f} ± {differences[r]['sd']:.3f}" if r in _resolved(seg)
-                else _unresolved(seg) for r in REGIONS) + " |")
+            paired.append(f"| {n} | {regime} - real, mean ± sd over seeds {spread['seeds']} | " + _region_cells(
+                seg, lambda r: f"{differences[r]['mean']:+.3f} ± {differences[r]['sd']:.3f}") + " |")
     if paired:
         lines += ["", "Each regime against the real regime on the same test cases: mean per-case Dice difference "
                   "[bootstrap 95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
