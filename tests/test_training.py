@@ -292,6 +292,36 @@ def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_o
                                 "--test-cases", "1"]) == 2
 
 
+def test_transfer_comparisons_pair_the_arms_by_seed():
+    """Seeds move every arm together (scratch's KID 0.1, 0.5, 0.9); fine-tuning 0.01 below scratch on
+    every seed is a difference, though the unpaired spreads overlap; joint on both sides of scratch is
+    within noise; one seed gives no interval."""
+    from diffusion_glioma.evaluation.transfer import markdown_table, paired_by_seed
+
+    scratch = [0.1, 0.5, 0.9]
+    arms = {"scratch": scratch, "fine-tuned": [k - 0.01 for k in scratch], "joint": [0.12, 0.47, 0.92],
+            "scratch, target steps": [k + 0.05 for k in scratch]}
+    per_seed = lambda values: {str(s): {"kid_2d": v, "ssim": 0.5, "psnr": 20.0, "mae": 0.1}  # noqa: E731
+                               for s, v in enumerate(values)}
+    results = {"counts": [4], "seeds": [0, 1, 2], "references": {}, "source_steps": 1, "target_steps": 1,
+               "arms": {arm: {"4": {"per_seed": per_seed(v), "mean": {}, "sd": {}}} for arm, v in arms.items()}}
+    paired = paired_by_seed(results)
+    finetuned = paired["fine-tuned - scratch"]["4"]
+    assert finetuned["mean"] == pytest.approx(-0.01) and finetuned["ci95"][1] < 0
+    joint = paired["joint - scratch"]["4"]
+    assert joint["ci95"][0] < 0 < joint["ci95"][1]
+    assert paired["fine-tuned - scratch, target steps"]["4"]["mean"] == pytest.approx(-0.06)
+    for entry in results["arms"].values():
+        entry["4"]["mean"] = {m: 0.5 for m in ("kid_2d", "ssim", "psnr", "mae")}
+        entry["4"]["sd"] = {m: None for m in ("kid_2d", "ssim", "psnr", "mae")}
+    results["paired_kid"] = paired
+    table = markdown_table(results)
+    assert "| fine-tuned - scratch | -0.0100 [-0.0100, -0.0100] lower |" in table and "within noise" in table
+    for entry in results["arms"].values():
+        entry["4"]["per_seed"] = {"0": entry["4"]["per_seed"]["0"]}
+    assert paired_by_seed(results)["fine-tuned - scratch"]["4"]["ci95"] is None
+
+
 def test_a_phase_warms_up_over_at_most_a_tenth_of_its_steps_and_learning_on_target_follows_the_schedule():
     from diffusion_glioma.evaluation.transfer import learning_on_target, phase_warmup
     from diffusion_glioma.training.config import TrainConfig

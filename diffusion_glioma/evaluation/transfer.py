@@ -21,7 +21,8 @@ when installed): the ranking column. The paired scores inside the head (SSIM, PS
 conditional mean and are shown beside their references, never as a ranking. The references: mean-fill
 inside the head (a trivial generator) and an independent real target cohort of the same size (other
 subjects, never trained on: the floor of KID, and what a real but unpaired head scores paired).
-Scores are reported as mean ± sd over seeds. `scripts/transfer_study.py` runs it, for the diffusion
+Scores are reported as mean ± sd over seeds, and each question (fine-tuned or joint against scratch, fine-tuned
+against scratch at target steps) as KID differences paired by seed with a Student-t interval. `scripts/transfer_study.py` runs it, for the diffusion
 model or, with a `gan:` config, for the GAN baselines (fine-tuned with the config's `finetune` options
 other than `source`: FreezeD, L2-SP).
 """
@@ -47,6 +48,9 @@ from .features import InceptionFeatures, RandomFeatures, shipped_inception_path
 from .fidelity import MEAN_FILL, kid_over_subsets, paired_similarity, trivial_references
 
 ARMS = ("scratch", "scratch, target steps", "fine-tuned", "joint")
+# The questions the study asks, as (arm, the arm it is compared with): pretraining at equal compute,
+# joint training at equal compute, and pretrained weights against training only as long as fine-tuning.
+COMPARISONS = (("fine-tuned", "scratch"), ("joint", "scratch"), ("fine-tuned", "scratch, target steps"))
 METRICS = ("ssim", "psnr", "mae", "kid_2d")
 MAX_WARMUP_FRACTION = 0.1  # of each phase's steps
 
@@ -235,9 +239,45 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
             values = {m: [s[m] for s in entry["per_seed"].values() if s[m] is not None] for m in METRICS}
             entry["mean"] = {m: float(np.mean(v)) if v else None for m, v in values.items()}
             entry["sd"] = {m: float(np.std(v, ddof=1)) if len(v) > 1 else None for m, v in values.items()}
+    results["paired_kid"] = paired_by_seed(results)
     write_json(out / "transfer.json", results)
     _plot(out / "transfer.png", results)
     return results
+
+
+def paired_by_seed(results: dict, metric: str = "kid_2d") -> dict:
+    """For each comparison and count: the per-seed differences of `metric` (arm minus the arm it is
+    compared with, both trained from the same seed and scored on the same masks), their mean and a
+    Student-t 95 % interval over seeds (None with one seed). An interval that holds 0 is within noise."""
+    from scipy.stats import t
+
+    paired = {}
+    for arm, other in COMPARISONS:
+        if arm not in results["arms"] or other not in results["arms"]:
+            continue
+        by_count = {}
+        for count in results["counts"]:
+            mine, theirs = results["arms"][arm][str(count)]["per_seed"], results["arms"][other][str(count)]["per_seed"]
+            diffs = np.array([mine[s][metric] - theirs[s][metric] for s in sorted(mine) if s in theirs
+                              and mine[s][metric] is not None and theirs[s][metric] is not None])
+            interval = None
+            if len(diffs) > 1:
+                half = t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
+                interval = [float(diffs.mean() - half), float(diffs.mean() + half)]
+            by_count[str(count)] = {"per_seed": diffs.tolist(), "mean": float(diffs.mean()) if len(diffs) else None,
+                                    "ci95": interval}
+        paired[f"{arm} - {other}"] = by_count
+    return paired
+
+
+def _difference_cell(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    if entry["ci95"] is None:
+        return f"{entry['mean']:+.4f}"
+    lo, hi = entry["ci95"]
+    verdict = "within noise" if lo <= 0 <= hi else ("lower" if hi < 0 else "higher")
+    return f"{entry['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict}"
 
 
 def markdown_table(results: dict) -> str:
@@ -260,6 +300,14 @@ def markdown_table(results: dict) -> str:
                   "of target cases): " + "; ".join(f"{count} cases: " + ", ".join(f"{arm} {value:.3g}" for arm, value
                                                                                 in by_arm.items())
                                                    for count, by_arm in learning.items()) + "."]
+    paired = results.get("paired_kid")
+    if paired:  # studies written before it was recorded have none
+        lines += ["", f"KID differences paired by seed (mean, Student-t 95 % interval over {len(results['seeds'])} "
+                  "seeds; negative: the first arm is closer to the held-out cases):", "",
+                  "| comparison | " + " | ".join(f"{c} target cases" for c in results["counts"]) + " |",
+                  "|---|" + "---|" * len(results["counts"])]
+        lines += [f"| {name} | " + " | ".join(_difference_cell(by_count[str(c)]) for c in results["counts"]) + " |"
+                  for name, by_count in paired.items()]
     lines += ["", "KID ranks the arms; the paired columns reward the conditional mean (mean-fill's row shows "
               "how far) and are never a ranking."]
     return "\n".join(lines) + "\n"
