@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Diffusion against the pix2pix baseline at equal training wall-clock on the phantom benchmark, scored on
+# Diffusion against the GAN and VAE baselines at equal training wall-clock on the phantom benchmark, scored on
 # held-out masks against the phantom's known truth (docs/evaluation.md, "Diffusion against pix2pix at equal
 # wall-clock"). The budget is the run's whole training wall-clock (resumes included), checkpoints and
 # validation figures included, checked every log_every steps.
 #   bash scripts/equal_compute_study.sh OUT MINUTES
 #   bash scripts/equal_compute_study.sh OUT "8 16 32"     # a learning curve: budgets of one run per generator
-# Both generators train on the demo cohort at 64x80x64, 3 mm (configs/demo.yaml, configs/pix2pix_demo.yaml)
-# for MINUTES of wall-clock each (`--max-minutes`; a finished run is not trained again; the diffusion config's cosine schedule is stretched over
+# Every generator trains on the demo cohort at 64x80x64, 3 mm (configs/demo.yaml, and configs/NAME_demo.yaml for
+# each baseline in BASELINES, default "pix2pix"; BASELINES="pix2pix cgan vae" adds the cGAN and the VAE) for
+# MINUTES of wall-clock each (`--max-minutes`; a finished run is not trained again; the diffusion config's cosine
+# schedule is stretched over
 # STEPS, default 10^6, so that the budget, not the schedule, ends the run), then sample DRAWS volumes for each
 # of the 8 held-out masks and are scored by `evaluate --truth`: FID/KID 3D with intervals, the spread of a
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
@@ -32,6 +34,10 @@ done
 cd "$(dirname "$0")/.."
 steps=${STEPS:-1000000}
 draws=${DRAWS:-4}
+read -ra baselines <<< "${BASELINES:-pix2pix}"
+for baseline in "${baselines[@]}"; do
+  [ -f "configs/${baseline}_demo.yaml" ] || { echo "BASELINES: no configs/${baseline}_demo.yaml" >&2; exit 2; }
+done
 # Refuse a malformed row or a clash of row names (budget rows such as diffusion_8min included) before any training.
 for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do
   [[ $row =~ ^[A-Za-z0-9._-]+=. ]] || { echo "RECIPES/EXTRA_MODELS: '$row' is not NAME=... (a name of letters, digits, . _ -)" >&2; exit 2; }
@@ -44,7 +50,7 @@ claim_row() {
   [ -z "${seen[$1]:-}" ] || { echo "RECIPES/EXTRA_MODELS: $1 is already a row" >&2; exit 2; }
   seen[$1]=1
 }
-for generator in diffusion pix2pix ${RECIPES:-}; do
+for generator in diffusion "${baselines[@]}" ${RECIPES:-}; do
   generator=${generator%%=*}
   claim_row "$generator"
   for m in "${budgets[@]::${#budgets[@]}-1}"; do claim_row "${generator}_${m}min"; done
@@ -79,7 +85,9 @@ if [ -n "${DIFFUSION_MODEL:-}" ]; then
 else
   train_budgets diffusion configs/demo.yaml --steps "$steps"
 fi
-train_budgets pix2pix configs/pix2pix_demo.yaml
+for baseline in "${baselines[@]}"; do
+  train_budgets "$baseline" "configs/${baseline}_demo.yaml"
+done
 for recipe in ${RECIPES:-}; do  # NAME=KEY=VALUE[,KEY=VALUE]: a diffusion recipe at the same budgets
   settings=()
   IFS=, read -ra overrides <<< "${recipe#*=}"
