@@ -7,9 +7,8 @@
 #   bash scripts/equal_compute_study.sh OUT "8 16 32"     # a learning curve: budgets of one run per generator
 # Every generator trains on the demo cohort at 64x80x64, 3 mm (configs/demo.yaml, and configs/NAME_demo.yaml for
 # each baseline in BASELINES, default "pix2pix"; BASELINES="pix2pix cgan vae" adds the cGAN and the VAE) for
-# MINUTES of wall-clock each (`--max-minutes`; a finished run is not trained again; the diffusion config's cosine
-# schedule is stretched over
-# STEPS, default 10^6, so that the budget, not the schedule, ends the run), then sample DRAWS volumes for each
+# MINUTES of wall-clock each (`--max-minutes`; a finished run is not trained again; the diffusion config's
+# cosine schedule is stretched over STEPS, default 10^6, so that the budget, not the schedule, ends the run), then sample DRAWS volumes for each
 # of the 8 held-out masks and are scored by `evaluate --truth`: FID/KID 3D with intervals, the spread of a
 # mask's draws over the truth's, the two-draw ratio and the correlation with the real case, beside the
 # reference rows (same-mask truth draws, their conditional mean, mean-fill, noise). Re-running resumes.
@@ -35,8 +34,10 @@ cd "$(dirname "$0")/.."
 steps=${STEPS:-1000000}
 draws=${DRAWS:-4}
 read -ra baselines <<< "${BASELINES:-pix2pix}"
+[ ${#baselines[@]} -gt 0 ] || { echo "BASELINES: name at least one baseline (pix2pix, cgan, vae)" >&2; exit 2; }
 for baseline in "${baselines[@]}"; do
-  [ -f "configs/${baseline}_demo.yaml" ] || { echo "BASELINES: no configs/${baseline}_demo.yaml" >&2; exit 2; }
+  [[ $baseline =~ ^[A-Za-z0-9._-]+$ && -f configs/${baseline}_demo.yaml ]] \
+    || { echo "BASELINES: '$baseline' has no configs/${baseline}_demo.yaml" >&2; exit 2; }
 done
 # Refuse a malformed row or a clash of row names (budget rows such as diffusion_8min included) before any training.
 for row in ${RECIPES:-} ${EXTRA_MODELS:-}; do
@@ -47,7 +48,7 @@ for recipe in ${RECIPES:-}; do
 done
 declare -A seen=()
 claim_row() {
-  [ -z "${seen[$1]:-}" ] || { echo "RECIPES/EXTRA_MODELS: $1 is already a row" >&2; exit 2; }
+  [ -z "${seen[$1]:-}" ] || { echo "BASELINES/RECIPES/EXTRA_MODELS: $1 is already a row" >&2; exit 2; }
   seen[$1]=1
 }
 for generator in diffusion "${baselines[@]}" ${RECIPES:-}; do

@@ -316,7 +316,7 @@ def test_transfer_comparisons_pair_the_arms_by_seed():
         entry["4"]["sd"] = {m: None for m in ("kid_2d", "ssim", "psnr", "mae")}
     results["paired_kid"] = paired
     table = markdown_table(results)
-    assert "| fine-tuned - scratch | -0.0100 [-0.0100, -0.0100] lower |" in table and "within noise" in table
+    assert "| fine-tuned - scratch | -0.0100 [-0.0100, -0.0100] lower (3 seeds) |" in table and "within noise" in table
     for entry in results["arms"].values():
         entry["4"]["per_seed"] = {"0": entry["4"]["per_seed"]["0"]}
     assert paired_by_seed(results)["fine-tuned - scratch"]["4"]["ci95"] is None

@@ -21,10 +21,10 @@ when installed): the ranking column. The paired scores inside the head (SSIM, PS
 conditional mean and are shown beside their references, never as a ranking. The references: mean-fill
 inside the head (a trivial generator) and an independent real target cohort of the same size (other
 subjects, never trained on: the floor of KID, and what a real but unpaired head scores paired).
-Scores are reported as mean ± sd over seeds, and each question (fine-tuned or joint against scratch, fine-tuned
-against scratch at target steps) as KID differences paired by seed with a Student-t interval. `scripts/transfer_study.py` runs it, for the diffusion
-model or, with a `gan:` config, for the GAN baselines (fine-tuned with the config's `finetune` options
-other than `source`: FreezeD, L2-SP).
+Scores are reported as mean ± sd over seeds, and each question (fine-tuned or joint against
+scratch, fine-tuned against scratch at target steps) as KID differences paired by seed with a Student-t
+interval. `scripts/transfer_study.py` runs it, for the diffusion model or, with a `gan:` config, for
+the GAN baselines (fine-tuned with the config's `finetune` options other than `source`: FreezeD, L2-SP).
 """
 
 from __future__ import annotations
@@ -247,8 +247,10 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
 
 def paired_by_seed(results: dict, metric: str = "kid_2d") -> dict:
     """For each comparison and count: the per-seed differences of `metric` (arm minus the arm it is
-    compared with, both trained from the same seed and scored on the same masks), their mean and a
-    Student-t 95 % interval over seeds (None with one seed). An interval that holds 0 is within noise."""
+    compared with, both trained from the same seed, sampled with the same noise and scored on the same
+    masks), their mean and a Student-t 95 % interval over seeds (None with one seed). An interval that
+    holds 0 is within noise. It covers the spread over training seeds on these held-out cases, not over
+    other test cohorts, and each interval stands alone (no correction for the several comparisons)."""
     from scipy.stats import t
 
     paired = {}
@@ -258,13 +260,14 @@ def paired_by_seed(results: dict, metric: str = "kid_2d") -> dict:
         by_count = {}
         for count in results["counts"]:
             mine, theirs = results["arms"][arm][str(count)]["per_seed"], results["arms"][other][str(count)]["per_seed"]
-            diffs = np.array([mine[s][metric] - theirs[s][metric] for s in sorted(mine) if s in theirs
-                              and mine[s][metric] is not None and theirs[s][metric] is not None])
+            by_seed = {s: mine[s][metric] - theirs[s][metric] for s in sorted(mine, key=int) if s in theirs
+                       and mine[s][metric] is not None and theirs[s][metric] is not None}
+            diffs = np.array(list(by_seed.values()))
             interval = None
             if len(diffs) > 1:
                 half = t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
                 interval = [float(diffs.mean() - half), float(diffs.mean() + half)]
-            by_count[str(count)] = {"per_seed": diffs.tolist(), "mean": float(diffs.mean()) if len(diffs) else None,
+            by_count[str(count)] = {"per_seed": by_seed, "mean": float(diffs.mean()) if len(diffs) else None,
                                     "ci95": interval}
         paired[f"{arm} - {other}"] = by_count
     return paired
@@ -273,11 +276,12 @@ def paired_by_seed(results: dict, metric: str = "kid_2d") -> dict:
 def _difference_cell(entry: dict) -> str:
     if entry["mean"] is None:
         return "n/a"
+    seeds = f"{len(entry['per_seed'])} seed" + ("s" if len(entry["per_seed"]) != 1 else "")
     if entry["ci95"] is None:
-        return f"{entry['mean']:+.4f}"
+        return f"{entry['mean']:+.4f} ({seeds})"
     lo, hi = entry["ci95"]
     verdict = "within noise" if lo <= 0 <= hi else ("lower" if hi < 0 else "higher")
-    return f"{entry['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict}"
+    return f"{entry['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict} ({seeds})"
 
 
 def markdown_table(results: dict) -> str:
@@ -302,8 +306,8 @@ def markdown_table(results: dict) -> str:
                                                    for count, by_arm in learning.items()) + "."]
     paired = results.get("paired_kid")
     if paired:  # studies written before it was recorded have none
-        lines += ["", f"KID differences paired by seed (mean, Student-t 95 % interval over {len(results['seeds'])} "
-                  "seeds; negative: the first arm is closer to the held-out cases):", "",
+        lines += ["", "KID differences paired by seed (mean, Student-t 95 % interval over the seeds; negative: the "
+                  "first arm is closer to the held-out cases):", "",
                   "| comparison | " + " | ".join(f"{c} target cases" for c in results["counts"]) + " |",
                   "|---|" + "---|" * len(results["counts"])]
         lines += [f"| {name} | " + " | ".join(_difference_cell(by_count[str(c)]) for c in results["counts"]) + " |"
