@@ -6,10 +6,11 @@ mean-fill and an independent real target cohort of the same size.
 
     diffusion-glioma phantom --out runs/phantom_transfer_peds --n-adult 16 --n-pediatric 30 --spacing 3
     python scripts/transfer_study.py --config configs/transfer_phantom.yaml --out runs/transfer \
-        --counts 1 4 10 --test-cases 10 --seeds 0 1 2 --source-steps 1500 --target-steps 500 --slices-per-case 2
+        --counts 1 4 10 --test-cases 10 --seeds 0 1 2 --source-steps 1000 --target-steps 300 --slices-per-case 2
 
 The config gives the data (prepared into its cache first), the model and the optimiser; runs go to
-OUT/seedS/{source,scratch_N,scratch_target_steps_N,finetuned_N,joint_N} (re-running resumes), the numbers to
+OUT/seedS/{source,scratch_N,scratch_target_steps_N,finetuned_N,joint_N} (re-running resumes: a trained arm is
+not trained again, a scored one not sampled again), the numbers to
 OUT/transfer.json and OUT/transfer.md, the plot to OUT/transfer.png.
 """
 

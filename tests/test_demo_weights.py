@@ -55,7 +55,7 @@ def test_demo_weights_generate_from_phantom_masks(phantom_dir, tmp_path):
 
 
 # Issue 24's two tests on the shipped model itself, where the old recipes' failures show (on the toy
-# cohort of test_sampling_recipe.py the old recipe passes the bimodal test too). On this held-out case
+# cohort of test_sampling_recipe.py the old recipe fails only the low-noise test). On this held-out case
 # the weights before the recipe change (git 6c3b49a) score a two-draw ratio of 0.025, the x0 uniform-t
 # weights (git 1a4e939) 0.29, the x0 log-normal weights without the skip (git 4c00c49) 0.55; their x0
 # estimate at t = 39 is 9 times worse than returning the input (0.0135 against 0.0015), the shipped

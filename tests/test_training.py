@@ -243,8 +243,10 @@ def transfer_cache(tmp_path_factory):
     return cache
 
 
-def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_out(transfer_cache, tmp_path):
+def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_out(transfer_cache, tmp_path,
+                                                                                   monkeypatch):
     """The four arms for 1 pediatric case and 2 seeds, scored on another one beside an independent third;
+    re-running reuses every arm's kept scores without sampling again, unless a scoring setting changed;
     a study folder trained to other budgets is refused, not reused."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import transfer_study
@@ -284,6 +286,18 @@ def test_transfer_study_gives_every_arm_equal_compute_and_holds_the_test_cases_o
     assert list(references) == ["mean-fill inside the head", "independent real target cohort"]
     assert references["independent real target cohort"]["ssim"] != references["mean-fill inside the head"]["ssim"]
     assert (study / "transfer.png").stat().st_size > 5000 and "| joint | 1 |" in (study / "transfer.md").read_text()
+    from diffusion_glioma.evaluation import transfer
+
+    def sampled_again(*args, **kwargs):
+        raise AssertionError("a scored arm was sampled again")
+
+    monkeypatch.setattr(transfer, "sample", sampled_again)
+    arguments = ["--config", str(config), "--out", str(study), "--counts", "1", "--seeds", "0", "1", "--source-steps",
+                 "4", "--target-steps", "3", "--test-cases", "1", "--features", "random", "--quiet"]
+    assert transfer_study.main(arguments + ["--sample-steps", "2"]) == 0
+    assert json.loads((study / "transfer.json").read_text())["arms"] == results["arms"]
+    with pytest.raises(AssertionError, match="sampled again"):
+        transfer_study.main(arguments + ["--sample-steps", "3"])
     assert transfer_study.main(["--config", str(config), "--out", str(study), "--counts", "1", "--seeds", "0",
                                 "--source-steps", "5", "--target-steps", "3", "--test-cases", "1",
                                 "--sample-steps", "2", "--features", "random", "--quiet"]) == 2

@@ -106,6 +106,19 @@ def _run(base: TrainConfig, output_dir: Path, steps: int, case_ids: list[str], s
     return train_for_config(config, resume=True)  # any model kind goes through the same study
 
 
+def _scores_of(pipeline: Path, settings: dict, score) -> dict:
+    """An arm's scores, kept beside its pipeline (`transfer_scores.json`) so that a resumed study does not
+    sample a scored model again; kept scores are reused only when they were made with the same settings."""
+    path = pipeline.parent / "transfer_scores.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("settings") == settings:
+            return kept["scores"]
+    scores = score()
+    write_json(path, {"settings": settings, "scores": scores})
+    return scores
+
+
 def tumour_slices(volume: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
     """(modality, x, y, z) in [0, 1] -> (count * modality, 1, x, y): axial slices spread over the tumour
     (over the head when there is none), every modality."""
@@ -232,7 +245,9 @@ def run_transfer_study(base: TrainConfig, out: str | Path, *, counts: list[int],
         else:
             pretrained = _run(base, root / "source", source_steps, source_ids, seed)
             model = _run(base, root / f"finetuned_{count}", target_steps, ids, seed, source=pretrained)
-        scores = scorer.score(sample(model, test, target, sample_steps, seed))
+        scores = _scores_of(model, {"held_out": held_out_ids, "features": scorer.features, "seed": seed,
+                                    "sample_steps": sample_steps, "slices_per_case": slices_per_case},
+                            lambda: scorer.score(sample(model, test, target, sample_steps, seed)))
         results["arms"][arm].setdefault(str(count), {"per_seed": {}})["per_seed"][str(seed)] = scores
     for arm in ARMS:
         for entry in results["arms"][arm].values():
@@ -322,7 +337,8 @@ def _plot(path: Path, results: dict) -> None:
 
     plt = pyplot()
     counts = results["counts"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    paired = results.get("paired_kid") or {}
+    fig, axes = plt.subplots(1, 4 if paired else 3, figsize=(17 if paired else 13, 3.4))
     panels = (("kid_2d", "KID on tumour slices (lower is better; the ranking)"),
               ("ssim", "paired SSIM inside the head (rewards the mean)"),
               ("psnr", "paired PSNR dB inside the head (rewards the mean)"))
@@ -337,10 +353,27 @@ def _plot(path: Path, results: dict) -> None:
         for (name, scores), style in zip(results["references"].items(), (":", "--")):
             if scores[key] is not None:
                 ax.axhline(scores[key], color="grey", linestyle=style, label=name)
+        drawn = [v for line in ax.get_lines() for v in np.atleast_1d(line.get_ydata()) if np.isfinite(v)]
+        if key == "kid_2d" and drawn and min(drawn) > 0:  # mean-fill's KID is several times the arms': a log
+            ax.set_yscale("log")                           # scale keeps their differences visible
         ax.set_xlabel(f"{results['target']} training cases")
         ax.set_xticks(counts)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
+    if paired:  # the answer: each question's KID difference, paired by seed, with its interval
+        ax = axes[3]
+        for offset, (name, by_count) in zip((-0.12, 0, 0.12), paired.items()):
+            means = [by_count[str(c)]["mean"] for c in counts]
+            bounds = [by_count[str(c)]["ci95"] or [m, m] for c, m in zip(counts, means)]
+            x = np.arange(len(counts)) + offset
+            ax.errorbar(x, means, yerr=[[m - lo for m, (lo, _) in zip(means, bounds)],
+                                        [hi - m for m, (_, hi) in zip(means, bounds)]],
+                        fmt="o", capsize=3, label=name)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(counts)), [str(c) for c in counts])
+        ax.set_xlabel(f"{results['target']} training cases")
+        ax.set_title("KID difference paired by seed, 95 % interval\n(below 0: the first arm is better)", fontsize=9)
+        ax.legend(fontsize=7)
     fig.suptitle(f"equal compute ({results['source_steps']} + {results['target_steps']} steps per arm), "
                  f"mean ± sd over {len(results['seeds'])} seeds, {len(results['held_out'])} held-out cases", fontsize=9)
     fig.tight_layout()
