@@ -63,18 +63,20 @@ def _toy_cohort(folder: Path, texture: float, n: int = 16) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=list(RECIPES))
-def toy_model(tmp_path_factory, request) -> tuple[MaskToMRIPipeline, dict]:
-    root = tmp_path_factory.mktemp(f"bimodal_{request.param}")
-    settings, model, texture = RECIPES[request.param]
-    cohort = _toy_cohort(root / "raw", texture)
-    cache = root / "cache"
+def train_toy_model(root: Path, recipe: str, steps: int = 500, learning_rate: float = 2e-3,
+                    recipes: dict = RECIPES) -> tuple[MaskToMRIPipeline, dict]:
+    """A tiny model trained with `recipes[recipe]` on its toy cohort under `root`; (pipeline, first case)."""
+    from diffusion_glioma.data.dataset import CachedCases
+
+    settings, model, texture = recipes[recipe]
+    cohort, cache = _toy_cohort(root / "raw", texture), root / "cache"
     prepare_dataset(cohort, cache, DataConfig(preprocess=PreprocessConfig(shape=SHAPE, spacing=(12.0,) * 3)),
                     progress=False)
     config = {
         "output_dir": str(root / "run"), "seed": 0, "data": {"cache": str(cache)},
         "model": {"preset": "tiny", "overrides": {"base_channels": 16, "norm_groups": 8, **model}},
-        "optim": {"steps": 500, "batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 20, "lr_schedule": "cosine"},
+        "optim": {"steps": steps, "batch_size": 8, "learning_rate": learning_rate, "warmup_steps": 20,
+                  "lr_schedule": "cosine"},
         "diffusion": {"class_dropout": 0.0, **settings},
         "ema": {"decay": 0.99},
         "validation": {"every": 100000, "num_inference_steps": 2},
@@ -84,10 +86,21 @@ def toy_model(tmp_path_factory, request) -> tuple[MaskToMRIPipeline, dict]:
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     pipe = MaskToMRIPipeline.from_pretrained(loop.train(load_train_config(path)))
-    from diffusion_glioma.data.dataset import CachedCases
+    return pipe, CachedCases(cache, diseases=list(pipe.disease_classes))[0]
 
-    item = CachedCases(cache, diseases=list(pipe.disease_classes))[0]
-    return pipe, item, request.param
+
+def left_minus_right(volumes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The first modality's mean left of the head's midline minus right of it, per volume: the toy's mode
+    (about +-1.2 in the data range; a grey head, the mean, near 0)."""
+    head = labels > 0
+    left = np.zeros(SHAPE, dtype=bool)
+    left[: SHAPE[0] // 2] = True
+    return np.array([v[0][head & left].mean() - v[0][head & ~left].mean() for v in volumes])
+
+
+@pytest.fixture(scope="module", params=list(RECIPES))
+def toy_model(tmp_path_factory, request) -> tuple[MaskToMRIPipeline, dict, str]:
+    return *train_toy_model(tmp_path_factory.mktemp(f"bimodal_{request.param}"), request.param), request.param
 
 
 def test_a_bimodal_conditional_is_sampled_in_both_modes(toy_model):
@@ -100,12 +113,8 @@ def test_a_bimodal_conditional_is_sampled_in_both_modes(toy_model):
     pipe.use_sampler("ddim")
     volumes = pipe(labels, "glioblastoma", num_inference_steps=25, generator=torch.Generator().manual_seed(1),
                    progress=False).volumes.numpy()
-    head = item["labels"].numpy() > 0
-    left = np.zeros(SHAPE, dtype=bool)
-    left[: SHAPE[0] // 2] = True
-    truth = item["image"].float().numpy()
-    contrast_true = abs(truth[0][head & left].mean() - truth[0][head & ~left].mean())
-    contrast = np.array([v[0][head & left].mean() - v[0][head & ~left].mean() for v in volumes])
+    contrast_true = abs(left_minus_right(item["image"].float().numpy()[None], item["labels"].numpy())[0])
+    contrast = left_minus_right(volumes, item["labels"].numpy())
     decided = np.abs(contrast) > 0.5 * contrast_true  # a grey head (the mean) decides nothing
     bright_left = int((contrast > 0)[decided].sum())
     assert decided.mean() >= 0.75, contrast.round(2)

@@ -353,16 +353,17 @@ def _plot(path: Path, results: dict) -> None:
         for (name, scores), style in zip(results["references"].items(), (":", "--")):
             if scores[key] is not None:
                 ax.axhline(scores[key], color="grey", linestyle=style, label=name)
-        drawn = [v for line in ax.get_lines() for v in np.atleast_1d(line.get_ydata()) if np.isfinite(v)]
-        if key == "kid_2d" and drawn and min(drawn) > 0:  # mean-fill's KID is several times the arms': a log
-            ax.set_yscale("log")                           # scale keeps their differences visible
+        if key == "kid_2d":  # mean-fill's KID is several times the arms': a log scale keeps their differences visible
+            drawn = [v for line in ax.get_lines() for v in np.atleast_1d(line.get_ydata()) if np.isfinite(v)]
+            if drawn and min(drawn) > 0:
+                ax.set_yscale("log")
         ax.set_xlabel(f"{results['target']} training cases")
         ax.set_xticks(counts)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
     if paired:  # the answer: each question's KID difference, paired by seed, with its interval
         ax = axes[3]
-        for offset, (name, by_count) in zip((-0.12, 0, 0.12), paired.items()):
+        for offset, (name, by_count) in zip(np.linspace(-0.12, 0.12, len(paired)), paired.items()):
             means = [by_count[str(c)]["mean"] for c in counts]
             bounds = [by_count[str(c)]["ci95"] or [m, m] for c, m in zip(counts, means)]
             x = np.arange(len(counts)) + offset
