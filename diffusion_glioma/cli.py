@@ -189,7 +189,7 @@ def cmd_evaluate(args) -> int:
              inception_weights=args.inception_weights, max_slices=args.max_slices,
              segmentation_steps=args.segmentation_steps, features_3d=args.features_3d,
              anomaly_steps=args.anomaly_steps, segmentation_seeds=args.segmentation_seeds,
-             segmentation_test=args.segmentation_test,
+             segmentation_test=args.segmentation_test, segmentation_schedule=args.segmentation_schedule,
              nnunet_study=args.nnunet_study, truth=args.truth, real_reference=args.real_reference,
              progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
@@ -217,7 +217,8 @@ def cmd_nnunet_study(args) -> int:
         if not args.real or not args.synthetic:
             raise DiffusionGliomaError("nnunet-study export needs --real and --synthetic")
         study = nnunet_study.export_study(args.real, args.synthetic, args.out, dataset_id=args.dataset_id,
-                                          seed=args.seed, copy=args.copy, folds=args.folds, progress=not args.quiet)
+                                          seed=args.seed, copy=args.copy, folds=args.folds, test=args.test,
+                                          progress=not args.quiet)
         sizes = ", ".join(f"{mix} {len(d['cases'])}" for mix, d in study["datasets"].items())
         print(f"nnU-Net datasets ({sizes} training cases) and {len(study['test_cases'])} shared test cases in "
               f"{args.out}; run these on the GPU machine (also in {Path(args.out) / 'commands.sh'}):\n")
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation-seeds", type=int, nargs="+",
                    help="repeat the segmentation study's training with these seeds on the split --seed draws, and "
                         "report mean ± sd")
+    p.add_argument("--segmentation-schedule", choices=["constant", "poly"], default="constant",
+                   help="the segmenters' learning rate: constant, or poly, nnU-Net's decay to 0 over the steps")
     p.add_argument("--segmentation-test", help="real cases with segmentations (a folder) to test the segmentation "
                                                "study on, as many as its question needs (default: a third of "
                                                "--real, held out)")
@@ -366,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", help="real dataset folder (export)")
     p.add_argument("--synthetic", help="a folder written by generate or curate (export)")
     p.add_argument("--dataset-id", type=int, default=600, help="nnU-Net id of the first mix (default 600; 4 ids)")
-    p.add_argument("--folds", default="all", help="nnU-Net folds to train, space-separated (default: all)")
+    p.add_argument("--folds", default="all", help="nnU-Net folds to train, space-separated (default: all); several "
+                                                  "folds are the study's seeds, each predicting on its own "
+                                                  "(\"0 1 2 3 4\" gives 5)")
+    p.add_argument("--test", help="real cases with segmentations (a folder) to test every mix on, none of them in "
+                                  "--real (default: a third of --real, held out)")
     p.add_argument("--copy", action="store_true", help="copy image files instead of linking them")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

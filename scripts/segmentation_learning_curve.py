@@ -7,6 +7,9 @@ over seeds). Pass that budget to `evaluate --segmentation-steps`; if the curve h
     python scripts/segmentation_learning_curve.py --real runs/phantom_train --test runs/phantom_segtest \
         --budgets 100 200 400 800 1600 --seeds 0 1 2 --out runs/segmentation_curve
 
+`--schedule poly` trains with nnU-Net's decaying learning rate instead, one run per budget (the
+curve then costs the sum of the budgets, not the largest).
+
 Writes OUT/learning_curve.json, OUT/learning_curve.md and OUT/learning_curve.png.
 """
 
@@ -19,7 +22,8 @@ from tqdm.auto import tqdm
 
 from diffusion_glioma.data.layouts import MODALITIES
 from diffusion_glioma.errors import DataError, DiffusionGliomaError
-from diffusion_glioma.evaluation.segmentation import REGIONS, learning_curve, plateau_budget, prepare_segmented
+from diffusion_glioma.evaluation.segmentation import (REGIONS, SCHEDULES, learning_curve, plateau_budget,
+                                                      prepare_segmented)
 from diffusion_glioma.evaluation.sets import read_set
 from diffusion_glioma.io import write_json, write_text
 
@@ -40,8 +44,8 @@ def mean_curve(curves: list[list[dict]]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     choice = result["plateau"]
-    lines = [f"Segmenter learning curve: {result['train_cases']} training cases, {result['test_cases']} test cases, "
-             f"seeds {result['seeds']} (mean ± sd over seeds)", "",
+    lines = [f"Segmenter learning curve ({result['schedule']} learning rate): {result['train_cases']} training cases, "
+             f"{result['test_cases']} test cases, seeds {result['seeds']} (mean ± sd over seeds)", "",
              "| steps | " + " | ".join(f"{r} Dice" for r in REGIONS) + " |", "|---|" + "---|" * len(REGIONS)]
     for point in result["mean"]:
         cells = [f"{point[r]:.3f}" + (f" ± {point[f'{r}_sd']:.3f}" if point[f"{r}_sd"] is not None else "")
@@ -72,7 +76,7 @@ def plot(path: Path, result: dict) -> None:
     ax.set_ylabel("Dice on the real test set")
     ax.legend(fontsize=7)
     ax.set_title(f"{result['train_cases']} real training cases, {result['test_cases']} test cases, "
-                 f"{len(result['seeds'])} seeds", fontsize=9)
+                 f"{len(result['seeds'])} seeds, {result['schedule']} learning rate", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
 
@@ -84,6 +88,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400, 800, 1600],
                         help="training steps at which the run is read (each at least 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                        help="the segmenter's learning rate: constant (one run per seed, read at each budget) or "
+                             "poly, nnU-Net's decay to 0 (one run per seed and budget)")
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -96,12 +103,14 @@ def main(argv=None) -> int:
         shared = names(test) & names(train)
         if shared:
             raise DataError(f"{args.test}: {len(shared)} test cases are also in {args.real} (e.g. {sorted(shared)[0]})")
-        curves = [learning_curve(train, test, args.budgets, seed) for seed in tqdm(args.seeds, desc="seeds", unit="run")]
+        curves = [learning_curve(train, test, args.budgets, seed, schedule=args.schedule)
+                  for seed in tqdm(args.seeds, desc="seeds", unit="seed")]
     except DiffusionGliomaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mean = mean_curve(curves)
-    result = {"train_cases": len(train), "test_cases": len(test), "seeds": args.seeds, "per_seed": curves,
+    result = {"train_cases": len(train), "test_cases": len(test), "seeds": args.seeds, "schedule": args.schedule,
+              "per_seed": curves,
               "mean": mean, "plateau": plateau_budget(mean, "WT", args.tolerance)}
     out = Path(args.out)
     write_json(out / "learning_curve.json", result)

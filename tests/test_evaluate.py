@@ -489,7 +489,7 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, monkeyp
     trained = []
     real_trainer = segmentation.train_segmenter
     monkeypatch.setattr(segmentation, "train_segmenter",
-                        lambda c, steps, seed=0: trained.append(len(c)) or real_trainer(c, steps, seed))
+                        lambda c, steps, seed=0, **kw: trained.append((len(c), kw)) or real_trainer(c, steps, seed, **kw))
     models = {}
     first = segmentation.segmentation_study(cases, cases, 1, seed=1, split_seed=0, anomaly_steps=0, real_models=models)
     again = segmentation.segmentation_study(cases, cases[:3], 1, seed=1, split_seed=0, anomaly_steps=0,
@@ -500,6 +500,11 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, monkeyp
     other_seed = segmentation.segmentation_study(cases, cases, 1, seed=2, split_seed=0, anomaly_steps=0,
                                                  real_models=models)
     assert len(models) == 2 and other_seed["test_cases"] == first["test_cases"]
+    # Every segmenter of a study trains on its schedule, and a real regime of another schedule is its own.
+    trained.clear()
+    segmentation.segmentation_study(cases, cases, 1, seed=2, split_seed=0, anomaly_steps=0, real_models=models,
+                                    schedule="poly")
+    assert len(models) == 3 and len(trained) == 4 and all(kw == {"schedule": "poly"} for _, kw in trained)
 
 
 def test_a_fixed_test_set_of_its_own(phantom_dir, tmp_path):
@@ -672,6 +677,58 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
     assert "| synthetic - real, paired per case | -1.000" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_nnunet_study_tests_on_a_folder_of_its_own_and_takes_several_folds_as_seeds(phantom_dir, tmp_path, capsys):
+    """A fixed test folder replaces the held-out third (every real case trains), and with several folds
+    each fold's model predicts alone: a case's Dice is its mean over folds, and the spread over folds
+    is kept beside it. Here fold 0 predicts perfectly for every mix and fold 1 nothing for "synthetic"."""
+    from diffusion_glioma.data.phantom import write_cohort
+
+    test_dir = tmp_path / "test"
+    write_cohort(test_dir, n_adult=1, n_pediatric=1, spacing=3.0, seed=7, first_index=100, progress=False)
+    cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir())
+    _manifest_set(tmp_path / "synthetic", cases, per_mask=1, noise=0.1)
+    out = tmp_path / "study"
+    assert main(["nnunet-study", "export", "--real", str(phantom_dir), "--synthetic", str(tmp_path / "synthetic"),
+                 "--test", str(test_dir), "--folds", "0 1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    study = json.loads((out / "study.json").read_text())
+    assert sorted(study["test_cases"]) == sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    assert len(study["datasets"]["real"]["cases"]) == len(cases) == len(study["datasets"]["synthetic"]["cases"])
+    for fold in (0, 1):
+        assert (f"-o {out.resolve()}/predictions/Dataset601_synthetic/fold_{fold} -d 601 -c 3d_fullres -f {fold}"
+                in printed)
+    for mix, dataset in study["datasets"].items():
+        for fold in (0, 1):
+            folder = out / "predictions" / dataset["folder"] / f"fold_{fold}"
+            folder.mkdir(parents=True)
+            for truth in (out / "test" / "labelsTs").iterdir():
+                image = nib.load(str(truth))
+                # one of the two test cases lost by one fold of one mix
+                lost = (mix, fold, truth.name) == ("synthetic", 1, sorted(p.name for p in truth.parent.iterdir())[0])
+                data = np.asarray(image.dataobj) * (0 if lost else 1)
+                nib.save(nib.Nifti1Image(data.astype(np.int16), image.affine), str(folder / truth.name))
+    assert main(["nnunet-study", "score", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["folds"] == ["0", "1"] and summary["test_cases"] == 2
+    assert summary["scores"]["real"]["WT"]["dice"] == pytest.approx(1.0)
+    # The lost case scores 1 on fold 0 and 0 on fold 1: its Dice is 0.5, the other case's 1.
+    assert sorted(summary["scores"]["synthetic"]["WT"]["dice_per_case"]) == pytest.approx([0.5, 1.0])
+    assert summary["paired_to_real"]["synthetic"]["WT"]["mean_difference"] == pytest.approx(-0.25)
+    spread = summary["across_folds"]["paired_to_real"]["synthetic"]["WT"]  # fold 0: 0, fold 1: -0.5
+    assert spread["mean"] == pytest.approx(-0.25) and spread["sd"] == pytest.approx(np.sqrt(0.125))
+    assert "| synthetic - real | -0.250 ± 0.354" in (out / "scores.md").read_text()
+    # A study exported before per-fold predictions predicted once with the folds' ensemble, into one folder.
+    study.pop("predictions")
+    (out / "study.json").write_text(json.dumps(study))
+    for dataset in study["datasets"].values():
+        for prediction in (out / "predictions" / dataset["folder"] / "fold_0").iterdir():
+            prediction.rename(prediction.parent.parent / prediction.name)
+    assert main(["nnunet-study", "score", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["folds"] == ["0 1 (ensemble)"] and "across_folds" not in summary
+    assert summary["scores"]["synthetic"]["WT"]["dice"] == pytest.approx(1.0)
+
+
 def test_segmentation_scores_across_seeds():
     from diffusion_glioma.evaluation.segmentation import across_seeds
 
@@ -710,7 +767,7 @@ def test_comparison_table_shows_scores_over_seeds():
     assert "reference: head size only" not in rows
 
 
-def test_a_learning_curve_reads_one_run_at_each_budget_and_finds_the_plateau(phantom_dir):
+def test_a_learning_curve_reads_one_run_at_each_budget_and_finds_the_plateau(phantom_dir, monkeypatch):
     """The curve's score at a budget is what a separate run of that many steps scores (same seed, same
     batches), and the plateau rule picks the first budget within 0.01 of the last one."""
     from diffusion_glioma.data.layouts import MODALITIES
@@ -734,6 +791,18 @@ def test_a_learning_curve_reads_one_run_at_each_budget_and_finds_the_plateau(pha
         alone = segmentation.train_segmenter(train, steps, seed=5)
         assert read[steps] == pytest.approx(sum(float(p.detach().double().sum()) for p in alone.parameters()), abs=1e-9)
     assert read[2] != read[4] and sorted(read) == [1, 2, 3, 4]
+    # A decaying schedule ends at its budget: each budget is a run of its own, not a read of the longest.
+    # (a 4-step decaying run read at step 2 is not the 2-step run, whose rate had decayed faster).
+    decaying = {}
+    segmentation.train_segmenter(train, 4, seed=5, schedule="poly", after_step=lambda step, model: decaying.setdefault(
+        step, sum(float(p.detach().double().sum()) for p in model.parameters())))
+    two_steps = segmentation.train_segmenter(train, 2, seed=5, schedule="poly")
+    assert sum(float(p.detach().double().sum()) for p in two_steps.parameters()) != pytest.approx(decaying[2], abs=1e-9)
+    calls = []
+    monkeypatch.setattr(segmentation, "train_segmenter", lambda cases, steps, seed, **kw: calls.append((steps, kw))
+                        or alone)
+    segmentation.learning_curve(train, test, [4, 2], seed=5, schedule="poly")
+    assert calls == [(2, {"schedule": "poly"}), (4, {"schedule": "poly"})]
 
     rising = [{"steps": s, "WT": d} for s, d in ((100, 0.40), (200, 0.70), (400, 0.795), (800, 0.80))]
     assert segmentation.plateau_budget(rising) == {"region": "WT", "tolerance": 0.01, "plateau": 0.80,

@@ -7,8 +7,11 @@
 `export` writes one nnU-Net raw dataset per data mix GliomaGen used (real, synthetic, real +
 synthetic, half the real + synthetic) around one shared test set of held-out real cases, drawn
 leak-free as in the in-package study (only cases outside the generator's training record; nothing
-derived from a test case in any mix). `score` reads nnU-Net's predictions of the test set back and
-scores them by the BraTS convention (WT/TC/ET Dice and HD95 with bootstrap intervals).
+derived from a test case in any mix), or a test folder of the user's own (`test`: as many cases as
+the question needs). `score` reads nnU-Net's predictions of the test set back and scores them by the
+BraTS convention (WT/TC/ET Dice and HD95 with bootstrap intervals). With several folds each fold's
+model predicts on its own (the folds are the study's seeds): a case's Dice is its mean over folds,
+and the spread over folds is reported beside it, as the in-package study's over seeds.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from ..errors import DataError
 from ..figures import pyplot, save_png
 from ..io import atomic_path, load_volume, save_volume, write_json, write_text
 from ..labels import TUMOUR_LABELS, get_scheme
-from .segmentation import (REGIONS, bootstrap_interval, dice_and_hd95, difference_text, held_out_split,
-                           paired_differences, regions_of, training_mixes)
+from .segmentation import (REGIONS, across_seeds, bootstrap_interval, dice_and_hd95, difference_text, fixed_split,
+                           held_out_split, paired_differences, regions_of, training_mixes)
 from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
@@ -52,7 +55,8 @@ def _common_labels(item) -> tuple[np.ndarray, np.ndarray]:
 
 
 def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, dataset_id: int = 600,
-                 seed: int = 0, copy: bool = False, folds: str = "all", progress: bool = True) -> dict:
+                 seed: int = 0, copy: bool = False, folds: str = "all", test: str | Path | None = None,
+                 progress: bool = True) -> dict:
     out = Path(out)
     if (out / STUDY_FILE).is_file():
         raise DataError(f"{out}: already holds an exported study ({STUDY_FILE}); score it, or export to another folder")
@@ -65,9 +69,17 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         return [{"id": i.item_id, "source": i.source or i.key, "disease": i.disease or "unknown", "item": i}
                 for i in items]
 
-    split = held_out_split(light(real_items), light(synthetic_items), seed, generator_training_cases(synthetic))
+    test_folder = test
+    if test_folder is None:
+        split = held_out_split(light(real_items), light(synthetic_items), seed, generator_training_cases(synthetic))
+    else:
+        test_items = with_mask(read_set(test_folder, MODALITIES))
+        if not test_items:
+            raise DataError(f"{test_folder}: no real cases with segmentations to test on")
+        split = fixed_split(light(real_items), light(synthetic_items), light(test_items),
+                            generator_training_cases(synthetic))
     if isinstance(split, str):
-        raise DataError(f"{real}: {split}")
+        raise DataError(f"{real if test_folder is None else test_folder}: {split}")
     test, train_real, train_synthetic = split
     mixes = training_mixes(train_real, train_synthetic, seed)
 
@@ -101,12 +113,25 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         bar.update()
     bar.close()
 
-    study = {"real": str(real), "synthetic": str(synthetic), "seed": seed, "label_values": values,
+    study = {"real": str(real), "synthetic": str(synthetic),
+             "test": None if test_folder is None else str(test_folder), "seed": seed, "label_values": values,
+             "predictions": "per fold",
              "test_cases": [e["id"] for e in test], "datasets": datasets, "folds": folds,
              "commands": commands(out, datasets, folds)}
     (out / "commands.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(study["commands"]) + "\n")
     write_json(out / STUDY_FILE, study)  # last: its presence marks a finished export
     return study
+
+
+def prediction_folders(out: Path, dataset: dict, folds: str, per_fold: bool = True) -> dict[str, Path]:
+    """Where each fold's predictions of the test set lie: one folder for a single fold (or "all"), one
+    per fold (fold_K) when there are several, each model predicting alone. A study exported before
+    per-fold predictions (`per_fold` False) predicted once with the folds' ensemble, into one folder."""
+    fold_list = folds.split()
+    folder = out / "predictions" / dataset["folder"]
+    if len(fold_list) == 1 or not per_fold:
+        return {" ".join(fold_list) if per_fold else f"{folds} (ensemble)": folder}
+    return {f: folder / f"fold_{f}" for f in fold_list}
 
 
 def commands(out: Path, datasets: dict, folds: str) -> list[str]:
@@ -120,8 +145,9 @@ def commands(out: Path, datasets: dict, folds: str) -> list[str]:
     for d in datasets.values():
         lines += [f"nnUNetv2_train {d['id']} 3d_fullres {fold}" for fold in fold_list]
     for d in datasets.values():
-        lines.append(f"nnUNetv2_predict -i {root}/test/imagesTs -o {root}/predictions/{d['folder']} -d {d['id']} "
-                     f"-c 3d_fullres -f {' '.join(fold_list)}")
+        for fold, folder in prediction_folders(out.resolve(), d, folds).items():
+            lines.append(f"nnUNetv2_predict -i {root}/test/imagesTs -o {shlex.quote(str(folder))} -d {d['id']} "
+                         f"-c 3d_fullres -f {fold}")
     lines.append(f"diffusion-glioma nnunet-study score --out {root}")
     return lines
 
@@ -136,30 +162,37 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
     study = json.loads((out / STUDY_FILE).read_text())
     values = {int(k): v for k, v in study["label_values"].items()}
     truth_dir = out / "test" / "labelsTs"
-    results = {}
-    for mix, dataset in sorted(study["datasets"].items(), key=lambda kv: kv[1]["id"]):  # JSON sorts the keys
-        folder = out / "predictions" / dataset["folder"]
-        missing = [c for c in study["test_cases"] if not (folder / f"{c}.nii.gz").is_file()]
-        if missing:
-            raise DataError(f"{folder}: no prediction for {len(missing)} test case(s) (e.g. {missing[0]}.nii.gz); "
-                            "run the nnUNetv2_predict line of commands.sh")
-        predictions, truths, spacing = [], [], None
-        for case in tqdm(study["test_cases"], desc=f"score {mix}", unit="case", disable=not progress):
-            truth = load_volume(truth_dir / f"{case}.nii.gz", kind="label")
-            prediction = load_volume(folder / f"{case}.nii.gz", kind="label")
-            if prediction.shape != truth.shape:
-                raise DataError(f"{prediction.path}: shape {prediction.shape} differs from the test label {truth.shape}")
-            spacing = spacing or truth.spacing
-            predictions.append(regions_of(torch.from_numpy(nnunet.to_common(prediction.array, values).astype(np.int64))))
-            truths.append(regions_of(torch.from_numpy(nnunet.to_common(truth.array, values).astype(np.int64))))
-        # Volumes of different grids are scored one by one; the means and intervals pool the cases.
-        results[mix] = _pooled_scores(predictions, truths, spacing)
+    per_fold: dict[str, dict] = {}
+    for mix, dataset in sorted(study["datasets"].items(), key=lambda kv: kv[1]["id"]):  # in the order of the mixes' ids
+        per_fold_predictions = study.get("predictions") == "per fold"
+        for fold, folder in prediction_folders(out, dataset, study["folds"], per_fold_predictions).items():
+            missing = [c for c in study["test_cases"] if not (folder / f"{c}.nii.gz").is_file()]
+            if missing:
+                raise DataError(f"{folder}: no prediction for {len(missing)} test case(s) (e.g. {missing[0]}.nii.gz); "
+                                "run the nnUNetv2_predict lines of commands.sh")
+            predictions, truths, spacing = [], [], None
+            for case in tqdm(study["test_cases"], desc=f"score {mix} fold {fold}", unit="case", disable=not progress):
+                truth = load_volume(truth_dir / f"{case}.nii.gz", kind="label")
+                prediction = load_volume(folder / f"{case}.nii.gz", kind="label")
+                if prediction.shape != truth.shape:
+                    raise DataError(f"{prediction.path}: shape {prediction.shape} differs from the test label {truth.shape}")
+                spacing = spacing or truth.spacing
+                predictions.append(regions_of(torch.from_numpy(nnunet.to_common(prediction.array, values).astype(np.int64))))
+                truths.append(regions_of(torch.from_numpy(nnunet.to_common(truth.array, values).astype(np.int64))))
+            # Volumes of different grids are scored one by one; the means and intervals pool the cases.
+            per_fold.setdefault(fold, {})[mix] = _pooled_scores(predictions, truths, spacing)
+    results = next(iter(per_fold.values())) if len(per_fold) == 1 else _mean_over_folds(list(per_fold.values()))
     # Each mix against the real mix on the same test cases: the paired design's power (the in-package study's).
     paired = ({mix: paired_differences(results, mix) for mix in results if mix != "real"}
               if "real" in results else {})
-    summary = {"test_cases": len(study["test_cases"]), "scores": results, "paired_to_real": paired}
+    summary = {"test_cases": len(study["test_cases"]), "folds": list(per_fold), "scores": results,
+               "paired_to_real": paired}
+    if len(per_fold) > 1:  # the spread over folds, as the in-package study's over seeds
+        runs = [{"utility": fold, "paired_to_real": {mix: paired_differences(fold, mix) for mix in fold if mix != "real"}
+                 if "real" in fold else {}} for fold in per_fold.values()]
+        summary["across_folds"] = across_seeds(runs, list(per_fold))
     write_json(out / "scores.json", summary)
-    write_text(out / "scores.md", _markdown(study, results, paired))
+    write_text(out / "scores.md", _markdown(study, summary))
     _bars(out / "scores.png", results)
     return summary
 
@@ -179,10 +212,27 @@ def _pooled_scores(predictions: list[torch.Tensor], truths: list[torch.Tensor], 
     return out
 
 
-def _markdown(study: dict, results: dict, paired: dict) -> str:
-    lines = ["# nnU-Net study", "", f"{len(study['test_cases'])} held-out real test cases, shared by every mix; "
-             "nnU-Net v2 3d_fullres; Dice [bootstrap 95% interval] (HD95 mm) by the BraTS convention.", "",
-             "| trained on | cases | WT | TC | ET |", "|---|---|---|---|---|"]
+def _mean_over_folds(folds: list[dict]) -> dict:
+    """Each mix's scores with a case's Dice the mean of its Dice over the folds' models (the interval
+    over cases then holds the folds' luck averaged out) and HD95 the mean of the folds' means."""
+    out = {}
+    for mix in folds[0]:
+        out[mix] = {}
+        for region in REGIONS:
+            dice = torch.tensor([fold[mix][region]["dice_per_case"] for fold in folds], dtype=torch.float64).mean(0)
+            out[mix][region] = {"dice": float(dice.mean()), "dice_per_case": dice.tolist(), "n": len(dice),
+                                "dice_ci95": bootstrap_interval(dice, 1000, 0),
+                                "hd95": float(np.mean([fold[mix][region]["hd95"] for fold in folds]))}
+    return out
+
+
+def _markdown(study: dict, summary: dict) -> str:
+    results, paired, folds = summary["scores"], summary["paired_to_real"], summary["folds"]
+    models = (f"the mean over the {len(folds)} folds' models (folds {', '.join(folds)}) of each case's Dice"
+              if len(folds) > 1 else f"fold {folds[0]}")
+    lines = ["# nnU-Net study", "", f"{len(study['test_cases'])} real test cases, none trained on, shared by every mix; "
+             f"nnU-Net v2 3d_fullres, {models}; Dice [bootstrap 95% interval over cases] (HD95 mm) by the BraTS "
+             "convention.", "", "| trained on | cases | WT | TC | ET |", "|---|---|---|---|---|"]
     for mix, scores in results.items():
         cells = [f"{scores[r]['dice']:.3f} [{scores[r]['dice_ci95'][0]:.2f}, {scores[r]['dice_ci95'][1]:.2f}] "
                  f"({scores[r]['hd95']:.1f})" for r in REGIONS]
@@ -193,6 +243,13 @@ def _markdown(study: dict, results: dict, paired: dict) -> str:
                   "| mix | WT | TC | ET |", "|---|---|---|---|"]
         for mix, differences in paired.items():
             lines.append(f"| {mix} - real | " + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
+    spread = (summary.get("across_folds") or {}).get("paired_to_real") or {}
+    if spread:
+        lines += ["", f"The same differences fold by fold: mean ± sd over the {len(folds)} folds (the training's luck).",
+                  "", "| mix | WT | TC | ET |", "|---|---|---|---|"]
+        for mix, regions in spread.items():
+            lines.append(f"| {mix} - real | " + " | ".join(
+                f"{regions[r]['mean']:+.3f} ± {regions[r]['sd']:.3f}" for r in REGIONS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +263,7 @@ def _bars(path: Path, results: dict) -> None:
                               for r in REGIONS]).T)
     ax.set_xticks(np.arange(len(REGIONS)) + 0.4 - width / 2, REGIONS)
     ax.set_ylim(0, 1)
-    ax.set_title("nnU-Net Dice on the held-out real test cases", fontsize=9)
+    ax.set_title("nnU-Net Dice on the real test cases", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_png(fig, path)

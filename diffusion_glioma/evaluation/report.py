@@ -324,7 +324,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
              anomaly_steps: int | None = None, segmentation_seeds: list[int] | None = None,
              nnunet_study: str | Path | None = None, truth: str | Path | None = None,
              real_reference: str | Path | None = None, segmentation_test: str | Path | None = None,
-             progress: bool = True) -> dict:
+             segmentation_schedule: str = "constant", progress: bool = True) -> dict:
     """Score each synthetic folder against `real`, beside reference sets made on the same cases and
     grid (references.py): mean-fill and noise always, the same-mask truth draws and their conditional
     mean when `truth` names them (`phantom --truth-draws`), an independent real cohort when
@@ -432,7 +432,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             # One split (drawn by --seed) for every training seed: the spread over seeds is the training's luck.
             runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s, split_seed=seed,
                                        generator_cases=training_records[name], anomaly_steps=anomaly_steps,
-                                       real_models=real_models, test=test_cases)
+                                       real_models=real_models, test=test_cases, schedule=segmentation_schedule)
                     for s in (segmentation_seeds or [seed])]
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
@@ -446,7 +446,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                          f"(--segmentation-test, a folder of real cases; inference is cheap) and {POWERED_SEEDS} "
                          "seeds (--segmentation-seeds), and a segmenter trained to its plateau "
                          "(scripts/segmentation_learning_curve.py).")
-        results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps, Dice + BCE on WT/TC/ET, "
+        rate = "nnU-Net's poly decay" if segmentation_schedule == "poly" else "a constant learning rate"
+        results["segmentation_setup"] = (f"MONAI UNet (16-32-64), {segmentation_steps} steps at {rate}, Dice + BCE on WT/TC/ET, "
                                          "32^3 grid of 6 mm; "
                                          + (f"tested on the {len(test_cases)} real cases of {segmentation_test}"
                                             if test_cases is not None else

@@ -225,9 +225,12 @@ def markdown(results: dict, names: list[str], modalities) -> str:
     if "segmentation_setup" in results:
         lines += _segmentation_markdown(results, names)
     if "nnunet_study" in results:
+        folds = results["nnunet_study"].get("folds") or []
+        models = f", a case's Dice the mean over {len(folds)} folds' models" if len(folds) > 1 else ""
         lines += ["", "## nnU-Net study", "", f"nnU-Net v2 (3d_fullres) trained on each mix on the user's GPUs, "
-                  f"tested on {results['nnunet_study']['test_cases']} shared held-out real cases; Dice [bootstrap 95% "
-                  "interval] (HD95 mm), BraTS convention.", "", "| trained on | WT | TC | ET |", "|---|---|---|---|"]
+                  f"tested on {results['nnunet_study']['test_cases']} shared real test cases{models}; Dice "
+                  "[bootstrap 95% interval] (HD95 mm), BraTS convention.", "", "| trained on | WT | TC | ET |",
+                  "|---|---|---|---|"]
         for mix, scores in results["nnunet_study"]["scores"].items():
             lines.append(f"| {mix} | " + " | ".join(
                 f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, {_fmt(scores[r]['dice_ci95'][1], 2)}] "
