@@ -41,7 +41,15 @@ RECIPES = {
 BEATS_ITS_INPUT = {"default": True, "demo": True, "old": False}
 
 
-def _toy_cohort(folder: Path, texture: float, n: int = 16) -> Path:
+def fine_pattern() -> np.ndarray:
+    """A voxel checkerboard: the finest pattern a grid carries (in Haar space, all in one detail band)."""
+    return (-1.0) ** np.indices(SHAPE).sum(0)
+
+
+def _toy_cohort(folder: Path, texture: float, n: int = 16, modes: str = "halves") -> Path:
+    """`modes`: "halves" (the mode is which half of the head is bright) or "fine" (a uniform head
+    carrying the fine pattern with one sign or the other: the mode sits where a model that ignores its
+    noisy input at low noise draws the mean, flat)."""
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
     head = np.sqrt((grid ** 2).sum(0)) < 0.85
     tumour = np.sqrt(((grid - np.array([0.0, 0.3, 0.0])[:, None, None, None]) ** 2).sum(0)) < 0.3
@@ -53,8 +61,8 @@ def _toy_cohort(folder: Path, texture: float, n: int = 16) -> Path:
         mode = i % 2  # half the cases each way
         bright = left if mode == 0 else ~left
         fine = ndimage.gaussian_filter(rng.standard_normal(SHAPE), 0.7)  # a texture of its own for every case
-        image = np.where(head, np.where(bright, 0.9, 0.3) + 0.02 * rng.standard_normal(SHAPE)
-                         + texture * fine / fine.std(), 0.0)
+        base = np.where(bright, 0.9, 0.3) if modes == "halves" else 0.6 + (0.15 if mode == 0 else -0.15) * fine_pattern()
+        image = np.where(head, base + 0.02 * rng.standard_normal(SHAPE) + texture * fine / fine.std(), 0.0)
         case = folder / f"BraTS2021_{i:05d}"
         for m in MODALITIES:
             write_nifti(case / f"{case.name}_{ {'t1n': 't1', 't1c': 't1ce', 't2w': 't2', 't2f': 'flair'}[m]}.nii.gz",
@@ -64,12 +72,12 @@ def _toy_cohort(folder: Path, texture: float, n: int = 16) -> Path:
 
 
 def train_toy_model(root: Path, recipe: str, steps: int = 500, learning_rate: float = 2e-3,
-                    recipes: dict = RECIPES) -> tuple[MaskToMRIPipeline, dict]:
+                    recipes: dict = RECIPES, modes: str = "halves") -> tuple[MaskToMRIPipeline, dict]:
     """A tiny model trained with `recipes[recipe]` on its toy cohort under `root`; (pipeline, first case)."""
     from diffusion_glioma.data.dataset import CachedCases
 
     settings, model, texture = recipes[recipe]
-    cohort, cache = _toy_cohort(root / "raw", texture), root / "cache"
+    cohort, cache = _toy_cohort(root / "raw", texture, modes=modes), root / "cache"
     prepare_dataset(cohort, cache, DataConfig(preprocess=PreprocessConfig(shape=SHAPE, spacing=(12.0,) * 3)),
                     progress=False)
     config = {
@@ -96,6 +104,14 @@ def left_minus_right(volumes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     left = np.zeros(SHAPE, dtype=bool)
     left[: SHAPE[0] // 2] = True
     return np.array([v[0][head & left].mean() - v[0][head & ~left].mean() for v in volumes])
+
+
+def fine_sign(volumes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The first modality's projection on the fine pattern inside the head, per volume: the fine toy's
+    mode (about +-0.77 in the model's range without texture, +-0.42 with texture 0.1, as each case's
+    head is stretched to [-1, 1]; the flat mean, 0)."""
+    head, pattern = labels > 0, fine_pattern()
+    return np.array([(v[0][head] * pattern[head]).mean() for v in volumes])
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))
