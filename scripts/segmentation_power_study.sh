@@ -7,18 +7,23 @@
 # MODELS="NAME=PIPELINE ..." (default: diffusion=weights/phantom-demo) are the generators; each samples
 # one volume per mask of the training cohort (the synthetic regimes' data) and of the test cohort (the
 # mask-consistency volumes, which nothing trains on). SEEDS (default "0 1 2 3 4"), SCHEDULE (the segmenters'
-# learning rate: constant, the default, or poly, nnU-Net's decay, which measured no faster to its plateau:
-# docs/evaluation.md). Re-running resumes the phantoms and the sampling.
+# learning rate: constant, the default, or poly, nnU-Net's decay, not ahead of it by 3200 steps:
+# docs/evaluation.md). The phantom cohorts are the repository's runs/phantom_train and
+# runs/phantom_segtest (drawn when missing, shared with the other studies). Re-running resumes the
+# phantoms and the sampling.
 set -euo pipefail
 out=$(realpath -m "${1:?output folder}")
 steps=${2:?segmenter training steps}
 [[ $steps =~ ^[1-9][0-9]*$ ]] || { echo "STEPS: '$steps' is not a positive whole number" >&2; exit 2; }
+read -ra rows <<< "${MODELS:-diffusion=$(dirname "$0")/../weights/phantom-demo}"
+models=()
+for row in "${rows[@]}"; do  # pipeline folders as the caller named them, before the cd below
+  [[ $row =~ ^[A-Za-z0-9._-]+=. && -d ${row#*=} ]] || { echo "MODELS: '$row' is not NAME=PIPELINE (a folder)" >&2; exit 2; }
+  models+=("${row%%=*}=$(realpath "${row#*=}")")
+done
 cd "$(dirname "$0")/.."
 read -ra seeds <<< "${SEEDS:-0 1 2 3 4}"
-read -ra models <<< "${MODELS:-diffusion=weights/phantom-demo}"
-for row in "${models[@]}"; do
-  [[ $row =~ ^[A-Za-z0-9._-]+=. && -d ${row#*=} ]] || { echo "MODELS: '$row' is not NAME=PIPELINE (a folder)" >&2; exit 2; }
-done
+
 # The phantom writes these files last: an interrupted cohort is finished, a whole one is not redrawn.
 [ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
 [ -f runs/phantom_segtest/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_segtest --n-adult 15 --n-pediatric 15 \

@@ -379,13 +379,13 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
     assert "VAE anomaly-score classifier" in (tmp_path / "r" / "report.md").read_text()
     text = (tmp_path / "r" / "report.md").read_text()
     assert "## Segmentation" in text
-    # The 6 mm grid does not resolve a thin enhancing rim: ET is not reported as a score (WT and TC are), and
+    # At 6 mm a thin enhancing rim is learnt too slowly to score: ET is not reported as a score (WT and TC are), and
     # one test case with one seed is said to be indicative, not a ranking.
     assert seg["regions_resolved"] == ["WT", "TC"]
     real_row = next(line for line in text.splitlines() if line.startswith("| copy | real |"))
     wt, tc, et = real_row.split("|")[3:6]
     assert wt.strip().startswith(f"{seg['utility']['real']['WT']['dice']:.3g}") and "[" in tc
-    assert et.strip() == "not resolved at 6 mm" and "[" not in et
+    assert et.strip() == "not scored at 6 mm" and "[" not in et
     assert any("1 held-out test cases and 1 training seed" in note for note in report["notes"])
     rows = {row["set"]: row for row in report["comparison"]}
     assert rows["copy"]["dice_trained_on"] == seg["utility"]["synthetic"]["WT"]["dice"]

@@ -69,7 +69,7 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         return [{"id": i.item_id, "source": i.source or i.key, "disease": i.disease or "unknown", "item": i}
                 for i in items]
 
-    test_folder = test
+    test_folder = test  # the folder; the split below gives the cases
     if test_folder is None:
         split = held_out_split(light(real_items), light(synthetic_items), seed, generator_training_cases(synthetic))
     else:
@@ -130,7 +130,7 @@ def prediction_folders(out: Path, dataset: dict, folds: str, per_fold: bool = Tr
     fold_list = folds.split()
     folder = out / "predictions" / dataset["folder"]
     if len(fold_list) == 1 or not per_fold:
-        return {" ".join(fold_list) if per_fold else f"{folds} (ensemble)": folder}
+        return {fold_list[0] if len(fold_list) == 1 else f"{folds} (ensemble)": folder}
     return {f: folder / f"fold_{f}" for f in fold_list}
 
 
@@ -163,8 +163,8 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
     values = {int(k): v for k, v in study["label_values"].items()}
     truth_dir = out / "test" / "labelsTs"
     per_fold: dict[str, dict] = {}
+    per_fold_predictions = study.get("predictions") == "per fold"  # absent from studies exported before
     for mix, dataset in sorted(study["datasets"].items(), key=lambda kv: kv[1]["id"]):  # in the order of the mixes' ids
-        per_fold_predictions = study.get("predictions") == "per fold"
         for fold, folder in prediction_folders(out, dataset, study["folds"], per_fold_predictions).items():
             missing = [c for c in study["test_cases"] if not (folder / f"{c}.nii.gz").is_file()]
             if missing:
@@ -188,8 +188,9 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
     summary = {"test_cases": len(study["test_cases"]), "folds": list(per_fold), "scores": results,
                "paired_to_real": paired}
     if len(per_fold) > 1:  # the spread over folds, as the in-package study's over seeds
-        runs = [{"utility": fold, "paired_to_real": {mix: paired_differences(fold, mix) for mix in fold if mix != "real"}
-                 if "real" in fold else {}} for fold in per_fold.values()]
+        runs = [{"utility": scores, "paired_to_real": {mix: paired_differences(scores, mix) for mix in scores
+                                                        if mix != "real"} if "real" in scores else {}}
+                for scores in per_fold.values()]
         summary["across_folds"] = across_seeds(runs, list(per_fold))
     write_json(out / "scores.json", summary)
     write_text(out / "scores.md", _markdown(study, summary))

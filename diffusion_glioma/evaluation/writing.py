@@ -250,7 +250,7 @@ def _resolved(seg: dict) -> list[str]:
 
 def _unresolved(seg: dict) -> str:
     spacing = seg.get("spacing_mm")
-    return f"not resolved at {max(spacing):g} mm" if spacing else "not resolved"
+    return f"not scored at {max(spacing):g} mm" if spacing else "not scored"
 
 
 def _region_cells(seg: dict, text) -> str:
