@@ -69,23 +69,22 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         return [{"id": i.item_id, "source": i.source or i.key, "disease": i.disease or "unknown", "item": i}
                 for i in items]
 
-    test_folder = test  # the folder; the split below gives the cases
-    if test_folder is None:
+    if test is None:
         split = held_out_split(light(real_items), light(synthetic_items), seed, generator_training_cases(synthetic))
     else:
-        test_items = with_mask(read_set(test_folder, MODALITIES))
+        test_items = with_mask(read_set(test, MODALITIES))
         if not test_items:
-            raise DataError(f"{test_folder}: no real cases with segmentations to test on")
+            raise DataError(f"{test}: no real cases with segmentations to test on")
         split = fixed_split(light(real_items), light(synthetic_items), light(test_items),
                             generator_training_cases(synthetic))
     if isinstance(split, str):
-        raise DataError(f"{real if test_folder is None else test_folder}: {split}")
-    test, train_real, train_synthetic = split
+        raise DataError(f"{real if test is None else test}: {split}")
+    test_cases, train_real, train_synthetic = split
     mixes = training_mixes(train_real, train_synthetic, seed)
 
     # One label mapping for every dataset and the test set (nnU-Net values are consecutive).
     present: set[int] = set()
-    for entry in test + train_real + train_synthetic:
+    for entry in test_cases + train_real + train_synthetic:
         present |= set(np.unique(_common_labels(entry["item"])[0]).tolist())
     values = nnunet.label_values([c for c in TUMOUR_LABELS if c in present])
     raw = out / "nnUNet_raw"
@@ -98,7 +97,7 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         save_volume(labels_dir / f"{name}.nii.gz", nnunet.to_nnunet(common, values), affine, dtype=np.int16)
 
     datasets = {}
-    total = len(test) + sum(len(cases) for cases in mixes.values())
+    total = len(test_cases) + sum(len(cases) for cases in mixes.values())
     bar = tqdm(total=total, desc="nnunet-study export", unit="case", disable=not progress)
     for k, (mix, cases) in enumerate(mixes.items()):
         folder = raw / f"Dataset{dataset_id + k:03d}_{mix.replace('+', '_plus_').replace(' ', '_')}"
@@ -108,15 +107,15 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         nnunet.write_dataset_json(folder, MODALITIES, values, len(cases), folder.name.split("_", 1)[1],
                                   f"diffusion_glioma nnU-Net study, mix '{mix}'")
         datasets[mix] = {"id": dataset_id + k, "folder": folder.name, "cases": [e["id"] for e in cases]}
-    for entry in test:
+    for entry in test_cases:
         write_case(entry, out / "test" / "imagesTs", out / "test" / "labelsTs", entry["id"])
         bar.update()
     bar.close()
 
     study = {"real": str(real), "synthetic": str(synthetic),
-             "test": None if test_folder is None else str(test_folder), "seed": seed, "label_values": values,
+             "test": None if test is None else str(test), "seed": seed, "label_values": values,
              "predictions": "per fold",
-             "test_cases": [e["id"] for e in test], "datasets": datasets, "folds": folds,
+             "test_cases": [e["id"] for e in test_cases], "datasets": datasets, "folds": folds,
              "commands": commands(out, datasets, folds)}
     (out / "commands.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(study["commands"]) + "\n")
     write_json(out / STUDY_FILE, study)  # last: its presence marks a finished export
@@ -162,6 +161,11 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
     study = json.loads((out / STUDY_FILE).read_text())
     values = {int(k): v for k, v in study["label_values"].items()}
     truth_dir = out / "test" / "labelsTs"
+    truths, spacing = {}, None  # read once: every mix and fold is scored against the same labels
+    for case in study["test_cases"]:
+        truth = load_volume(truth_dir / f"{case}.nii.gz", kind="label")
+        spacing = spacing or truth.spacing
+        truths[case] = (truth.shape, regions_of(torch.from_numpy(nnunet.to_common(truth.array, values).astype(np.int64))))
     per_fold: dict[str, dict] = {}
     per_fold_predictions = study.get("predictions") == "per fold"  # absent from studies exported before
     for mix, dataset in sorted(study["datasets"].items(), key=lambda kv: kv[1]["id"]):  # in the order of the mixes' ids
@@ -170,17 +174,15 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
             if missing:
                 raise DataError(f"{folder}: no prediction for {len(missing)} test case(s) (e.g. {missing[0]}.nii.gz); "
                                 "run the nnUNetv2_predict lines of commands.sh")
-            predictions, truths, spacing = [], [], None
+            predictions = []
             for case in tqdm(study["test_cases"], desc=f"score {mix} fold {fold}", unit="case", disable=not progress):
-                truth = load_volume(truth_dir / f"{case}.nii.gz", kind="label")
                 prediction = load_volume(folder / f"{case}.nii.gz", kind="label")
-                if prediction.shape != truth.shape:
-                    raise DataError(f"{prediction.path}: shape {prediction.shape} differs from the test label {truth.shape}")
-                spacing = spacing or truth.spacing
+                if prediction.shape != truths[case][0]:
+                    raise DataError(f"{prediction.path}: shape {prediction.shape} differs from the test label {truths[case][0]}")
                 predictions.append(regions_of(torch.from_numpy(nnunet.to_common(prediction.array, values).astype(np.int64))))
-                truths.append(regions_of(torch.from_numpy(nnunet.to_common(truth.array, values).astype(np.int64))))
             # Volumes of different grids are scored one by one; the means and intervals pool the cases.
-            per_fold.setdefault(fold, {})[mix] = _pooled_scores(predictions, truths, spacing)
+            per_fold.setdefault(fold, {})[mix] = _pooled_scores(predictions, [truths[c][1] for c in study["test_cases"]],
+                                                                spacing)
     results = next(iter(per_fold.values())) if len(per_fold) == 1 else _mean_over_folds(list(per_fold.values()))
     # Each mix against the real mix on the same test cases: the paired design's power (the in-package study's).
     paired = ({mix: paired_differences(results, mix) for mix in results if mix != "real"}
