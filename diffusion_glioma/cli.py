@@ -190,6 +190,7 @@ def cmd_evaluate(args) -> int:
              segmentation_steps=args.segmentation_steps, features_3d=args.features_3d,
              anomaly_steps=args.anomaly_steps, segmentation_seeds=args.segmentation_seeds,
              segmentation_test=args.segmentation_test, segmentation_schedule=args.segmentation_schedule,
+             segmentation_regimes=args.segmentation_regimes, classification_steps=args.classification_steps,
              nnunet_study=args.nnunet_study, truth=args.truth, real_reference=args.real_reference,
              progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text())
@@ -337,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "report mean ± sd")
     p.add_argument("--segmentation-schedule", choices=["constant", "poly"], default="constant",
                    help="the segmenters' learning rate: constant, or poly, nnU-Net's decay to 0 over the steps")
+    p.add_argument("--segmentation-regimes", nargs="+", choices=["synthetic", "real+synthetic", "half real+synthetic"],
+                   help="the segmentation study's training mixes beside the real one (default: all three)")
+    p.add_argument("--classification-steps", type=int,
+                   help="training steps of the segmentation study's disease classifiers (default: "
+                        "--segmentation-steps; 0: skip them)")
     p.add_argument("--segmentation-test", help="real cases with segmentations (a folder) to test the segmentation "
                                                "study on, as many as its question needs (default: a third of "
                                                "--real, held out)")

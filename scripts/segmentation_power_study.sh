@@ -8,9 +8,12 @@
 # one volume per mask of the training cohort (the synthetic regimes' data) and of the test cohort (the
 # mask-consistency volumes, which nothing trains on). SEEDS (default "0 1 2 3 4"), SCHEDULE (the segmenters'
 # learning rate: constant, the default, or poly, nnU-Net's decay, not ahead of it by 3200 steps:
-# docs/evaluation.md). The phantom cohorts are the repository's runs/phantom_train and
-# runs/phantom_segtest (drawn when missing, shared with the other studies). Re-running resumes the
-# phantoms and the sampling.
+# docs/evaluation.md). REGIMES (comma-separated, default all: "synthetic,real+synthetic,half real+synthetic")
+# are the training mixes beside the real one; CLASSIFICATION_STEPS (default STEPS, 0: none) trains the disease
+# classifiers. The phantom cohorts are the repository's runs/phantom_train and runs/phantom_segtest (drawn when
+# missing, shared with the other studies). Re-running resumes the phantoms, the sampling and the training
+# (every trained segmenter is kept in OUT/report/trained_models: a run extended by another model trains only
+# that model's regimes).
 set -euo pipefail
 out=$(realpath -m "${1:?output folder}")
 steps=${2:?segmenter training steps}
@@ -23,6 +26,8 @@ for row in "${rows[@]}"; do  # pipeline folders as the caller named them, before
 done
 cd "$(dirname "$0")/.."
 read -ra seeds <<< "${SEEDS:-0 1 2 3 4}"
+IFS=, read -ra regimes <<< "${REGIMES:-synthetic,real+synthetic,half real+synthetic}"
+classification_steps=${CLASSIFICATION_STEPS:-$steps}
 
 # The phantom writes these files last: an interrupted cohort is finished, a whole one is not redrawn.
 [ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
@@ -43,4 +48,5 @@ for row in "${models[@]}"; do
 done
 diffusion-glioma evaluate --real runs/phantom_train --synthetic "${sets[@]}" --names "${names[@]}" \
   --segmentation-test runs/phantom_segtest --segmentation-seeds "${seeds[@]}" --segmentation-steps "$steps" \
-  --segmentation-schedule "${SCHEDULE:-constant}" --anomaly-steps 0 --features random --out "$out/report" --quiet
+  --segmentation-schedule "${SCHEDULE:-constant}" --segmentation-regimes "${regimes[@]}" \
+  --classification-steps "$classification_steps" --anomaly-steps 0 --features random --out "$out/report" --quiet

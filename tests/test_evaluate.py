@@ -480,31 +480,44 @@ def test_paired_differences_see_a_shift_the_unpaired_intervals_cannot():
     assert same["ci95"][0] < 0 < same["ci95"][1]
 
 
-def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, monkeypatch):
+def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_path, monkeypatch):
+    """The store trains each model once: the real regime is shared by every synthetic set on a split and
+    seed, a store on the same folder (a resumed or extended study) trains nothing it has and scores the
+    same, and other data, steps or schedule train afresh."""
     from diffusion_glioma.evaluation import segmentation
     from diffusion_glioma.evaluation.sets import read_set
     from diffusion_glioma.data.layouts import MODALITIES
 
     cases = segmentation.prepare_items(read_set(phantom_dir, MODALITIES))
+    synthetic = [{**c, "image": c["image"] * 0.5} for c in cases]  # other content, the same masks
     trained = []
     real_trainer = segmentation.train_segmenter
     monkeypatch.setattr(segmentation, "train_segmenter",
                         lambda c, steps, seed=0, **kw: trained.append((len(c), kw)) or real_trainer(c, steps, seed, **kw))
-    models = {}
-    first = segmentation.segmentation_study(cases, cases, 1, seed=1, split_seed=0, anomaly_steps=0, real_models=models)
-    again = segmentation.segmentation_study(cases, cases[:3], 1, seed=1, split_seed=0, anomaly_steps=0,
-                                            real_models=models)
-    assert len(models) == 1 and len(trained) == 4 + 3  # real once; synthetic, real+synthetic and half each time
+    store = segmentation.TrainedModels(tmp_path / "models")
+    study = dict(split_seed=0, anomaly_steps=0, classification_steps=0)
+    first = segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=store, **study)
+    again = segmentation.segmentation_study(cases, synthetic[:3], 1, seed=1, store=store, **study)
+    assert len(trained) == 4 + 3  # real once; synthetic, real+synthetic and half each time
     assert first["test_cases"] == again["test_cases"]  # split_seed fixes the split
     assert again["utility"]["real"] == first["utility"]["real"]
-    other_seed = segmentation.segmentation_study(cases, cases, 1, seed=2, split_seed=0, anomaly_steps=0,
-                                                 real_models=models)
-    assert len(models) == 2 and other_seed["test_cases"] == first["test_cases"]
-    # Every segmenter of a study trains on its schedule, and a real regime of another schedule is its own.
+    assert "classification" not in first  # classification_steps=0
     trained.clear()
-    segmentation.segmentation_study(cases, cases, 1, seed=2, split_seed=0, anomaly_steps=0, real_models=models,
-                                    schedule="poly")
-    assert len(models) == 3 and len(trained) == 4 and all(kw == {"schedule": "poly"} for _, kw in trained)
+    resumed = segmentation.segmentation_study(cases, synthetic, 1, seed=1,
+                                              store=segmentation.TrainedModels(tmp_path / "models"), **study)
+    assert not trained and resumed["utility"] == first["utility"]
+    assert not list((tmp_path / "models").glob("*.tmp")) and len(list((tmp_path / "models").iterdir())) == 7
+    other_seed = segmentation.segmentation_study(cases, synthetic, 1, seed=2, store=store, **study)
+    assert len(trained) == 4 and other_seed["test_cases"] == first["test_cases"]
+    # Every segmenter of a study trains on its schedule, and a real regime of another schedule is its own;
+    # `regimes` trains only the mixes it names beside the real one.
+    trained.clear()
+    poly = segmentation.segmentation_study(cases, synthetic, 1, seed=2, store=store, schedule="poly",
+                                           regimes=("synthetic",), **study)
+    assert len(trained) == 2 and all(kw == {"schedule": "poly"} for _, kw in trained)
+    assert sorted(poly["utility"]) == ["real", "synthetic"] and list(poly["paired_to_real"]) == ["synthetic"]
+    with pytest.raises(ValueError, match="regimes half real: choose among"):
+        segmentation.segmentation_study(cases, synthetic, 1, store=store, regimes=("half real",), **study)
 
 
 def test_a_fixed_test_set_of_its_own(phantom_dir, tmp_path):
@@ -667,7 +680,7 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
     paired = json.loads((out / "scores.json").read_text())["paired_to_real"]
     assert paired["synthetic"]["WT"]["mean_difference"] == pytest.approx(-1.0)
     assert paired["real+synthetic"]["WT"]["mean_difference"] == pytest.approx(0.0) and "real" not in paired
-    assert "| synthetic - real | -1.000 [-1.00, -1.00]" in (out / "scores.md").read_text()
+    assert "| synthetic - real | -1.000 [-1.000, -1.000]" in (out / "scores.md").read_text()
     assert "| half real+synthetic |" in capsys.readouterr().out and (out / "scores.png").stat().st_size > 3000
     # The scores join the evaluation report.
     report = evaluate(phantom_dir, [tmp_path / "synthetic"], tmp_path / "r", features="random", max_slices=2,
@@ -713,6 +726,9 @@ def test_nnunet_study_tests_on_a_folder_of_its_own_and_takes_several_folds_as_se
     assert summary["scores"]["real"]["WT"]["dice"] == pytest.approx(1.0)
     # The lost case scores 1 on fold 0 and 0 on fold 1: its Dice is 0.5, the other case's 1.
     assert sorted(summary["scores"]["synthetic"]["WT"]["dice_per_case"]) == pytest.approx([0.5, 1.0])
+    # Its HD95 is the mean of 0 and the empty prediction's 373.13 mm, and the interval is over the case means.
+    assert sorted(summary["scores"]["synthetic"]["WT"]["hd95_per_case"]) == pytest.approx([0.0, 373.13 / 2])
+    assert summary["scores"]["synthetic"]["WT"]["hd95_ci95"] == pytest.approx([0.0, 373.13 / 2])
     assert summary["paired_to_real"]["synthetic"]["WT"]["mean_difference"] == pytest.approx(-0.25)
     spread = summary["across_folds"]["paired_to_real"]["synthetic"]["WT"]  # fold 0: 0, fold 1: -0.5
     assert spread["mean"] == pytest.approx(-0.25) and spread["sd"] == pytest.approx(np.sqrt(0.125))

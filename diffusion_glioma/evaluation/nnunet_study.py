@@ -210,22 +210,24 @@ def _pooled_scores(predictions: list[torch.Tensor], truths: list[torch.Tensor], 
         dice = torch.tensor([c[region]["dice"] for c in per_case], dtype=torch.float64)
         hd95 = torch.tensor([c[region]["hd95"] for c in per_case], dtype=torch.float64)
         out[region] = {"dice": float(dice.mean()), "hd95": float(hd95.mean()), "n": len(per_case),
-                       "dice_per_case": dice.tolist(),
+                       "dice_per_case": dice.tolist(), "hd95_per_case": hd95.tolist(),
                        "dice_ci95": bootstrap_interval(dice, 1000, 0), "hd95_ci95": bootstrap_interval(hd95, 1000, 0)}
     return out
 
 
 def _mean_over_folds(folds: list[dict]) -> dict:
-    """Each mix's scores with a case's Dice the mean of its Dice over the folds' models (the interval
-    over cases then holds the folds' luck averaged out) and HD95 the mean of the folds' means."""
+    """Each mix's scores with a case's Dice and HD95 the mean of its scores over the folds' models (the
+    interval over cases then holds the folds' luck averaged out)."""
     out = {}
     for mix in folds[0]:
         out[mix] = {}
         for region in REGIONS:
-            dice = torch.tensor([fold[mix][region]["dice_per_case"] for fold in folds], dtype=torch.float64).mean(0)
-            out[mix][region] = {"dice": float(dice.mean()), "dice_per_case": dice.tolist(), "n": len(dice),
-                                "dice_ci95": bootstrap_interval(dice, 1000, 0),
-                                "hd95": float(np.mean([fold[mix][region]["hd95"] for fold in folds]))}
+            per_case = {key: torch.tensor([fold[mix][region][f"{key}_per_case"] for fold in folds],
+                                          dtype=torch.float64).mean(0) for key in ("dice", "hd95")}
+            out[mix][region] = {"n": len(per_case["dice"])}
+            for key, values in per_case.items():
+                out[mix][region].update({key: float(values.mean()), f"{key}_per_case": values.tolist(),
+                                         f"{key}_ci95": bootstrap_interval(values, 1000, 0)})
     return out
 
 

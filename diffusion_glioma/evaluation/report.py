@@ -324,12 +324,16 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
              anomaly_steps: int | None = None, segmentation_seeds: list[int] | None = None,
              nnunet_study: str | Path | None = None, truth: str | Path | None = None,
              real_reference: str | Path | None = None, segmentation_test: str | Path | None = None,
-             segmentation_schedule: str = "constant", progress: bool = True) -> dict:
+             segmentation_schedule: str = "constant", segmentation_regimes: tuple[str, ...] | None = None,
+             classification_steps: int | None = None, progress: bool = True) -> dict:
     """Score each synthetic folder against `real`, beside reference sets made on the same cases and
     grid (references.py): mean-fill and noise always, the same-mask truth draws and their conditional
     mean when `truth` names them (`phantom --truth-draws`), an independent real cohort when
     `real_reference` does. `segmentation_test`, a folder of real cases with segmentations, is the
-    segmentation study's fixed test set (default: a third of `real`, held out).
+    segmentation study's fixed test set (default: a third of `real`, held out); `segmentation_regimes`
+    its training mixes beside the real one (default: all), `classification_steps` its disease
+    classifiers' training (default: `segmentation_steps`; 0 skips them). The study's trained models
+    are kept in `out`/trained_models, so running it again trains only what it lacks.
     """
     out = Path(out)
     names = names or [Path(s).name for s in synthetic]
@@ -417,8 +421,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         notes.append("No same-mask truth draws (--truth): the spread of draws has no reference and shows as n/a; "
                      "phantom cohorts can draw them (diffusion-glioma phantom --truth-draws K).")
     if segmentation_steps > 0:
-        from .segmentation import (POWERED_SEEDS, POWERED_TEST_CASES, across_seeds, prepare_segmented,
-                                   segmentation_study)
+        from .segmentation import (POWERED_SEEDS, POWERED_TEST_CASES, TrainedModels, across_seeds,
+                                   prepare_segmented, segmentation_study)
 
         real_cases = prepare_segmented(sets["real"])
         test_cases = None
@@ -426,13 +430,16 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             test_cases = prepare_segmented(read_set(segmentation_test, modalities))
             if not test_cases:
                 raise DataError(f"{segmentation_test}: no real cases with segmentations for the segmentation test set")
-        real_models = {}  # the real regime is trained once per split and seed, not once per synthetic set
+        # Every trained model is kept in the report folder: the real regime is trained once per split and seed
+        # (not once per synthetic set), and an interrupted or extended study trains only what it lacks.
+        store = TrainedModels(out / "trained_models")
         for name in names:
             synthetic_cases = prepare_segmented(sets[name])
             # One split (drawn by --seed) for every training seed: the spread over seeds is the training's luck.
             runs = [segmentation_study(real_cases, synthetic_cases, segmentation_steps, s, split_seed=seed,
                                        generator_cases=training_records[name], anomaly_steps=anomaly_steps,
-                                       real_models=real_models, test=test_cases, schedule=segmentation_schedule)
+                                       store=store, test=test_cases, schedule=segmentation_schedule,
+                                       regimes=segmentation_regimes, classification_steps=classification_steps)
                     for s in (segmentation_seeds or [seed])]
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:

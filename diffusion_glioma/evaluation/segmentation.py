@@ -14,6 +14,11 @@ path for the real thing; this keeps the loop small, fast and repeatable.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,6 +76,14 @@ def _bf16() -> bool:
     return fast_bf16("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def segmenter_network(in_channels: int) -> torch.nn.Module:
+    """The study's segmenter, untrained: MONAI's UNet (16-32-64) with one sigmoid output per region."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=len(REGIONS), channels=(16, 32, 64),
+                strides=(2, 2), num_res_units=1)
+
+
 def train_segmenter(cases: list[dict], steps: int, seed: int = 0, batch_size: int = 2, *,
                     schedule: str = "constant", after_step=None) -> torch.nn.Module:
     """MONAI's UNet on the three regions; `after_step(step, model)`, if given, runs after each step
@@ -79,12 +92,9 @@ def train_segmenter(cases: list[dict], steps: int, seed: int = 0, batch_size: in
     if schedule not in SCHEDULES:
         raise ValueError(f"segmenter schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     from monai.losses import DiceLoss
-    from monai.networks.nets import UNet
 
     torch.manual_seed(seed)
-    in_channels = cases[0]["image"].shape[0]
-    model = UNet(spatial_dims=3, in_channels=in_channels, out_channels=len(REGIONS), channels=(16, 32, 64),
-                 strides=(2, 2), num_res_units=1)
+    model = segmenter_network(cases[0]["image"].shape[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     decay = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9) if schedule == "poly" else None
     dice = DiceLoss(sigmoid=True)
@@ -111,6 +121,49 @@ def train_segmenter(cases: list[dict], steps: int, seed: int = 0, batch_size: in
                 after_step(step, model)
             model.train()
     return model.eval()
+
+
+class TrainedModels:
+    """The study's trained segmenters and classifiers, found again by what made them: a hash of the
+    training tensors in order (images, labels, diseases), the trainer's arguments, its source and its
+    untrained network (a changed recipe trains afresh). Kept in `folder` as safetensors when one is given,
+    so an interrupted study, or one run again with another synthetic set, trains nothing it already has
+    (the real regime, shared by every set, above all); in memory otherwise."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = None if folder is None else Path(folder)
+        self.memory: dict[str, torch.nn.Module] = {}
+        self.trained = 0  # models this store had to train (the others it found)
+
+    def get(self, trainer, untrained, cases: list[dict], **arguments) -> torch.nn.Module:
+        """`trainer(cases, **arguments)`, or the model it made before; `untrained()` is its network."""
+        digest = hashlib.sha256(inspect.getsource(trainer).encode())
+        digest.update(repr((sorted(arguments.items()), str(untrained()))).encode())
+        for case in cases:
+            digest.update(case["image"].numpy().tobytes())
+            digest.update(case["labels"].numpy().tobytes())
+            digest.update(str(case.get("disease")).encode())
+        key = digest.hexdigest()[:32]
+        if key in self.memory:
+            return self.memory[key]
+        path = None if self.folder is None else self.folder / f"{key}.safetensors"
+        if path is not None and path.exists():
+            from safetensors.torch import load_model
+
+            model = untrained()
+            load_model(model, path)
+            return model.eval()
+        model = trainer(cases, **arguments)
+        self.trained += 1
+        if path is None:
+            self.memory[key] = model
+        else:  # a temporary name, then a rename: an interrupted write is never found as a model
+            from safetensors.torch import save_model
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(model, str(path.with_suffix(".tmp")))
+            os.replace(path.with_suffix(".tmp"), path)
+        return model
 
 
 def learning_curve(train: list[dict], test: list[dict], budgets: list[int], seed: int = 0,
@@ -193,7 +246,7 @@ def dice_and_hd95(prediction: torch.Tensor, target: torch.Tensor, spacing: tuple
         results[region] = {"dice": float(dice.mean()), "hd95": float(hd95.mean()),
                            "dice_ci95": bootstrap_interval(dice, bootstrap, seed),
                            "hd95_ci95": bootstrap_interval(hd95, bootstrap, seed),
-                           "dice_per_case": dice.tolist(),
+                           "dice_per_case": dice.tolist(), "hd95_per_case": hd95.tolist(),
                            "n": len(t), "empty_truth": int((~t_any).sum()), "empty_predictions": int((~p_any & t_any).sum()),
                            "false_positives_on_empty": int((p_any & ~t_any).sum())}
     return results
@@ -207,13 +260,17 @@ def bootstrap_interval(values: torch.Tensor, resamples: int, seed: int) -> list[
     return [float(means.quantile(0.025)), float(means.quantile(0.975))]
 
 
-def train_classifier(cases: list[dict], classes: list[str], steps: int, seed: int = 0) -> torch.nn.Module:
-    """A small 3D CNN (MONAI's Classifier) that tells the disease from the four contrasts."""
+def classifier_network(in_shape: tuple[int, ...], classes: int) -> torch.nn.Module:
+    """The study's disease classifier, untrained: MONAI's Classifier (8-16-32)."""
     from monai.networks.nets import Classifier
 
+    return Classifier(in_shape=in_shape, classes=classes, channels=(8, 16, 32), strides=(2, 2, 2))
+
+
+def train_classifier(cases: list[dict], classes: list[str], steps: int, seed: int = 0) -> torch.nn.Module:
+    """A small 3D CNN (MONAI's Classifier) that tells the disease from the four contrasts."""
     torch.manual_seed(seed)
-    model = Classifier(in_shape=tuple(cases[0]["image"].shape), classes=len(classes), channels=(8, 16, 32),
-                       strides=(2, 2, 2))
+    model = classifier_network(tuple(cases[0]["image"].shape), len(classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     targets = torch.tensor([classes.index(c["disease"]) for c in cases])
     generator = torch.Generator().manual_seed(seed)
@@ -284,7 +341,7 @@ def tumour_location_scores(train: list[dict], test: list[dict], classes: list[st
 
 
 def classification_study(train_real: list[dict], train_synthetic: list[dict], test: list[dict], steps: int,
-                         seed: int = 0, synthetic_test: list[dict] = ()) -> dict:
+                         seed: int = 0, synthetic_test: list[dict] = (), store: TrainedModels | None = None) -> dict:
     """The disease classifier (glioblastoma vs pediatric diffuse glioma) in the regimes the research
     proposals use: real -> real (the reference), synthetic -> real, real + synthetic -> real, and
     real -> synthetic (a realism check: does the synthetic set carry the features that tell the
@@ -297,11 +354,13 @@ def classification_study(train_real: list[dict], train_synthetic: list[dict], te
     if len(classes) < 2:
         return {"note": f"only one disease ({classes[0] if classes else 'none'}): no classification to test"}
     out = {"classes": classes, "regimes": {}}
+    store = TrainedModels() if store is None else store
+    untrained = lambda: classifier_network(tuple(train_real[0]["image"].shape), len(classes))  # noqa: E731
     trained = {}
     for name, cases in (("real", train_real), ("synthetic", train_synthetic),
                         ("real+synthetic", train_real + train_synthetic)):
         if len({c["disease"] for c in cases}) >= 2:  # a classifier needs both diseases in its training data
-            trained[name] = train_classifier(cases, classes, steps, seed)
+            trained[name] = store.get(train_classifier, untrained, cases, classes=classes, steps=steps, seed=seed)
     for regime, model, test_cases in (("real -> real", "real", test), ("synthetic -> real", "synthetic", test),
                                       ("real+synthetic -> real", "real+synthetic", test),
                                       ("real -> synthetic", "real", list(synthetic_test))):
@@ -393,49 +452,52 @@ def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: 
 
 
 def difference_text(difference: dict) -> str:
-    """One region's paired difference as a table cell: `+0.012 [-0.03, +0.05]`."""
+    """One region's paired difference as a table cell: `+0.012 [-0.031, +0.054]` (three decimals: a
+    difference of a few thousandths must not print as [+0.00, +0.00])."""
     low, high = difference["ci95"]
-    return f"{difference['mean_difference']:+.3f} [{low:+.2f}, {high:+.2f}]"
+    return f"{difference['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed: int = 0,
                        spacing: tuple[float, ...] = GRID.spacing, generator_cases: set[str] = frozenset(),
                        anomaly_steps: int | None = None, split_seed: int | None = None,
-                       real_models: dict | None = None, test: list[dict] | None = None,
-                       schedule: str = "constant") -> dict:
+                       store: TrainedModels | None = None, test: list[dict] | None = None,
+                       schedule: str = "constant", regimes: tuple[str, ...] | None = None,
+                       classification_steps: int | None = None) -> dict:
     """Mask consistency and the four training regimes, tested on held-out real cases.
 
     Test cases come only from real cases outside the generator's training record (`generator_cases`),
     and no synthetic volume descending from a test case (through augmentation too) is trained on.
     `split_seed` (default `seed`) draws the split and `seed` the training, so several seeds on one split
-    measure the training's luck alone; `real_models`, a dict shared across calls, holds the real regime's
-    segmenter per split and seed, trained once however many synthetic sets are studied on that split.
+    measure the training's luck alone; `store`, shared across calls, keeps every trained model, so the
+    real regime is trained once per split and seed however many synthetic sets are studied on it.
     `test`, real cases of their own (a fixed test set, as large as the question needs: inference is
-    cheap), replaces the held-out third of `real`."""
+    cheap), replaces the held-out third of `real`. `regimes` picks the training mixes beside the real
+    one (default: all of `training_mixes`); `classification_steps` (default `steps`; 0 skips it) trains
+    the disease classifiers."""
     split = (fixed_split(real, synthetic, test, generator_cases) if test is not None else
              held_out_split(real, synthetic, seed if split_seed is None else split_seed, generator_cases))
     if isinstance(split, str):
         return {"note": split}
     test, train_real, train_synthetic = split
     test_target = regions_of(torch.stack([c["labels"] for c in test]))
-    regimes = training_mixes(train_real, train_synthetic, seed)
+    mixes = training_mixes(train_real, train_synthetic, seed)
+    unknown = sorted(set(regimes or ()) - set(mixes))
+    if unknown:
+        raise ValueError(f"segmentation regimes {', '.join(unknown)}: choose among {', '.join(mixes)}")
+    regimes = {name: cases for name, cases in mixes.items() if name == "real" or regimes is None or name in regimes}
     out = {"seed": seed, "schedule": schedule, "test_cases": [c["id"] for c in test], "train_real": len(train_real),
            "spacing_mm": list(spacing), "regions_resolved": list(resolved_regions(spacing)),
            "generator_cases": len(generator_cases),
            "train_synthetic": len(train_synthetic), "utility": {}, "paired_to_real": {}}
     models = {}
-    real_models = {} if real_models is None else real_models
+    store = TrainedModels() if store is None else store
+    untrained = lambda: segmenter_network(train_real[0]["image"].shape[0])  # noqa: E731
     for name, cases in regimes.items():
         if not cases:
             out["utility"][name] = None
             continue
-        if name == "real":
-            key = (tuple(sorted(c["id"] for c in cases)), seed, steps, schedule)
-            if key not in real_models:
-                real_models[key] = train_segmenter(cases, steps, seed, schedule=schedule)
-            models[name] = real_models[key]
-        else:
-            models[name] = train_segmenter(cases, steps, seed, schedule=schedule)
+        models[name] = store.get(train_segmenter, untrained, cases, steps=steps, seed=seed, schedule=schedule)
         out["utility"][name] = dice_and_hd95(predict(models[name], test), test_target, spacing)
     for name in regimes:
         if name != "real" and out["utility"][name] and out["utility"]["real"]:
@@ -447,7 +509,10 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
         out["mask_consistency"] = dice_and_hd95(predict(models["real"], unseen_masks), target, spacing)
     out["mask_consistency_control"] = dice_and_hd95(predict(models["real"], [mean_filled(c) for c in test]),
                                                     test_target, spacing)
-    out["classification"] = classification_study(train_real, train_synthetic, test, steps, seed, unseen_masks)
+    classification_steps = steps if classification_steps is None else classification_steps
+    if classification_steps > 0:
+        out["classification"] = classification_study(train_real, train_synthetic, test, classification_steps, seed,
+                                                     unseen_masks, store)
     if anomaly_steps is None or anomaly_steps > 0:  # the VAE anomaly-score classifier, same split
         from .anomaly import anomaly_study
 
