@@ -12,8 +12,8 @@
 # are the training mixes beside the real one; CLASSIFICATION_STEPS (default STEPS, 0: none) trains the disease
 # classifiers. The phantom cohorts are the repository's runs/phantom_train and runs/phantom_segtest (drawn when
 # missing, shared with the other studies). Re-running resumes the phantoms, the sampling and the training
-# (every trained segmenter is kept in OUT/report/trained_models: a run extended by another model trains only
-# that model's regimes).
+# (every trained segmenter and classifier is kept in OUT/report/trained_models: a run extended by another model
+# trains only that model's regimes).
 set -euo pipefail
 out=$(realpath -m "${1:?output folder}")
 steps=${2:?segmenter training steps}

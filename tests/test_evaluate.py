@@ -480,6 +480,34 @@ def test_paired_differences_see_a_shift_the_unpaired_intervals_cannot():
     assert same["ci95"][0] < 0 < same["ci95"][1]
 
 
+def test_between_sets_ranks_generators_case_by_case_over_seeds():
+    """Two generators' synthetic regimes on the same test cases: the one whose segmenters score 0.05
+    higher on every case (averaged over seeds, though seed 0 alone says the opposite) ranks above with an
+    interval that excludes 0; a set that differs by noise alone holds 0; sets tested on other cases are
+    not compared."""
+    from diffusion_glioma.evaluation.segmentation import across_seeds, between_sets
+
+    rng = np.random.default_rng(0)
+    cases = rng.uniform(0.2, 0.9, 30)  # how hard each test case is, shared by every segmenter
+
+    def study(shifts, test_cases=tuple(range(30))):
+        runs = [{"test_cases": list(test_cases), "utility": {
+            "real": {r: {"dice": 0.5, "hd95": 1.0, "dice_per_case": list(cases)} for r in ("WT", "TC", "ET")},
+            "synthetic": {r: {"dice": float(np.mean(cases + shift)), "hd95": 1.0,
+                              "dice_per_case": list(cases + shift + rng.normal(0, 0.01, 30))}
+                          for r in ("WT", "TC", "ET")}}} for shift in shifts]
+        return {**runs[0], "across_seeds": across_seeds(runs, list(range(len(shifts))))}
+
+    studies = {"better": study([-0.05, 0.15, 0.05]), "base": study([0.0, 0.0, 0.0]),
+               "noise": study([0.0, 0.0, 0.0]), "elsewhere": study([0.2, 0.2, 0.2], test_cases=range(1, 31))}
+    ranking = between_sets(studies)["synthetic"]
+    better = ranking["better - base"]["WT"]
+    assert better["mean_difference"] == pytest.approx(0.05, abs=0.01) and better["ci95"][0] > 0.03
+    same = ranking["base - noise"]["WT"]
+    assert same["ci95"][0] < 0 < same["ci95"][1]
+    assert not any("elsewhere" in pair for pair in ranking)
+
+
 def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_path, monkeypatch):
     """The store trains each model once: the real regime is shared by every synthetic set on a split and
     seed, a store on the same folder (a resumed or extended study) trains nothing it has and scores the
@@ -506,7 +534,13 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_pat
     resumed = segmentation.segmentation_study(cases, synthetic, 1, seed=1,
                                               store=segmentation.TrainedModels(tmp_path / "models"), **study)
     assert not trained and resumed["utility"] == first["utility"]
-    assert not list((tmp_path / "models").glob("*.tmp")) and len(list((tmp_path / "models").iterdir())) == 7
+    assert sorted(p.suffix for p in (tmp_path / "models").iterdir()) == [".safetensors"] * 7  # no temporaries
+    for damaged in (tmp_path / "models").iterdir():
+        damaged.write_bytes(b"not a model")  # damaged outside the store: trained again, not a traceback
+    segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=segmentation.TrainedModels(tmp_path / "models"),
+                                    **study)
+    assert len(trained) == 4
+    trained.clear()
     other_seed = segmentation.segmentation_study(cases, synthetic, 1, seed=2, store=store, **study)
     assert len(trained) == 4 and other_seed["test_cases"] == first["test_cases"]
     # Every segmenter of a study trains on its schedule, and a real regime of another schedule is its own;

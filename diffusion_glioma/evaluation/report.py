@@ -339,6 +339,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
     names = names or [Path(s).name for s in synthetic]
     if len(names) != len(synthetic):
         raise DataError(f"{len(names)} names for {len(synthetic)} synthetic folders")
+    if segmentation_steps > 0 and segmentation_regimes:
+        from .segmentation import check_regimes
+
+        check_regimes(segmentation_regimes)  # before the hours of scoring, not after
     sets = {"real": read_set(real, modalities),
             **{n: _by_mask(read_set(s, modalities)) for n, s in zip(names, synthetic)}}
     references = trivial_sets(sets["real"], modalities, seed)
@@ -421,7 +425,7 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
         notes.append("No same-mask truth draws (--truth): the spread of draws has no reference and shows as n/a; "
                      "phantom cohorts can draw them (diffusion-glioma phantom --truth-draws K).")
     if segmentation_steps > 0:
-        from .segmentation import (POWERED_SEEDS, POWERED_TEST_CASES, TrainedModels, across_seeds,
+        from .segmentation import (POWERED_SEEDS, POWERED_TEST_CASES, TrainedModels, across_seeds, between_sets,
                                    prepare_segmented, segmentation_study)
 
         real_cases = prepare_segmented(sets["real"])
@@ -444,6 +448,10 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
             results["sets"][name]["segmentation"] = runs[0]
             if len(runs) > 1:
                 results["sets"][name]["segmentation"]["across_seeds"] = across_seeds(runs, segmentation_seeds)
+        notes.append(f"Segmentation study: {store.trained} segmenters and classifiers trained, {store.found} found "
+                     f"already trained in {store.folder} (the same data, recipe and seed).")
+        # The generators against each other, case by case: the column that ranks them.
+        results["segmentation_between_sets"] = between_sets({n: results["sets"][n]["segmentation"] for n in names})
         studies = [results["sets"][n]["segmentation"] for n in names]
         tested = [len(study["test_cases"]) for study in studies if "test_cases" in study]
         seeds = len(segmentation_seeds or [seed])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from ..config import PreprocessConfig
 from ..data.layouts import Case
 from ..data.preprocess import prepare_case
+from ..io import atomic_path
 from ..labels import BRATS_REGIONS
 from ..precision import fast_bf16
 from ..provenance import check_no_leak
@@ -125,44 +125,59 @@ def train_segmenter(cases: list[dict], steps: int, seed: int = 0, batch_size: in
 
 class TrainedModels:
     """The study's trained segmenters and classifiers, found again by what made them: a hash of the
-    training tensors in order (images, labels, diseases), the trainer's arguments, its source and its
-    untrained network (a changed recipe trains afresh). Kept in `folder` as safetensors when one is given,
-    so an interrupted study, or one run again with another synthetic set, trains nothing it already has
-    (the real regime, shared by every set, above all); in memory otherwise."""
+    training tensors in order (dtype, shape and values of images and labels, diseases), the trainer's
+    arguments (defaults included), its source, its untrained network, whether it trains in bf16, and
+    the torch and MONAI versions. Kept in `folder` as safetensors when one is given, so an interrupted
+    study, or one run again with another synthetic set, trains nothing it already has (the real regime,
+    shared by every set, above all); in memory otherwise. A change to code the trainer calls (the loss,
+    say) is not in the key: start a new folder then."""
 
     def __init__(self, folder: str | Path | None = None):
         self.folder = None if folder is None else Path(folder)
         self.memory: dict[str, torch.nn.Module] = {}
-        self.trained = 0  # models this store had to train (the others it found)
+        self.trained = self.found = 0
+
+    def key(self, trainer, untrained, cases: list[dict], arguments: dict) -> str:
+        import monai
+
+        bound = inspect.signature(trainer).bind(cases, **arguments)
+        bound.apply_defaults()
+        recipe = {name: value for name, value in bound.arguments.items() if name != "cases"}
+        digest = hashlib.sha256(inspect.getsource(trainer).encode())
+        digest.update(repr((sorted(recipe.items(), key=str), str(untrained()), _bf16(), torch.__version__,
+                            monai.__version__)).encode())
+        for case in cases:
+            for tensor in (case["image"], case["labels"]):
+                digest.update(f"{tensor.dtype} {tuple(tensor.shape)};".encode())
+                digest.update(tensor.numpy().tobytes())
+            digest.update(f"{case.get('disease')};".encode())
+        return digest.hexdigest()[:32]
 
     def get(self, trainer, untrained, cases: list[dict], **arguments) -> torch.nn.Module:
         """`trainer(cases, **arguments)`, or the model it made before; `untrained()` is its network."""
-        digest = hashlib.sha256(inspect.getsource(trainer).encode())
-        digest.update(repr((sorted(arguments.items()), str(untrained()))).encode())
-        for case in cases:
-            digest.update(case["image"].numpy().tobytes())
-            digest.update(case["labels"].numpy().tobytes())
-            digest.update(str(case.get("disease")).encode())
-        key = digest.hexdigest()[:32]
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model, save_model
+
+        key = self.key(trainer, untrained, cases, arguments)
         if key in self.memory:
+            self.found += 1
             return self.memory[key]
         path = None if self.folder is None else self.folder / f"{key}.safetensors"
         if path is not None and path.exists():
-            from safetensors.torch import load_model
-
             model = untrained()
-            load_model(model, path)
-            return model.eval()
+            try:
+                load_model(model, path)
+                self.found += 1
+                return model.eval()
+            except (SafetensorError, RuntimeError, OSError):  # damaged outside this store: train it again
+                pass
         model = trainer(cases, **arguments)
         self.trained += 1
         if path is None:
             self.memory[key] = model
-        else:  # a temporary name, then a rename: an interrupted write is never found as a model
-            from safetensors.torch import save_model
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_model(model, str(path.with_suffix(".tmp")))
-            os.replace(path.with_suffix(".tmp"), path)
+        else:
+            with atomic_path(path) as tmp:  # a killed write leaves no file under the model's name
+                save_model(model, str(tmp))
         return model
 
 
@@ -421,11 +436,21 @@ def fixed_split(real: list[dict], synthetic: list[dict], test: list[dict], gener
     return list(test), train_real, train_synthetic
 
 
+MIXES = ("real", "synthetic", "real+synthetic", "half real+synthetic")  # the names of training_mixes
+
+
+def check_regimes(regimes) -> None:
+    """Refuse a training mix `training_mixes` does not make, before any work is done."""
+    unknown = sorted(set(regimes or ()) - set(MIXES))
+    if unknown:
+        raise ValueError(f"segmentation regimes {', '.join(unknown)}: choose among {', '.join(MIXES)}")
+
+
 def training_mixes(train_real: list, train_synthetic: list, seed: int = 0) -> dict[str, list]:
     """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export).
     The half is a random half of each disease's real cases (sorted order would take one disease first)."""
-    return {"real": train_real, "synthetic": train_synthetic, "real+synthetic": train_real + train_synthetic,
-            "half real+synthetic": stratified_half(train_real, seed) + train_synthetic}
+    return dict(zip(MIXES, (train_real, train_synthetic, train_real + train_synthetic,
+                            stratified_half(train_real, seed) + train_synthetic)))
 
 
 def stratified_half(cases: list, seed: int) -> list:
@@ -448,6 +473,41 @@ def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: 
                       - torch.tensor(utility["real"][region]["dice_per_case"], dtype=torch.float64))
         out[region] = {"mean_difference": float(difference.mean()),
                        "ci95": bootstrap_interval(difference, resamples, seed), "n": len(difference)}
+    return out
+
+
+def between_sets(studies: dict[str, dict], resamples: int = 1000, seed: int = 0) -> dict:
+    """The ranking of generators: for each training regime beside the real one and each pair of sets
+    (first named minus second), the mean over test cases of the difference of a case's Dice (its mean
+    over the training seeds) with a bootstrap 95% interval over cases, where both studies tested on the
+    same cases. Every set's regime shares the test cases and seeds, so what differs is the data."""
+    usable = {name: study for name, study in studies.items() if "utility" in study}
+    names = list(usable)
+    out = {}
+    for regime in MIXES[1:]:
+        per_case = {}
+        for name, study in usable.items():
+            spread = (study.get("across_seeds") or {}).get("utility", {}).get(regime)
+            scores = study["utility"].get(regime)
+            if spread:
+                per_case[name] = {r: spread[r]["dice_per_case_mean"] for r in REGIONS}
+            elif scores and "across_seeds" not in study:
+                per_case[name] = {r: scores[r]["dice_per_case"] for r in REGIONS}
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                if first not in per_case or second not in per_case:
+                    continue
+                if usable[first]["test_cases"] != usable[second]["test_cases"]:
+                    continue
+                if any(per_case[n][r] is None for n in (first, second) for r in REGIONS):
+                    continue
+                pair = {}
+                for region in REGIONS:
+                    difference = (torch.tensor(per_case[first][region], dtype=torch.float64)
+                                  - torch.tensor(per_case[second][region], dtype=torch.float64))
+                    pair[region] = {"mean_difference": float(difference.mean()),
+                                    "ci95": bootstrap_interval(difference, resamples, seed), "n": len(difference)}
+                out.setdefault(regime, {})[f"{first} - {second}"] = pair
     return out
 
 
@@ -481,10 +541,8 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
         return {"note": split}
     test, train_real, train_synthetic = split
     test_target = regions_of(torch.stack([c["labels"] for c in test]))
+    check_regimes(regimes)
     mixes = training_mixes(train_real, train_synthetic, seed)
-    unknown = sorted(set(regimes or ()) - set(mixes))
-    if unknown:
-        raise ValueError(f"segmentation regimes {', '.join(unknown)}: choose among {', '.join(mixes)}")
     regimes = {name: cases for name, cases in mixes.items() if name == "real" or regimes is None or name in regimes}
     out = {"seed": seed, "schedule": schedule, "test_cases": [c["id"] for c in test], "train_real": len(train_real),
            "spacing_mm": list(spacing), "regions_resolved": list(resolved_regions(spacing)),
@@ -522,6 +580,14 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
     return out
 
 
+def _mean_per_case(scores: list[dict]) -> list[float] | None:
+    """A case's Dice averaged over the seeds' runs (one fixed test set): what `between_sets` compares."""
+    per_case = [s.get("dice_per_case") for s in scores]
+    if not all(per_case) or len({len(p) for p in per_case}) != 1:
+        return None
+    return np.mean(per_case, axis=0).tolist()
+
+
 def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and sd over segmentation-study runs with different training seeds (on one split, or each
     its own), per regime and region, the paired differences to the real regime, and the classifiers'
@@ -535,7 +601,8 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
             continue
         out["utility"][regime] = {region: {"dice_mean": float(np.mean([s[region]["dice"] for s in scores])),
                                            "dice_sd": float(np.std([s[region]["dice"] for s in scores], ddof=1)),
-                                           "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores]))}
+                                           "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores])),
+                                           "dice_per_case_mean": _mean_per_case([s[region] for s in scores])}
                                   for region in REGIONS}
     out["paired_to_real"] = {}
     for regime in runs[0].get("paired_to_real", {}):

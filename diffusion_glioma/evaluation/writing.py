@@ -296,6 +296,19 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
         lines += ["", "Each regime against the real regime on the same test cases: mean per-case Dice difference "
                   "[bootstrap 95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
                   "| set | trained on | WT | TC | ET |", "|---|---|---|---|---|", *paired]
+    between = [(regime, pair, differences) for regime, pairs in (results.get("segmentation_between_sets") or {}).items()
+               for pair, differences in pairs.items()]
+    if between:
+        seg = next(results["sets"][n]["segmentation"] for n in names if "utility" in results["sets"][n]["segmentation"])
+        lines += ["", "The sets against each other (the ranking): the same regime trained on each set, mean over test "
+                  "cases of the difference of a case's Dice (its mean over the training seeds) [bootstrap 95% "
+                  "interval over cases]; an interval that holds 0 is within noise.", "",
+                  "| trained on | sets | WT | TC | ET |", "|---|---|---|---|---|",
+                  *(f"| {regime} | {pair} | " + _region_cells(seg, lambda r: difference_text(differences[r])) + " |"
+                    for regime, pair, differences in between)]
+    if not any("classification" in results["sets"][n]["segmentation"] for n in names):
+        lines += ["", "Disease classifier: none trained (--classification-steps 0, or no study above ran)."]
+        return lines + _anomaly_lines(results, names)
     lines += ["", "Disease classifier (MONAI Classifier):", "",
               "| set | trained on -> tested on | accuracy | balanced accuracy |", "|---|---|---|---|"]
     for n in names:
@@ -319,11 +332,17 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
             gap = score["synthetic"] - score["real (held out)"] if both else None
             lines.append(f"| {n} | {_fmt(score['real (held out)'])} | {_fmt(score['synthetic'])} "
                          f"({score.get('n_synthetic', 'n/a')}) | {_fmt(gap)} |")
-    lines += ["", "VAE anomaly-score classifier (a VAE trained on healthy tissue; tumour where its reconstruction error "
-              "is large), tested on the held-out real cases: voxel AUROC (tumour vs healthy head voxels), slice AUROC "
-              "(axial slices with vs without tumour), Dice at the training set's 99th-percentile healthy error, and "
-              "the best Dice over thresholds (an upper bound):", "",
-              "| set | trained on | voxel AUROC | slice AUROC | Dice | best Dice |", "|---|---|---|---|---|---|"]
+    return lines + _anomaly_lines(results, names)
+
+
+def _anomaly_lines(results: dict, names: list[str]) -> list[str]:
+    if not any(results["sets"][n]["segmentation"].get("anomaly") for n in names):
+        return ["", "VAE anomaly-score classifier: none trained (--anomaly-steps 0, or no study above ran)."]
+    lines = ["", "VAE anomaly-score classifier (a VAE trained on healthy tissue; tumour where its reconstruction error "
+             "is large), tested on the held-out real cases: voxel AUROC (tumour vs healthy head voxels), slice AUROC "
+             "(axial slices with vs without tumour), Dice at the training set's 99th-percentile healthy error, and "
+             "the best Dice over thresholds (an upper bound):", "",
+             "| set | trained on | voxel AUROC | slice AUROC | Dice | best Dice |", "|---|---|---|---|---|---|"]
     for n in names:
         for regime, scores in (results["sets"][n]["segmentation"].get("anomaly") or {}).items():
             cells = [_fmt(scores[k]) if scores else "n/a" for k in ("voxel_auroc", "slice_auroc", "dice", "best_dice")]
