@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -463,51 +464,43 @@ def stratified_half(cases: list, seed: int) -> list:
     return [c for i, c in enumerate(cases) if i in picked]
 
 
+def paired_difference(first: list[float], second: list[float], resamples: int = 1000, seed: int = 0) -> dict:
+    """The mean over cases of (first - second) on the same case, with a bootstrap 95% interval over
+    cases: the comparison with the power a paired design has (the case-to-case spread, most of either
+    score's interval, cancels)."""
+    difference = torch.tensor(first, dtype=torch.float64) - torch.tensor(second, dtype=torch.float64)
+    return {"mean_difference": float(difference.mean()), "ci95": bootstrap_interval(difference, resamples, seed),
+            "n": len(difference)}
+
+
 def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: int = 0) -> dict:
-    """Per region, the mean over test cases of (regime's Dice - the real regime's Dice) on the same
-    case, with a bootstrap 95% interval over cases: the comparison with the power a paired design has
-    (the case-to-case spread, most of either score's interval, cancels)."""
-    out = {}
-    for region in REGIONS:
-        difference = (torch.tensor(utility[regime][region]["dice_per_case"], dtype=torch.float64)
-                      - torch.tensor(utility["real"][region]["dice_per_case"], dtype=torch.float64))
-        out[region] = {"mean_difference": float(difference.mean()),
-                       "ci95": bootstrap_interval(difference, resamples, seed), "n": len(difference)}
-    return out
+    """Per region, `paired_difference` of the regime's Dice and the real regime's on the same cases."""
+    return {region: paired_difference(utility[regime][region]["dice_per_case"],
+                                      utility["real"][region]["dice_per_case"], resamples, seed)
+            for region in REGIONS}
 
 
 def between_sets(studies: dict[str, dict], resamples: int = 1000, seed: int = 0) -> dict:
     """The ranking of generators: for each training regime beside the real one and each pair of sets
-    (first named minus second), the mean over test cases of the difference of a case's Dice (its mean
-    over the training seeds) with a bootstrap 95% interval over cases, where both studies tested on the
-    same cases. Every set's regime shares the test cases and seeds, so what differs is the data."""
-    usable = {name: study for name, study in studies.items() if "utility" in study}
-    names = list(usable)
+    (first named minus second), `paired_difference` of a case's Dice (its mean over the training seeds),
+    where both studies tested on the same cases. Every set's regime shares the test cases and seeds, so
+    what differs is the data."""
     out = {}
     for regime in MIXES[1:]:
         per_case = {}
-        for name, study in usable.items():
+        for name, study in studies.items():
             spread = (study.get("across_seeds") or {}).get("utility", {}).get(regime)
-            scores = study["utility"].get(regime)
+            scores = (study.get("utility") or {}).get(regime)
             if spread:
                 per_case[name] = {r: spread[r]["dice_per_case_mean"] for r in REGIONS}
             elif scores and "across_seeds" not in study:
                 per_case[name] = {r: scores[r]["dice_per_case"] for r in REGIONS}
-        for i, first in enumerate(names):
-            for second in names[i + 1:]:
-                if first not in per_case or second not in per_case:
-                    continue
-                if usable[first]["test_cases"] != usable[second]["test_cases"]:
-                    continue
-                if any(per_case[n][r] is None for n in (first, second) for r in REGIONS):
-                    continue
-                pair = {}
-                for region in REGIONS:
-                    difference = (torch.tensor(per_case[first][region], dtype=torch.float64)
-                                  - torch.tensor(per_case[second][region], dtype=torch.float64))
-                    pair[region] = {"mean_difference": float(difference.mean()),
-                                    "ci95": bootstrap_interval(difference, resamples, seed), "n": len(difference)}
-                out.setdefault(regime, {})[f"{first} - {second}"] = pair
+        for first, second in itertools.combinations(per_case, 2):
+            comparable = (studies[first]["test_cases"] == studies[second]["test_cases"]
+                          and all(per_case[n][r] is not None for n in (first, second) for r in REGIONS))
+            if comparable:
+                out.setdefault(regime, {})[f"{first} - {second}"] = {
+                    r: paired_difference(per_case[first][r], per_case[second][r], resamples, seed) for r in REGIONS}
     return out
 
 
