@@ -484,7 +484,7 @@ def test_between_sets_ranks_generators_case_by_case_over_seeds():
     """Two generators' synthetic regimes on the same test cases: the one whose segmenters score 0.05
     higher on every case (averaged over seeds, though seed 0 alone says the opposite) ranks above with an
     interval that excludes 0; a set that differs by noise alone holds 0; sets tested on other cases are
-    not compared."""
+    not compared. The pooled difference to the real regime (cases averaged over seeds) reads the same."""
     from diffusion_glioma.evaluation.segmentation import across_seeds, between_sets
 
     rng = np.random.default_rng(0)
@@ -492,8 +492,9 @@ def test_between_sets_ranks_generators_case_by_case_over_seeds():
 
     def study(shifts, test_cases=tuple(range(30))):
         runs = [{"test_cases": list(test_cases), "utility": {
-            "real": {r: {"dice": 0.5, "hd95": 1.0, "dice_per_case": list(cases)} for r in ("WT", "TC", "ET")},
-            "synthetic": {r: {"dice": float(np.mean(cases + shift)), "hd95": 1.0,
+            "real": {r: {"dice": 0.5, "dice_ci95": [0, 1], "hd95": 1.0, "dice_per_case": list(cases)}
+                     for r in ("WT", "TC", "ET")},
+            "synthetic": {r: {"dice": float(np.mean(cases + shift)), "dice_ci95": [0, 1], "hd95": 1.0,
                               "dice_per_case": list(cases + shift + rng.normal(0, 0.01, 30))}
                           for r in ("WT", "TC", "ET")}}} for shift in shifts]
         return {**runs[0], "across_seeds": across_seeds(runs, list(range(len(shifts))))}
@@ -506,6 +507,15 @@ def test_between_sets_ranks_generators_case_by_case_over_seeds():
     same = ranking["base - noise"]["WT"]
     assert same["ci95"][0] < 0 < same["ci95"][1]
     assert not any("elsewhere" in pair for pair in ranking)
+    # Against the real regime the same way (each case averaged over seeds, then paired), in the report too.
+    pooled = studies["better"]["across_seeds"]["paired_to_real_pooled"]["synthetic"]["WT"]
+    assert pooled["mean_difference"] == pytest.approx(0.05, abs=0.01) and pooled["ci95"][0] > 0.03
+    from diffusion_glioma.evaluation.writing import _segmentation_markdown
+
+    results = {"segmentation_setup": "test", "sets": {n: {"segmentation": study} for n, study in studies.items()},
+               "segmentation_between_sets": {"synthetic": ranking}}
+    text = "\n".join(_segmentation_markdown(results, ["better"]))
+    assert "| better | synthetic - real, each case's Dice averaged over seeds [0, 1, 2] | +0.05" in text
 
 
 def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_path, monkeypatch):

@@ -583,7 +583,8 @@ def _mean_per_case(scores: list[dict]) -> list[float] | None:
 
 def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and sd over segmentation-study runs with different training seeds (on one split, or each
-    its own), per regime and region, the paired differences to the real regime, and the classifiers'
+    its own), per regime and region, the paired differences to the real regime (their mean and sd over the
+    seeds, and pooled: each case's Dice averaged over the seeds, then paired), and the classifiers'
     balanced accuracy per regime (over the seeds whose training split held both diseases): how much of
     a difference between regimes is luck."""
     out = {"seeds": list(seeds), "utility": {}}
@@ -603,6 +604,16 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
         if all(differences):
             out["paired_to_real"][regime] = {region: mean_and_sd([d[region]["mean_difference"] for d in differences])
                                              for region in REGIONS}
+    # Pooled: each case's Dice averaged over the seeds first (one fixed test set), then paired with the real
+    # regime's, as `between_sets` pairs two sets: one interval for the study rather than one per seed.
+    out["paired_to_real_pooled"] = {}
+    real = out["utility"].get("real")
+    for regime, scores in out["utility"].items():
+        if regime == "real" or not (scores and real):
+            continue
+        pairs = {r: (scores[r]["dice_per_case_mean"], real[r]["dice_per_case_mean"]) for r in REGIONS}
+        if all(None not in pair for pair in pairs.values()):
+            out["paired_to_real_pooled"][regime] = {r: paired_difference(*pair) for r, pair in pairs.items()}
     out["classification"] = {}
     for regime in runs[0].get("classification", {}).get("regimes", {}):
         scores = [r.get("classification", {}).get("regimes", {}).get(regime) for r in runs]

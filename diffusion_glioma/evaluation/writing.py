@@ -292,6 +292,9 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
         for regime, differences in (spread.get("paired_to_real") or {}).items():
             paired.append(f"| {n} | {regime} - real, mean ± sd over seeds {spread['seeds']} | " + _region_cells(
                 seg, lambda r: f"{differences[r]['mean']:+.3f} ± {differences[r]['sd']:.3f}") + " |")
+        for regime, differences in (spread.get("paired_to_real_pooled") or {}).items():
+            paired.append(f"| {n} | {regime} - real, each case's Dice averaged over seeds {spread['seeds']} | "
+                          + _region_cells(seg, lambda r: difference_text(differences[r])) + " |")
     if paired:
         lines += ["", "Each regime against the real regime on the same test cases: mean per-case Dice difference "
                   "[bootstrap 95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
@@ -356,24 +359,36 @@ def _consistency_rows(seg: dict) -> list[tuple[str, dict | None]]:
 
 
 def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
+    """One panel per set: Dice per region and regime (the mean ± sd over the training seeds where several
+    ran), with one legend under the panels, where it covers no bar."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    legend = {}
     for ax, name in zip(axes[0], names):
         seg = results["sets"][name]["segmentation"]
         if "note" in seg:
             ax.set_title(f"{name}: {seg['note']}", fontsize=8)
             continue
         rows, regions = [*seg["utility"].items(), *_consistency_rows(seg)], _resolved(seg)
+        spread = seg.get("across_seeds") or {}
         width = 0.8 / len(rows)
         for i, (regime, scores) in enumerate(rows):
-            values = [(scores[r]["dice"] or 0) if scores else 0 for r in regions]
-            ax.bar(np.arange(len(regions)) + i * width, values, width, label=regime)
+            over_seeds = (spread.get("utility") or {}).get(regime)
+            if over_seeds:
+                values, errors = [over_seeds[r]["dice_mean"] for r in regions], [over_seeds[r]["dice_sd"] for r in regions]
+            else:
+                values, errors = [(scores[r]["dice"] or 0) if scores else 0 for r in regions], None
+            bars = ax.bar(np.arange(len(regions)) + i * width, values, width, yerr=errors, capsize=2, label=regime)
+            legend.setdefault(regime, bars)
         ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2, regions)
         ax.set_ylim(0, 1)
+        seeds = f", regimes: mean ± sd over {len(spread['seeds'])} seeds" if spread.get("seeds") else ""
         hidden = "".join(f" ({r} {_unresolved(seg)})" for r in REGIONS if r not in regions)
-        ax.set_title(f"{name}: Dice on held-out real cases{hidden}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_title(f"{name}\nDice on held-out real cases{seeds}{hidden}", fontsize=8)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=7,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     save_png(fig, path)
 
 
