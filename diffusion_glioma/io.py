@@ -119,6 +119,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def umask_mode(path: str | Path) -> None:
+    """Give a weights file (or every .safetensors file under a folder) the mode a plain `open()` gives:
+    0666 less the umask. safetensors 0.8 writes through a private temporary file and leaves 0600, so a
+    lab's group could not read weights one member trained (safetensors/safetensors#782)."""
+    path = Path(path)
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    for file in (sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]):
+        os.chmod(file, 0o666 & ~mask)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically (a temporary sibling, then a rename)."""
     with atomic_path(path) as tmp:

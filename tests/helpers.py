@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -104,3 +105,11 @@ def nnunet_checks(checks: list[tuple[str, Path]], scratch: Path) -> dict[tuple[s
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [json.loads(line[len("CHECK "):]) for line in result.stdout.splitlines() if line.startswith("CHECK ")]
     return {(kind, Path(root)): outcome for kind, root, outcome in rows}
+
+
+def assert_weights_readable_like(folder: Path, reference: Path) -> None:
+    """Every .safetensors file under `folder` has the mode of `reference`, a file written by a plain open()
+    (0666 less the umask), not the 0600 safetensors' own temporary files leave (safetensors#782)."""
+    want = stat.S_IMODE(Path(reference).stat().st_mode)
+    modes = {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in Path(folder).rglob("*.safetensors")}
+    assert modes and set(modes.values()) == {oct(want)}, (oct(want), modes)

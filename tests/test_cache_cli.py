@@ -11,6 +11,7 @@ from diffusion_glioma.data.dataset import CachedCases
 from diffusion_glioma.data.preprocess import to_source
 from diffusion_glioma.errors import DataError
 from diffusion_glioma.io import load_volume
+from tests.helpers import assert_weights_readable_like
 from diffusion_glioma.labels import SCHEMES, TUMOUR_LABELS
 
 
@@ -22,6 +23,7 @@ def test_phantom_prepare_inspect_through_the_cli(tmp_path, capsys):
     config.write_text("preprocess:\n  shape: [24, 24, 24]\n  spacing: [8.0, 8.0, 8.0]\n")
     assert main(["prepare", str(raw), "--out", str(cache), "--config", str(config), "--quiet"]) == 0
     assert "prepared 3" in capsys.readouterr().out
+    assert_weights_readable_like(cache, config)  # the cached cases, as readable as a file the user wrote
     assert main(["inspect", str(raw), "--out", str(report), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "BraTS-PED-00000-000" in out and "no problems found" in out

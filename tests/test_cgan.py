@@ -15,7 +15,7 @@ from diffusion_glioma.pipeline import CGANPipeline, load_pipeline
 from diffusion_glioma.training import cgan as loop
 from diffusion_glioma.training import common
 from diffusion_glioma.training.config import load_train_config
-from tests.helpers import interrupt_after_checkpoint
+from tests.helpers import assert_weights_readable_like, interrupt_after_checkpoint
 from tests.test_training import write_config
 
 GAN = {"noise_dim": 8, "base_channels": 8, "levels": 2, "dropout": 0.2}
@@ -49,6 +49,7 @@ def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path
     assert all(np.isfinite([m["loss_d"], m["loss_g"], m["sample_diversity"]]).all() for m in metrics)
     assert metrics[-1]["sample_diversity"] > 1e-4  # samples of one mask differ
     assert (tmp_path / "straight" / "validation" / "step-0000012.png").is_file()
+    assert_weights_readable_like(tmp_path / "straight" / "pipeline", tmp_path / "straight" / "pipeline" / "training.json")
 
     restore = interrupt_after_checkpoint(monkeypatch, common, at_step=8)  # the loops' shared bookkeeping saves
     interrupted = gan_config(tmp_path / "b.yaml", tiny_cache, tmp_path / "interrupted", validation={"every": 12})

@@ -17,7 +17,7 @@ from diffusion_glioma.evaluation.fidelity import (fid_interval, frechet_distance
                                                   memorisation,
                                                   ms_ssim_diversity, paired_similarity, trivial_references)
 from diffusion_glioma.evaluation.report import evaluate
-from tests.helpers import NNUNET_PYTHON, nnunet_checks
+from tests.helpers import NNUNET_PYTHON, assert_weights_readable_like, nnunet_checks
 
 
 def test_distances_have_the_known_answers():
@@ -545,6 +545,8 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_pat
                                               store=segmentation.TrainedModels(tmp_path / "models"), **study)
     assert not trained and resumed["utility"] == first["utility"]
     assert sorted(p.suffix for p in (tmp_path / "models").iterdir()) == [".safetensors"] * 7  # no temporaries
+    (tmp_path / "written.txt").write_text("by open()")
+    assert_weights_readable_like(tmp_path / "models", tmp_path / "written.txt")
     for damaged in (tmp_path / "models").iterdir():
         damaged.write_bytes(b"not a model")  # damaged outside the store: trained again, not a traceback
     segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=segmentation.TrainedModels(tmp_path / "models"),

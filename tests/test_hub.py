@@ -13,6 +13,7 @@ from diffusion_glioma.hub import HubError, count_parameters, export_slim, model_
 from diffusion_glioma.io import write_json
 from diffusion_glioma.models.unet3d import build_denoiser
 from diffusion_glioma.pipeline import MaskToMRIPipeline, load_pipeline, training_scheduler
+from tests.helpers import assert_weights_readable_like
 
 
 @pytest.fixture
@@ -107,6 +108,7 @@ def test_slim_export_is_small_and_samples_the_same(pipeline_dir, tmp_path):
                       progress=False).volumes
     torch.testing.assert_close(run(a), run(b), atol=2e-2, rtol=0)
     assert json.loads((slim / "training.json").read_text())["steps"] == 30
+    assert_weights_readable_like(slim, slim / "training.json")
 
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

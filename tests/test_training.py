@@ -20,7 +20,7 @@ from diffusion_glioma.pipeline import MaskToMRIPipeline
 from diffusion_glioma.training import diffusion as loop
 from diffusion_glioma.training.common import TrainingError
 from diffusion_glioma.training.config import load_train_config
-from tests.helpers import interrupt_after_checkpoint
+from tests.helpers import assert_weights_readable_like, interrupt_after_checkpoint
 from tests.conftest import SMALL, TINY_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,10 @@ def test_tiny_model_overfits_a_few_cases(tiny_cache, tmp_path):
     assert pipe.disease_classes == ["none", "glioblastoma", "pediatric_diffuse_glioma"]
     facts = json.loads((tmp_path / "run" / "pipeline" / "training.json").read_text())
     assert len(facts["cases"]) == 2 and 4 in facts["labels_seen"]
+    # The weights are as readable as the facts file: a lab's group can load what one member trained.
+    assert_weights_readable_like(tmp_path / "run" / "pipeline", tmp_path / "run" / "pipeline" / "training.json")
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))[-1]
+    assert_weights_readable_like(checkpoint, checkpoint / "trained_seconds.json")
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from diffusion_glioma.cli import main
 from diffusion_glioma.config import PreprocessConfig
 from diffusion_glioma.evaluation.anomaly import anomaly_study, auroc, score_maps
 from diffusion_glioma.generate import GenerateOptions, generate_dataset
+from tests.helpers import assert_weights_readable_like
 from tests.test_training import write_config
 
 VAE = {"latent_dim": 8, "base_channels": 8, "levels": 2}
@@ -49,6 +50,7 @@ def test_vae_baseline_trains_and_generates(tiny_cache, phantom_dir, tmp_path):
     assert np.mean([m["reconstruction"] for m in metrics[-5:]]) < 0.7 * np.mean([m["reconstruction"] for m in metrics[:5]])
     assert (tmp_path / "vae" / "pipeline" / "encoder" / "config.json").is_file()
     assert json.loads((tmp_path / "vae" / "pipeline" / "training.json").read_text())["kind"] == "vae"
+    assert_weights_readable_like(tmp_path / "vae" / "pipeline", tmp_path / "vae" / "pipeline" / "training.json")
     records = generate_dataset(tmp_path / "vae" / "pipeline", phantom_dir, tmp_path / "out",
                                GenerateOptions(per_mask=2, limit=1), progress=False)
     assert len(records) == 2 and (tmp_path / "vae" / "validation" / "step-0000030.png").is_file()

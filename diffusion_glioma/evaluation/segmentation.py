@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import PreprocessConfig
 from ..data.layouts import Case
 from ..data.preprocess import prepare_case
-from ..io import atomic_path
+from ..io import atomic_path, umask_mode
 from ..labels import BRATS_REGIONS
 from ..precision import fast_bf16
 from ..provenance import check_no_leak
@@ -179,6 +179,7 @@ class TrainedModels:
         else:
             with atomic_path(path) as tmp:  # a killed write leaves no file under the model's name
                 save_model(model, str(tmp))
+                umask_mode(tmp)
         return model
 
 
