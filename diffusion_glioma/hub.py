@@ -21,7 +21,7 @@ import yaml
 
 from . import __version__
 from .errors import DataError, DiffusionGliomaError, first_line
-from .io import umask_mode, write_text
+from .io import chmod_like_open, write_text
 from .labels import COMMON_LABELS
 
 WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -284,7 +284,7 @@ def export_slim(source: str | Path, target: str | Path, *, half: bool = True) ->
     if half:
         tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    umask_mode(tmp / WEIGHTS)
+    chmod_like_open(tmp / WEIGHTS)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

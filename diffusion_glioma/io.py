@@ -119,15 +119,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def umask_mode(path: str | Path) -> None:
+def chmod_like_open(path: str | Path) -> None:
     """Give a weights file (or every .safetensors file under a folder) the mode a plain `open()` gives:
     0666 less the umask. safetensors 0.8 writes through a private temporary file and leaves 0600, so a
     lab's group could not read weights one member trained (safetensors/safetensors#782)."""
-    path = Path(path)
-    mask = os.umask(0o022)  # the only portable way to read the umask is to set it and put it back
-    os.umask(mask)
+    path, mode = Path(path), 0o666 & ~_umask()
     for file in (sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]):
-        os.chmod(file, 0o666 & ~mask)
+        os.chmod(file, mode)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it; elsewhere set and put back (which changes it for
+    other threads for an instant)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

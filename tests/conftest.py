@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,12 @@ def tiny_cache(phantom_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def small_config() -> DataConfig:
     return DataConfig(preprocess=SMALL)
+
+
+@pytest.fixture
+def group_umask():
+    """A lab's umask (0002: the group may read and write) for the test's own files, whatever the CI's: a
+    file left 0600 then differs from one written by open(), under 022 or 002 alike (not under 077)."""
+    old = os.umask(0o002)
+    yield
+    os.umask(old)

@@ -15,7 +15,7 @@ from tests.helpers import assert_weights_readable_like
 from diffusion_glioma.labels import SCHEMES, TUMOUR_LABELS
 
 
-def test_phantom_prepare_inspect_through_the_cli(tmp_path, capsys):
+def test_phantom_prepare_inspect_through_the_cli(tmp_path, capsys, group_umask):
     raw, cache, report = tmp_path / "raw", tmp_path / "cache", tmp_path / "report"
     assert main(["phantom", "--out", str(raw), "--n-adult", "2", "--n-pediatric", "1", "--spacing", "4",
                  "--quiet"]) == 0

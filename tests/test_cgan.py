@@ -41,7 +41,7 @@ def test_generator_varies_with_noise_and_discriminator_judges_the_pair():
         CGANGenerator(volume_shape=(18, 16, 16), levels=2)
 
 
-def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path, monkeypatch):
+def test_tiny_gan_trains_resumes_and_generates(tiny_cache, phantom_dir, tmp_path, monkeypatch, group_umask):
     straight = gan_config(tmp_path / "a.yaml", tiny_cache, tmp_path / "straight", validation={"every": 12})
     assert main(["train", "--config", str(straight)]) == 0
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -490,13 +490,16 @@ def test_between_sets_ranks_generators_case_by_case_over_seeds():
     rng = np.random.default_rng(0)
     cases = rng.uniform(0.2, 0.9, 30)  # how hard each test case is, shared by every segmenter
 
-    def study(shifts, test_cases=tuple(range(30))):
-        runs = [{"test_cases": list(test_cases), "utility": {
+    def seed_runs(shifts, test_cases=tuple(range(30))):
+        return [{"test_cases": list(test_cases), "utility": {
             "real": {r: {"dice": 0.5, "dice_ci95": [0, 1], "hd95": 1.0, "dice_per_case": list(cases)}
                      for r in ("WT", "TC", "ET")},
             "synthetic": {r: {"dice": float(np.mean(cases + shift)), "dice_ci95": [0, 1], "hd95": 1.0,
                               "dice_per_case": list(cases + shift + rng.normal(0, 0.01, 30))}
                           for r in ("WT", "TC", "ET")}}} for shift in shifts]
+
+    def study(shifts, test_cases=tuple(range(30))):
+        runs = seed_runs(shifts, test_cases)
         return {**runs[0], "across_seeds": across_seeds(runs, list(range(len(shifts))))}
 
     studies = {"better": study([-0.05, 0.15, 0.05]), "base": study([0.0, 0.0, 0.0]),
@@ -510,15 +513,19 @@ def test_between_sets_ranks_generators_case_by_case_over_seeds():
     # Against the real regime the same way (each case averaged over seeds, then paired), in the report too.
     pooled = studies["better"]["across_seeds"]["paired_to_real_pooled"]["synthetic"]["WT"]
     assert pooled["mean_difference"] == pytest.approx(0.05, abs=0.01) and pooled["ci95"][0] > 0.03
+    # Seeds tested on other cases each (each its own split) have no case to average over seeds.
+    own_splits = seed_runs([0.0]) + seed_runs([0.0], test_cases=range(1, 31))
+    assert across_seeds(own_splits, [0, 1])["paired_to_real_pooled"] == {}
+    from diffusion_glioma.evaluation.segmentation import difference_text
     from diffusion_glioma.evaluation.writing import _segmentation_markdown
 
     results = {"segmentation_setup": "test", "sets": {n: {"segmentation": study} for n, study in studies.items()},
                "segmentation_between_sets": {"synthetic": ranking}}
     text = "\n".join(_segmentation_markdown(results, ["better"]))
-    assert "| better | synthetic - real, each case's Dice averaged over seeds [0, 1, 2] | +0.05" in text
+    assert f"| better | synthetic - real, each case's Dice averaged over seeds [0, 1, 2] | {difference_text(pooled)} |" in text
 
 
-def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_path, monkeypatch):
+def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_path, monkeypatch, group_umask):
     """The store trains each model once: the real regime is shared by every synthetic set on a split and
     seed, a store on the same folder (a resumed or extended study) trains nothing it has and scores the
     same, and other data, steps or schedule train afresh."""

@@ -52,7 +52,7 @@ def weights(folder: Path) -> dict:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
-def test_tiny_model_overfits_a_few_cases(tiny_cache, tmp_path):
+def test_tiny_model_overfits_a_few_cases(tiny_cache, tmp_path, group_umask):
     config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run",
                           data={"limit_cases": 2}, optim={"steps": 60, "lr_schedule": "constant", "warmup_steps": 0},
                           validation={"every": 60})

@@ -42,7 +42,7 @@ def test_healthy_tissue_vae_finds_the_tumours(phantom_dir):
     assert 0 <= trained["dice"] <= trained["best_dice"] <= 1
 
 
-def test_vae_baseline_trains_and_generates(tiny_cache, phantom_dir, tmp_path):
+def test_vae_baseline_trains_and_generates(tiny_cache, phantom_dir, tmp_path, group_umask):
     config = write_config(tmp_path / "v.yaml", tiny_cache, tmp_path / "vae", vae=VAE,
                           optim={"steps": 30, "lr_schedule": "constant", "warmup_steps": 0}, validation={"every": 30})
     assert main(["train", "--config", str(config)]) == 0

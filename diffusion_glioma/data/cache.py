@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
-from ..io import atomic_path, umask_mode, write_json
+from ..io import atomic_path, chmod_like_open, write_json
 from ..labels import COMMON_LABELS
 from .layouts import discover_cases
 from .preprocess import GeometryRecord, PreparedCase, prepare_case
@@ -175,7 +175,7 @@ def write_case(path: Path, case: PreparedCase, source: dict[str, str]) -> None:
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        umask_mode(tmp)
+        chmod_like_open(tmp)
 
 
 def read_index(cache: str | Path) -> dict:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import PreprocessConfig
 from ..data.layouts import Case
 from ..data.preprocess import prepare_case
-from ..io import atomic_path, umask_mode
+from ..io import atomic_path, chmod_like_open
 from ..labels import BRATS_REGIONS
 from ..precision import fast_bf16
 from ..provenance import check_no_leak
@@ -179,7 +179,7 @@ class TrainedModels:
         else:
             with atomic_path(path) as tmp:  # a killed write leaves no file under the model's name
                 save_model(model, str(tmp))
-                umask_mode(tmp)
+                chmod_like_open(tmp)
         return model
 
 
@@ -574,10 +574,11 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
     return out
 
 
-def _mean_per_case(scores: list[dict]) -> list[float] | None:
-    """A case's Dice averaged over the seeds' runs (one fixed test set): what `between_sets` compares."""
+def _mean_per_case(scores: list[dict], same_cases: bool) -> list[float] | None:
+    """A case's Dice averaged over the seeds' runs, when they all tested the same cases: what
+    `between_sets` compares."""
     per_case = [s.get("dice_per_case") for s in scores]
-    if not all(per_case) or len({len(p) for p in per_case}) != 1:
+    if not same_cases or not all(per_case) or len({len(p) for p in per_case}) != 1:
         return None
     return np.mean(per_case, axis=0).tolist()
 
@@ -585,10 +586,12 @@ def _mean_per_case(scores: list[dict]) -> list[float] | None:
 def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and sd over segmentation-study runs with different training seeds (on one split, or each
     its own), per regime and region, the paired differences to the real regime (their mean and sd over the
-    seeds, and pooled: each case's Dice averaged over the seeds, then paired), and the classifiers'
+    seeds, and pooled where every run tested the same cases: each case's Dice averaged over the seeds, then
+    paired), and the classifiers'
     balanced accuracy per regime (over the seeds whose training split held both diseases): how much of
     a difference between regimes is luck."""
     out = {"seeds": list(seeds), "utility": {}}
+    same_cases = len({tuple(r.get("test_cases") or ()) for r in runs}) == 1  # else no case is paired over seeds
     for regime in runs[0].get("utility", {}):
         scores = [r["utility"].get(regime) for r in runs if "utility" in r]
         if not all(scores):
@@ -597,7 +600,7 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
         out["utility"][regime] = {region: {"dice_mean": float(np.mean([s[region]["dice"] for s in scores])),
                                            "dice_sd": float(np.std([s[region]["dice"] for s in scores], ddof=1)),
                                            "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores])),
-                                           "dice_per_case_mean": _mean_per_case([s[region] for s in scores])}
+                                           "dice_per_case_mean": _mean_per_case([s[region] for s in scores], same_cases)}
                                   for region in REGIONS}
     out["paired_to_real"] = {}
     for regime in runs[0].get("paired_to_real", {}):

@@ -27,7 +27,7 @@ from ..data.cache import read_index
 from ..data.dataset import CachedCases
 from ..figures import FigureRow, write_slices_figure
 from ..hub import fetch_model
-from ..io import umask_mode, write_json
+from ..io import chmod_like_open, write_json
 from ..models.cgan import DISCRIMINATORS, CGANGenerator
 from ..pipeline import CGANPipeline, load_pipeline
 from .common import (TrainingError, checkpoints, collate, ema_copy, resume_and_loader, source_drift, start_run,
@@ -171,7 +171,7 @@ def train_cgan(config: TrainConfig, *, resume: bool = False) -> Path:
         CGANPipeline(ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "generator_online"))
         accelerator.unwrap_model(discriminator).save_pretrained(str(folder / DISCRIMINATOR_FOLDER))
-        umask_mode(folder)
+        chmod_like_open(folder)
         write_json(folder / "training.json", training_facts(config, index, dataset, step))
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -17,7 +17,7 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import DiffusionGliomaError, first_line
-from ..io import atomic_path, umask_mode
+from ..io import atomic_path, chmod_like_open
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 PREPARE_TIMEOUT_HOURS = 12
@@ -101,7 +101,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, total_limit: int, cloc
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        umask_mode(tmp)
+        chmod_like_open(tmp)
         if clock is not None:
             (tmp / TRAINED_SECONDS).write_text(json.dumps({"seconds": clock.seconds()}))
         if target.exists():

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data.cache import read_index
 from ..data.dataset import CachedCases
-from ..io import umask_mode, write_json
+from ..io import chmod_like_open, write_json
 from ..models.unet3d import PRESETS, DenoiserUNet3D, build_denoiser
 from ..pipeline import (MaskToMRIPipeline, alpha_bar_at, load_pipeline, make_scheduler, skip_coefficients,
                         training_scheduler)
@@ -342,7 +342,7 @@ def _save_pipeline(accelerator, model, ema, noise_scheduler, index: dict, datase
         pipe = _ema_pipeline(unwrapped, ema, noise_scheduler, index["preprocess"])
         pipe.save_pretrained(str(folder))
         unwrapped.save_pretrained(str(folder / "unet_online"))
-        umask_mode(folder)
+        chmod_like_open(folder)
         write_json(folder / "training.json", training_facts(config, index, dataset, step))
     accelerator.wait_for_everyone()
     return folder

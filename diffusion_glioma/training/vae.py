@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data.cache import read_index
 from ..data.dataset import CachedCases
-from ..io import umask_mode, write_json
+from ..io import chmod_like_open, write_json
 from ..models.cgan import CGANGenerator
 from ..models.vae import VAEEncoder, healthy_labels, kl_divergence
 from ..pipeline import CGANPipeline
@@ -101,7 +101,7 @@ def train_vae(config: TrainConfig, *, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         CGANPipeline(ema_copy(unwrapped, ema), preprocess=index["preprocess"]).save_pretrained(str(folder))
         accelerator.unwrap_model(encoder).save_pretrained(str(folder / ENCODER_FOLDER))
-        umask_mode(folder)
+        chmod_like_open(folder)
         write_json(folder / "training.json", {**training_facts(config, index, dataset, step), "kind": "vae",
                                               "healthy_only": vae.healthy_only})
     accelerator.wait_for_everyone()
