@@ -360,14 +360,15 @@ def _consistency_rows(seg: dict) -> list[tuple[str, dict | None]]:
 
 def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
     """One panel per set: Dice per region and regime (the mean ± sd over the training seeds where several
-    ran), with one legend under the panels, where it covers no bar."""
+    ran), with what the panels share in one title above them and one legend under them, where it covers
+    no bar."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
-    legend = {}
+    legend, shared = {}, "Dice on held-out real cases"
     for ax, name in zip(axes[0], names):
         seg = results["sets"][name]["segmentation"]
         if "note" in seg:
-            ax.set_title(f"{name}: {seg['note']}", fontsize=8)
+            ax.set_title(f"{name}: {seg['note']}", fontsize=8, wrap=True)
             continue
         rows, regions = [*seg["utility"].items(), *_consistency_rows(seg)], _resolved(seg)
         spread = seg.get("across_seeds") or {}
@@ -382,9 +383,11 @@ def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
             legend.setdefault(regime, bars)
         ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2, regions)
         ax.set_ylim(0, 1)
-        seeds = f", regimes: mean ± sd over {len(spread['seeds'])} seeds" if spread.get("seeds") else ""
-        hidden = "".join(f" ({r} {_unresolved(seg)})" for r in REGIONS if r not in regions)
-        ax.set_title(f"{name}\nDice on held-out real cases{seeds}{hidden}", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        seeds = f"; training regimes: mean ± sd over {len(spread['seeds'])} seeds" if spread.get("seeds") else ""
+        hidden = "".join(f"; {r} {_unresolved(seg)}" for r in REGIONS if r not in regions)
+        shared = f"Dice on held-out real cases{seeds}{hidden}"  # the same for every set of one report
+    fig.suptitle(shared, fontsize=9)
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=7,
                    frameon=False)
