@@ -338,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "report mean ± sd")
     p.add_argument("--segmentation-schedule", choices=["constant", "poly"], default="constant",
                    help="the segmenters' learning rate: constant, or poly, nnU-Net's decay to 0 over the steps")
-    p.add_argument("--segmentation-regimes", nargs="+", choices=["synthetic", "real+synthetic", "half real+synthetic"],
-                   help="the segmentation study's training mixes beside the real one (default: all three)")
+    p.add_argument("--segmentation-regimes", nargs="+", choices=["synthetic", "real+synthetic", "half real+synthetic",
+                                                                "half real"],  # segmentation.MIXES[1:] (no torch import here)
+                   help="the segmentation study's training mixes beside the real one (default: all four; "
+                        "'half real+synthetic' brings 'half real', the half alone, that it is compared with)")
     p.add_argument("--classification-steps", type=int,
                    help="training steps of the segmentation study's disease classifiers (default: "
                         "--segmentation-steps; 0: skip them)")
@@ -374,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="study folder (nnUNet_raw/, test/, commands.sh, study.json)")
     p.add_argument("--real", help="real dataset folder (export)")
     p.add_argument("--synthetic", help="a folder written by generate or curate (export)")
-    p.add_argument("--dataset-id", type=int, default=600, help="nnU-Net id of the first mix (default 600; 4 ids)")
+    p.add_argument("--dataset-id", type=int, default=600, help="nnU-Net id of the first mix (default 600; 5 ids)")
     p.add_argument("--folds", default="all", help="nnU-Net folds to train, space-separated (default: all); several "
                                                   "folds are the study's seeds, each predicting on its own "
                                                   "(\"0 1 2 3 4\" gives 5)")

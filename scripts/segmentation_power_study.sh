@@ -9,7 +9,8 @@
 # mask-consistency volumes, which nothing trains on). SEEDS (default "0 1 2 3 4"), SCHEDULE (the segmenters'
 # learning rate: constant, the default, or poly, nnU-Net's decay, not ahead of it by 3200 steps:
 # docs/evaluation.md). REGIMES (comma-separated, default all: "synthetic,real+synthetic,half real+synthetic")
-# are the training mixes beside the real one; CLASSIFICATION_STEPS (default STEPS, 0: none) trains the disease
+# are the training mixes beside the real one ("half real+synthetic" brings the half alone, "half real", to compare
+# it with); CLASSIFICATION_STEPS (default STEPS, 0: none) trains the disease
 # classifiers. The phantom cohorts are the repository's runs/phantom_train and runs/phantom_segtest (drawn when
 # missing, shared with the other studies). Re-running resumes the phantoms, the sampling and the training
 # (every trained segmenter and classifier is kept in OUT/report/trained_models: a run extended by another model

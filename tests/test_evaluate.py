@@ -356,7 +356,7 @@ def test_segmentation_study_on_phantoms(phantom_dir, tmp_path):
                       segmentation_steps=150, anomaly_steps=5, progress=False)
     seg = report["sets"]["copy"]["segmentation"]
     assert seg["train_real"] == 4 and seg["train_synthetic"] == 4  # the held-out case's copy is not trained on
-    assert set(seg["utility"]) == {"real", "synthetic", "real+synthetic", "half real+synthetic"}
+    assert set(seg["utility"]) == {"real", "synthetic", "real+synthetic", "half real+synthetic", "half real"}
     # Trained on the same four volumes (in another order), both find most of the tumour.
     assert seg["utility"]["real"]["WT"]["dice"] > 0.4 and seg["utility"]["synthetic"]["WT"]["dice"] > 0.4
     # Mask consistency scores only the volumes of masks the segmenter never saw: here the copy of the one
@@ -452,8 +452,10 @@ def test_half_real_is_a_random_half_of_each_disease():
 
     cases = [{"id": f"A{i}", "disease": "glioblastoma"} for i in range(6)] + \
             [{"id": f"P{i}", "disease": "pediatric_diffuse_glioma"} for i in range(4)]  # sorted: adults first
-    halves = [training_mixes(cases, [], seed)["half real+synthetic"] for seed in range(4)]
-    for half in halves:
+    mixes = [training_mixes(cases, [{"id": "S0", "disease": "glioblastoma"}], seed) for seed in range(4)]
+    halves = [m["half real"] for m in mixes]
+    for half, m in zip(halves, mixes):
+        assert m["half real+synthetic"] == half + [{"id": "S0", "disease": "glioblastoma"}]  # one half, both mixes
         assert sum(c["disease"] == "glioblastoma" for c in half) == 3
         assert sum(c["disease"] == "pediatric_diffuse_glioma" for c in half) == 2
     assert len({tuple(c["id"] for c in half) for half in halves}) > 1  # the seed draws the half
@@ -478,6 +480,38 @@ def test_paired_differences_see_a_shift_the_unpaired_intervals_cannot():
     assert unpaired_better[0] < unpaired_real[1]  # the unpaired intervals overlap
     same = paired_differences(utility, "same")["WT"]
     assert same["ci95"][0] < 0 < same["ci95"][1]
+
+
+def test_the_half_mix_is_paired_with_the_half_alone():
+    """Where the half alone loses 0.10 against all the real cases and the synthetic volumes win half of it
+    back, the half mix is +0.05 against the half alone (the volumes help) and -0.05 against the real cases
+    (they do not replace them), per seed, over seeds and pooled, and the report prints both rows."""
+    from diffusion_glioma.evaluation.segmentation import across_seeds, all_paired_differences, difference_text
+    from diffusion_glioma.evaluation.writing import _segmentation_markdown
+
+    rng = np.random.default_rng(0)
+    cases = rng.uniform(0.2, 0.9, 30)
+    block = lambda dice: {r: {"dice": float(np.mean(dice)), "dice_ci95": [0, 1], "hd95": 1.0,  # noqa: E731
+                              "dice_per_case": list(dice)} for r in ("WT", "TC", "ET")}
+    runs = []
+    for _ in range(3):
+        utility = {"real": block(cases), "half real": block(cases - 0.10 + rng.normal(0, 0.01, 30)),
+                   "half real+synthetic": block(cases - 0.05 + rng.normal(0, 0.01, 30))}
+        runs.append({"test_cases": list(range(30)), "utility": utility, **all_paired_differences(utility)})
+    added, replaced = runs[0]["paired_to_half_real"]["half real+synthetic"]["WT"], \
+        runs[0]["paired_to_real"]["half real+synthetic"]["WT"]
+    assert added["mean_difference"] == pytest.approx(0.05, abs=0.01) and added["ci95"][0] > 0.03
+    assert replaced["mean_difference"] == pytest.approx(-0.05, abs=0.01) and replaced["ci95"][1] < -0.03
+    assert list(runs[0]["paired_to_half_real"]) == ["half real+synthetic"]  # the half alone is no mix of its own
+    spread = across_seeds(runs, [0, 1, 2])
+    assert spread["paired_to_half_real"]["half real+synthetic"]["WT"]["mean"] == pytest.approx(0.05, abs=0.01)
+    pooled = spread["paired_to_half_real_pooled"]["half real+synthetic"]["WT"]
+    assert pooled["mean_difference"] == pytest.approx(0.05, abs=0.01) and pooled["ci95"][0] > 0.03
+    text = "\n".join(_segmentation_markdown({"segmentation_setup": "test", "sets": {
+        "s": {"segmentation": {**runs[0], "across_seeds": spread}}}}, ["s"]))
+    assert (f"| s | half real+synthetic - half real, each case's Dice averaged over seeds [0, 1, 2] | "
+            f"{difference_text(pooled)} |") in text
+    assert f"| s | half real+synthetic - real, seed n/a | {difference_text(replaced)} |" in text
 
 
 def test_between_sets_ranks_generators_case_by_case_over_seeds():
@@ -543,7 +577,7 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_pat
     study = dict(split_seed=0, anomaly_steps=0, classification_steps=0)
     first = segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=store, **study)
     again = segmentation.segmentation_study(cases, synthetic[:3], 1, seed=1, store=store, **study)
-    assert len(trained) == 4 + 3  # real once; synthetic, real+synthetic and half each time
+    assert len(trained) == 5 + 3  # real and the half alone once; synthetic, real+synthetic and half mix each time
     assert first["test_cases"] == again["test_cases"]  # split_seed fixes the split
     assert again["utility"]["real"] == first["utility"]["real"]
     assert "classification" not in first  # classification_steps=0
@@ -551,17 +585,17 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_pat
     resumed = segmentation.segmentation_study(cases, synthetic, 1, seed=1,
                                               store=segmentation.TrainedModels(tmp_path / "models"), **study)
     assert not trained and resumed["utility"] == first["utility"]
-    assert sorted(p.suffix for p in (tmp_path / "models").iterdir()) == [".safetensors"] * 7  # no temporaries
+    assert sorted(p.suffix for p in (tmp_path / "models").iterdir()) == [".safetensors"] * 8  # no temporaries
     (tmp_path / "written.txt").write_text("by open()")
     assert_weights_readable_like(tmp_path / "models", tmp_path / "written.txt")
     for damaged in (tmp_path / "models").iterdir():
         damaged.write_bytes(b"not a model")  # damaged outside the store: trained again, not a traceback
     segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=segmentation.TrainedModels(tmp_path / "models"),
                                     **study)
-    assert len(trained) == 4
+    assert len(trained) == 5
     trained.clear()
     other_seed = segmentation.segmentation_study(cases, synthetic, 1, seed=2, store=store, **study)
-    assert len(trained) == 4 and other_seed["test_cases"] == first["test_cases"]
+    assert len(trained) == 5 and other_seed["test_cases"] == first["test_cases"]
     # Every segmenter of a study trains on its schedule, and a real regime of another schedule is its own;
     # `regimes` trains only the mixes it names beside the real one.
     trained.clear()
@@ -569,8 +603,12 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_pat
                                            regimes=("synthetic",), **study)
     assert len(trained) == 2 and all(kw == {"schedule": "poly"} for _, kw in trained)
     assert sorted(poly["utility"]) == ["real", "synthetic"] and list(poly["paired_to_real"]) == ["synthetic"]
-    with pytest.raises(ValueError, match="regimes half real: choose among"):
-        segmentation.segmentation_study(cases, synthetic, 1, store=store, regimes=("half real",), **study)
+    half = segmentation.segmentation_study(cases, synthetic, 1, seed=2, store=store, regimes=("half real+synthetic",),
+                                           **study)  # the half alone comes with the half mix, to pair it with
+    assert sorted(half["utility"]) == ["half real", "half real+synthetic", "real"]
+    assert list(half["paired_to_half_real"]) == ["half real+synthetic"]
+    with pytest.raises(ValueError, match="regimes quarter real: choose among"):
+        segmentation.segmentation_study(cases, synthetic, 1, store=store, regimes=("quarter real",), **study)
 
 
 def test_a_fixed_test_set_of_its_own(phantom_dir, tmp_path):
@@ -676,7 +714,7 @@ def test_curation_keeps_volumes_whose_mask_a_segmenter_that_never_saw_it_recover
               str(tmp_path / "x"), "--quiet"])
 
 
-def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_predictions(phantom_dir, tmp_path,
+def test_nnunet_study_exports_the_five_mixes_around_one_test_set_and_scores_predictions(phantom_dir, tmp_path,
                                                                                          capsys):
     cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir())
     _manifest_set(tmp_path / "synthetic", [c for c in cases if "GLI" in c.name], per_mask=2, noise=0.1)
@@ -686,8 +724,10 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
     printed = capsys.readouterr().out
     study = json.loads((out / "study.json").read_text())
     by_id = sorted(study["datasets"], key=lambda mix: study["datasets"][mix]["id"])
-    assert by_id == ["real", "synthetic", "real+synthetic", "half real+synthetic"]
-    assert sorted(d["id"] for d in study["datasets"].values()) == [600, 601, 602, 603]
+    assert by_id == ["real", "synthetic", "real+synthetic", "half real+synthetic", "half real"]
+    assert sorted(d["id"] for d in study["datasets"].values()) == [600, 601, 602, 603, 604]
+    half = study["datasets"]["half real"]["cases"]
+    assert study["datasets"]["half real+synthetic"]["cases"][:len(half)] == half  # the same half, with and without
     test = set(study["test_cases"])
     assert len(test) == 1 and "nnUNetv2_train 600 3d_fullres all" in printed
     assert f"-o {out.resolve()}/predictions/Dataset601_synthetic -d 601" in printed
@@ -709,13 +749,13 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
         results = nnunet_checks([("verify", folders["real+synthetic"])] + [("decode", f) for f in folders.values()],
                                 tmp_path)
         assert results.pop(("verify", folders["real+synthetic"])) == "ok", results
-        assert len(results) == 4 and all(r == f"decoded {len(study['datasets'][mix]['cases'])}"
+        assert len(results) == 5 and all(r == f"decoded {len(study['datasets'][mix]['cases'])}"
                                          for mix, r in zip(folders, results.values())), results
     with pytest.raises(DiffusionGliomaError, match="already holds an exported study"):
         main(["--debug", "nnunet-study", "export", "--real", str(phantom_dir), "--synthetic",
               str(tmp_path / "synthetic"), "--out", str(out), "--quiet"])
 
-    # nnU-Net's predictions: perfect for "real", empty for "synthetic", perfect elsewhere.
+    # nnU-Net's predictions: perfect for "real", empty for "synthetic" and "half real", perfect elsewhere.
     with pytest.raises(DiffusionGliomaError, match="Dataset600_real: no prediction for 1 test case"):
         main(["--debug", "nnunet-study", "score", "--out", str(out), "--quiet"])
     for mix, dataset in study["datasets"].items():
@@ -723,7 +763,7 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
         folder.mkdir(parents=True)
         for truth in (out / "test" / "labelsTs").iterdir():
             image = nib.load(str(truth))
-            data = np.asarray(image.dataobj) * (0 if mix == "synthetic" else 1)
+            data = np.asarray(image.dataobj) * (0 if mix in ("synthetic", "half real") else 1)
             nib.save(nib.Nifti1Image(data.astype(np.int16), image.affine), str(folder / truth.name))
     assert main(["nnunet-study", "score", "--out", str(out), "--quiet"]) == 0
     scores = json.loads((out / "scores.json").read_text())["scores"]
@@ -734,6 +774,10 @@ def test_nnunet_study_exports_the_four_mixes_around_one_test_set_and_scores_pred
     assert paired["synthetic"]["WT"]["mean_difference"] == pytest.approx(-1.0)
     assert paired["real+synthetic"]["WT"]["mean_difference"] == pytest.approx(0.0) and "real" not in paired
     assert "| synthetic - real | -1.000 [-1.000, -1.000]" in (out / "scores.md").read_text()
+    # The half mix against the half alone: the volumes win back what the half alone lost.
+    added = json.loads((out / "scores.json").read_text())["paired_to_half_real"]
+    assert list(added) == ["half real+synthetic"] and added["half real+synthetic"]["WT"]["mean_difference"] == 1.0
+    assert "| half real+synthetic - half real | +1.000 [+1.000, +1.000]" in (out / "scores.md").read_text()
     assert "| half real+synthetic |" in capsys.readouterr().out and (out / "scores.png").stat().st_size > 3000
     # The scores join the evaluation report.
     report = evaluate(phantom_dir, [tmp_path / "synthetic"], tmp_path / "r", features="random", max_slices=2,

@@ -5,9 +5,10 @@
     diffusion-glioma nnunet-study score --out STUDY
 
 `export` writes one nnU-Net raw dataset per data mix GliomaGen used (real, synthetic, real +
-synthetic, half the real + synthetic) around one shared test set of held-out real cases, drawn
-leak-free as in the in-package study (only cases outside the generator's training record; nothing
-derived from a test case in any mix), or a test folder of the user's own (`test`: as many cases as
+synthetic, half the real + synthetic) and one of that half alone (what the half mix is compared
+with), around one shared test set of held-out real cases, drawn leak-free as in the in-package
+study (only cases outside the generator's training record; nothing derived from a test case in any
+mix), or a test folder of the user's own (`test`: as many cases as
 the question needs). `score` reads nnU-Net's predictions of the test set back and scores them by the
 BraTS convention (WT/TC/ET Dice and HD95 with bootstrap intervals). With several folds each fold's
 model predicts on its own (the folds are the study's seeds): a case's Dice is its mean over folds,
@@ -31,8 +32,9 @@ from ..errors import DataError
 from ..figures import pyplot, save_png
 from ..io import atomic_path, load_volume, save_volume, write_json, write_text
 from ..labels import TUMOUR_LABELS, get_scheme
-from .segmentation import (REGIONS, across_seeds, bootstrap_interval, dice_and_hd95, difference_text, fixed_split,
-                           held_out_split, paired_differences, regions_of, training_mixes)
+from .segmentation import (PAIRED_WITH, REGIONS, across_seeds, all_paired_differences, bootstrap_interval,
+                           dice_and_hd95, difference_text, fixed_split, held_out_split, paired_key, regions_of,
+                           training_mixes)
 from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
@@ -184,15 +186,12 @@ def score_study(out: str | Path, *, progress: bool = True) -> dict:
             per_fold.setdefault(fold, {})[mix] = _pooled_scores(predictions, [truths[c][1] for c in study["test_cases"]],
                                                                 spacing)
     results = next(iter(per_fold.values())) if len(per_fold) == 1 else _mean_over_folds(list(per_fold.values()))
-    # Each mix against the real mix on the same test cases: the paired design's power (the in-package study's).
-    paired = ({mix: paired_differences(results, mix) for mix in results if mix != "real"}
-              if "real" in results else {})
+    # Each mix against the real mix, and the half mix against the half alone, on the same test cases: the
+    # paired design's power (the in-package study's comparisons).
     summary = {"test_cases": len(study["test_cases"]), "folds": list(per_fold), "scores": results,
-               "paired_to_real": paired}
+               "paired_to_real": {}, **all_paired_differences(results)}
     if len(per_fold) > 1:  # the spread over folds, as the in-package study's over seeds
-        runs = [{"utility": scores, "paired_to_real": {mix: paired_differences(scores, mix) for mix in scores
-                                                        if mix != "real"} if "real" in scores else {}}
-                for scores in per_fold.values()]
+        runs = [{"utility": scores, **all_paired_differences(scores)} for scores in per_fold.values()]
         summary["across_folds"] = across_seeds(runs, list(per_fold))
     write_json(out / "scores.json", summary)
     write_text(out / "scores.md", _markdown(study, summary))
@@ -232,7 +231,7 @@ def _mean_over_folds(folds: list[dict]) -> dict:
 
 
 def _markdown(study: dict, summary: dict) -> str:
-    results, paired, folds = summary["scores"], summary["paired_to_real"], summary["folds"]
+    results, folds = summary["scores"], summary["folds"]
     models = (f"the mean over the {len(folds)} folds' models (folds {', '.join(folds)}) of each case's Dice"
               if len(folds) > 1 else f"fold {folds[0]}")
     lines = ["# nnU-Net study", "", f"{len(study['test_cases'])} real test cases, none trained on, shared by every mix; "
@@ -242,18 +241,22 @@ def _markdown(study: dict, summary: dict) -> str:
         cells = [f"{scores[r]['dice']:.3f} [{scores[r]['dice_ci95'][0]:.2f}, {scores[r]['dice_ci95'][1]:.2f}] "
                  f"({scores[r]['hd95']:.1f})" for r in REGIONS]
         lines.append(f"| {mix} | {len(study['datasets'][mix]['cases'])} | " + " | ".join(cells) + " |")
+    paired = [(f"{mix} - {reference}", differences) for reference in PAIRED_WITH
+              for mix, differences in (summary.get(paired_key(reference)) or {}).items()]
     if paired:
-        lines += ["", "Each mix against the real mix on the same test cases: mean per-case Dice difference [bootstrap "
-                  "95% interval over cases]; an interval that holds 0 is a difference within noise.", "",
-                  "| mix | WT | TC | ET |", "|---|---|---|---|"]
-        for mix, differences in paired.items():
-            lines.append(f"| {mix} - real | " + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
-    spread = (summary.get("across_folds") or {}).get("paired_to_real") or {}
+        lines += ["", "Each mix against the real mix, and the half mix against the same half of the real cases alone, "
+                  "on the same test cases: mean per-case Dice difference [bootstrap 95% interval over cases]; an "
+                  "interval that holds 0 is a difference within noise.", "", "| mix | WT | TC | ET |", "|---|---|---|---|"]
+        for pair, differences in paired:
+            lines.append(f"| {pair} | " + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
+    across = summary.get("across_folds") or {}
+    spread = [(f"{mix} - {reference}", regions) for reference in PAIRED_WITH
+              for mix, regions in (across.get(paired_key(reference)) or {}).items()]
     if spread:
         lines += ["", f"The same differences fold by fold: mean ± sd over the {len(folds)} folds (the training's luck).",
                   "", "| mix | WT | TC | ET |", "|---|---|---|---|"]
-        for mix, regions in spread.items():
-            lines.append(f"| {mix} - real | " + " | ".join(
+        for pair, regions in spread:
+            lines.append(f"| {pair} | " + " | ".join(
                 f"{regions[r]['mean']:+.3f} ± {regions[r]['sd']:.3f}" for r in REGIONS) + " |")
     return "\n".join(lines) + "\n"
 

@@ -470,7 +470,8 @@ def evaluate(real: str | Path, synthetic: list[str | Path], out: str | Path, *, 
                                             "--seed, for every training seed), drawn from outside the generator's "
                                             "training record")
                                          + "; nothing derived from a test case is trained on; 'half real' is a "
-                                           "random half of each disease's cases")
+                                           "random half of each disease's cases, the same one with and without "
+                                           "the synthetic volumes")
     if nnunet_study is not None:  # nnU-Net's scores from the user's GPUs, beside the in-package study
         from .nnunet_study import score_study
 

@@ -8,8 +8,8 @@ path for the real thing; this keeps the loop small, fast and repeatable.
   negative control: mean-fill volumes (each modality's mean inside the head) of the held-out cases,
   which have the right outline and no tumour appearance, and should score near 0.
 - Utility: the same segmenter trained on (a) real, (b) synthetic, (c) real + synthetic, (d) half the
-  real + synthetic, each tested on held-out real cases (Dice and HD95 per region). Synthetic volumes
-  made from the held-out cases' masks are never trained on.
+  real + synthetic, (e) that half of the real alone, each tested on held-out real cases (Dice and HD95
+  per region). Synthetic volumes made from the held-out cases' masks are never trained on.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class TrainedModels:
     arguments (defaults included), its source, its untrained network, whether it trains in bf16, and
     the torch and MONAI versions. Kept in `folder` as safetensors when one is given, so an interrupted
     study, or one run again with another synthetic set, trains nothing it already has (the real regime,
-    shared by every set, above all); in memory otherwise. A change to code the trainer calls (the loss,
+    shared by every set, and the half alone above all); in memory otherwise. A change to code the trainer calls (the loss,
     say) is not in the key: start a new folder then."""
 
     def __init__(self, folder: str | Path | None = None):
@@ -438,7 +438,19 @@ def fixed_split(real: list[dict], synthetic: list[dict], test: list[dict], gener
     return list(test), train_real, train_synthetic
 
 
-MIXES = ("real", "synthetic", "real+synthetic", "half real+synthetic")  # the names of training_mixes
+# The names of training_mixes, in the order of the nnU-Net export's dataset ids ("half real" came last).
+MIXES = ("real", "synthetic", "real+synthetic", "half real+synthetic", "half real")
+SYNTHETIC_MIXES = tuple(m for m in MIXES if "synthetic" in m)  # the mixes with a set's volumes: they rank sets
+# The paired comparisons, as {real-only mix: the mixes paired with it}: every mix against all the real cases
+# (can the volumes stand in for them? for the half alone: what losing half the real cases costs), and the half
+# mix against its half alone (do the volumes help where half the real cases are missing? the scarce-data
+# question the package is for).
+PAIRED_WITH = {"real": MIXES[1:], "half real": ("half real+synthetic",)}
+
+
+def paired_key(reference: str) -> str:
+    """The results' key of the comparisons with `reference`: paired_to_real, paired_to_half_real."""
+    return "paired_to_" + reference.replace(" ", "_")
 
 
 def check_regimes(regimes) -> None:
@@ -448,11 +460,22 @@ def check_regimes(regimes) -> None:
         raise ValueError(f"segmentation regimes {', '.join(unknown)}: choose among {', '.join(MIXES)}")
 
 
+def chosen_mixes(regimes) -> tuple[str, ...]:
+    """The mixes a study trains for the `regimes` a user named (None: all): the real one always, and the
+    half alone with the half mix, the comparisons that give each its meaning."""
+    check_regimes(regimes)
+    wanted = set(MIXES if regimes is None else regimes) | {"real"}
+    if "half real+synthetic" in wanted:
+        wanted.add("half real")
+    return tuple(m for m in MIXES if m in wanted)
+
+
 def training_mixes(train_real: list, train_synthetic: list, seed: int = 0) -> dict[str, list]:
-    """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export).
-    The half is a random half of each disease's real cases (sorted order would take one disease first)."""
-    return dict(zip(MIXES, (train_real, train_synthetic, train_real + train_synthetic,
-                            stratified_half(train_real, seed) + train_synthetic)))
+    """The data mixes GliomaGen trained segmenters on (the in-package study and the nnU-Net export), and the
+    half of the real cases alone. The half is a random half of each disease's real cases (sorted order would
+    take one disease first), the same one in both half mixes."""
+    half = stratified_half(train_real, seed)
+    return dict(zip(MIXES, (train_real, train_synthetic, train_real + train_synthetic, half + train_synthetic, half)))
 
 
 def stratified_half(cases: list, seed: int) -> list:
@@ -474,20 +497,31 @@ def paired_difference(first: list[float], second: list[float], resamples: int = 
             "n": len(difference)}
 
 
-def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: int = 0) -> dict:
-    """Per region, `paired_difference` of the regime's Dice and the real regime's on the same cases."""
+def paired_differences(utility: dict, regime: str, resamples: int = 1000, seed: int = 0,
+                       reference: str = "real") -> dict:
+    """Per region, `paired_difference` of the regime's Dice and the reference regime's on the same cases."""
     return {region: paired_difference(utility[regime][region]["dice_per_case"],
-                                      utility["real"][region]["dice_per_case"], resamples, seed)
+                                      utility[reference][region]["dice_per_case"], resamples, seed)
             for region in REGIONS}
 
 
+def all_paired_differences(utility: dict, resamples: int = 1000, seed: int = 0) -> dict:
+    """Every comparison of `PAIRED_WITH` whose two regimes were scored, under `paired_key`."""
+    out = {}
+    for reference, regimes in PAIRED_WITH.items():
+        if utility.get(reference):
+            out[paired_key(reference)] = {regime: paired_differences(utility, regime, resamples, seed, reference)
+                                          for regime in regimes if utility.get(regime)}
+    return out
+
+
 def between_sets(studies: dict[str, dict], resamples: int = 1000, seed: int = 0) -> dict:
-    """The ranking of generators: for each training regime beside the real one and each pair of sets
+    """The ranking of generators: for each mix with a set's volumes (`SYNTHETIC_MIXES`) and each pair of sets
     (first named minus second), `paired_difference` of a case's Dice (its mean over the training seeds),
     where both studies tested on the same cases. Every set's regime shares the test cases and seeds, so
     what differs is the data."""
     out = {}
-    for regime in MIXES[1:]:
+    for regime in SYNTHETIC_MIXES:
         per_case = {}
         for name, study in studies.items():
             spread = (study.get("across_seeds") or {}).get("utility", {}).get(regime)
@@ -518,7 +552,7 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
                        store: TrainedModels | None = None, test: list[dict] | None = None,
                        schedule: str = "constant", regimes: tuple[str, ...] | None = None,
                        classification_steps: int | None = None) -> dict:
-    """Mask consistency and the four training regimes, tested on held-out real cases.
+    """Mask consistency and the training regimes of `training_mixes`, tested on held-out real cases.
 
     Test cases come only from real cases outside the generator's training record (`generator_cases`),
     and no synthetic volume descending from a test case (through augmentation too) is trained on.
@@ -527,17 +561,17 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
     real regime is trained once per split and seed however many synthetic sets are studied on it.
     `test`, real cases of their own (a fixed test set, as large as the question needs: inference is
     cheap), replaces the held-out third of `real`. `regimes` picks the training mixes beside the real
-    one (default: all of `training_mixes`); `classification_steps` (default `steps`; 0 skips it) trains
-    the disease classifiers."""
+    one (default: all of `training_mixes`; see `chosen_mixes`); `classification_steps` (default `steps`;
+    0 skips it) trains the disease classifiers."""
     split = (fixed_split(real, synthetic, test, generator_cases) if test is not None else
              held_out_split(real, synthetic, seed if split_seed is None else split_seed, generator_cases))
     if isinstance(split, str):
         return {"note": split}
     test, train_real, train_synthetic = split
     test_target = regions_of(torch.stack([c["labels"] for c in test]))
-    check_regimes(regimes)
-    mixes = training_mixes(train_real, train_synthetic, seed)
-    regimes = {name: cases for name, cases in mixes.items() if name == "real" or regimes is None or name in regimes}
+    chosen = chosen_mixes(regimes)
+    regimes = {name: cases for name, cases in training_mixes(train_real, train_synthetic, seed).items()
+               if name in chosen}
     out = {"seed": seed, "schedule": schedule, "test_cases": [c["id"] for c in test], "train_real": len(train_real),
            "spacing_mm": list(spacing), "regions_resolved": list(resolved_regions(spacing)),
            "generator_cases": len(generator_cases),
@@ -551,9 +585,7 @@ def segmentation_study(real: list[dict], synthetic: list[dict], steps: int, seed
             continue
         models[name] = store.get(train_segmenter, untrained, cases, steps=steps, seed=seed, schedule=schedule)
         out["utility"][name] = dice_and_hd95(predict(models[name], test), test_target, spacing)
-    for name in regimes:
-        if name != "real" and out["utility"][name] and out["utility"]["real"]:
-            out["paired_to_real"][name] = paired_differences(out["utility"], name, seed=seed)
+    out.update(all_paired_differences(out["utility"], seed=seed))
     held_out = {c["source"] for c in test}
     unseen_masks = [c for c in synthetic if c["source"] in held_out]
     if unseen_masks:
@@ -585,11 +617,10 @@ def _mean_per_case(scores: list[dict], same_cases: bool) -> list[float] | None:
 
 def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and sd over segmentation-study runs with different training seeds (on one split, or each
-    its own), per regime and region, the paired differences to the real regime (their mean and sd over the
+    its own), per regime and region, the paired differences of `PAIRED_WITH` (their mean and sd over the
     seeds, and pooled where every run tested the same cases: each case's Dice averaged over the seeds, then
-    paired), and the classifiers'
-    balanced accuracy per regime (over the seeds whose training split held both diseases): how much of
-    a difference between regimes is luck."""
+    paired), and the classifiers' balanced accuracy per regime (over the seeds whose training split held
+    both diseases): how much of a difference between regimes is luck."""
     out = {"seeds": list(seeds), "utility": {}}
     same_cases = len({tuple(r.get("test_cases") or ()) for r in runs}) == 1  # else no case is paired over seeds
     for regime in runs[0].get("utility", {}):
@@ -602,22 +633,25 @@ def across_seeds(runs: list[dict], seeds: list[int]) -> dict:
                                            "hd95_mean": float(np.mean([s[region]["hd95"] for s in scores])),
                                            "dice_per_case_mean": _mean_per_case([s[region] for s in scores], same_cases)}
                                   for region in REGIONS}
-    out["paired_to_real"] = {}
-    for regime in runs[0].get("paired_to_real", {}):
-        differences = [r.get("paired_to_real", {}).get(regime) for r in runs]
-        if all(differences):
-            out["paired_to_real"][regime] = {region: mean_and_sd([d[region]["mean_difference"] for d in differences])
-                                             for region in REGIONS}
-    # Pooled: each case's Dice averaged over the seeds first (one fixed test set), then paired with the real
-    # regime's, as `between_sets` pairs two sets: one interval for the study rather than one per seed.
-    out["paired_to_real_pooled"] = {}
-    real = out["utility"].get("real")
-    for regime, scores in out["utility"].items():
-        if regime == "real" or not (scores and real):
-            continue
-        pairs = {r: (scores[r]["dice_per_case_mean"], real[r]["dice_per_case_mean"]) for r in REGIONS}
-        if all(None not in pair for pair in pairs.values()):
-            out["paired_to_real_pooled"][regime] = {r: paired_difference(*pair) for r, pair in pairs.items()}
+    for reference, regimes in PAIRED_WITH.items():
+        key = paired_key(reference)
+        out[key] = {}
+        for regime in runs[0].get(key, {}):
+            differences = [r.get(key, {}).get(regime) for r in runs]
+            if all(differences):
+                out[key][regime] = {region: mean_and_sd([d[region]["mean_difference"] for d in differences])
+                                    for region in REGIONS}
+        # Pooled: each case's Dice averaged over the seeds first (one fixed test set), then paired with the
+        # reference regime's, as `between_sets` pairs two sets: one interval for the study rather than one per seed.
+        out[f"{key}_pooled"] = {}
+        base = out["utility"].get(reference)
+        for regime in regimes:
+            scores = out["utility"].get(regime)
+            if not (scores and base):
+                continue
+            pairs = {r: (scores[r]["dice_per_case_mean"], base[r]["dice_per_case_mean"]) for r in REGIONS}
+            if all(None not in pair for pair in pairs.values()):
+                out[f"{key}_pooled"][regime] = {r: paired_difference(*pair) for r, pair in pairs.items()}
     out["classification"] = {}
     for regime in runs[0].get("classification", {}).get("regimes", {}):
         scores = [r.get("classification", {}).get("regimes", {}).get(regime) for r in runs]
