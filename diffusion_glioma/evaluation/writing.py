@@ -369,7 +369,8 @@ def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
     ran), with what the panels share in one title above them and one legend under them, where it covers
     no bar."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    width_inches = max(5 * len(names), 8)  # one panel still holds the shared title and the legend
+    fig, axes = plt.subplots(1, len(names), figsize=(width_inches, 3.6), squeeze=False)
     legend, shared = {}, "Dice on held-out real cases"
     for ax, name in zip(axes[0], names):
         seg = results["sets"][name]["segmentation"]
@@ -394,10 +395,10 @@ def _segmentation_bars(path: Path, results: dict, names: list[str]) -> None:
         hidden = "".join(f"; {r} {_unresolved(seg)}" for r in REGIONS if r not in regions)
         shared = f"Dice on held-out real cases{seeds}{hidden}"  # the same for every set of one report
     fig.suptitle(shared, fontsize=9)
+    columns = max(1, min(len(legend), int(width_inches // 2.7)))  # the longest entries are about 2.7 inches wide
     if legend:
-        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 4), fontsize=7,
-                   frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.055 * math.ceil(len(legend) / columns), 1, 1))
     save_png(fig, path)
 
 
