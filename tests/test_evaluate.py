@@ -462,6 +462,17 @@ def test_half_real_is_a_random_half_of_each_disease():
     assert len(stratified_half(cases[:1], 0)) == 1
 
 
+def test_the_cli_offers_every_mix_the_study_makes():
+    """cli.py spells the mixes out (importing segmentation there would import torch at start-up): a mix
+    added to the study must be one a user can name."""
+    from diffusion_glioma.cli import build_parser
+    from diffusion_glioma.evaluation.segmentation import MIXES
+
+    evaluate_parser = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    regimes = next(a for a in evaluate_parser._actions if a.dest == "segmentation_regimes")
+    assert tuple(regimes.choices) == MIXES[1:]
+
+
 def test_paired_differences_see_a_shift_the_unpaired_intervals_cannot():
     """Test cases differ far more from each other than the regimes do: a regime 0.05 better on every
     case has overlapping per-regime intervals, but its paired difference excludes 0; a regime that

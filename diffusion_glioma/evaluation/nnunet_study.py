@@ -32,8 +32,8 @@ from ..errors import DataError
 from ..figures import pyplot, save_png
 from ..io import atomic_path, load_volume, save_volume, write_json, write_text
 from ..labels import TUMOUR_LABELS, get_scheme
-from .segmentation import (PAIRED_WITH, REGIONS, across_seeds, all_paired_differences, bootstrap_interval,
-                           dice_and_hd95, difference_text, fixed_split, held_out_split, paired_key, regions_of,
+from .segmentation import (REGIONS, across_seeds, all_paired_differences, bootstrap_interval, dice_and_hd95,
+                           difference_text, fixed_split, held_out_split, labelled_comparisons, regions_of,
                            training_mixes)
 from .sets import generator_training_cases, read_set
 
@@ -241,17 +241,14 @@ def _markdown(study: dict, summary: dict) -> str:
         cells = [f"{scores[r]['dice']:.3f} [{scores[r]['dice_ci95'][0]:.2f}, {scores[r]['dice_ci95'][1]:.2f}] "
                  f"({scores[r]['hd95']:.1f})" for r in REGIONS]
         lines.append(f"| {mix} | {len(study['datasets'][mix]['cases'])} | " + " | ".join(cells) + " |")
-    paired = [(f"{mix} - {reference}", differences) for reference in PAIRED_WITH
-              for mix, differences in (summary.get(paired_key(reference)) or {}).items()]
+    paired = labelled_comparisons(summary)
     if paired:
         lines += ["", "Each mix against the real mix, and the half mix against the same half of the real cases alone, "
                   "on the same test cases: mean per-case Dice difference [bootstrap 95% interval over cases]; an "
                   "interval that holds 0 is a difference within noise.", "", "| mix | WT | TC | ET |", "|---|---|---|---|"]
         for pair, differences in paired:
             lines.append(f"| {pair} | " + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
-    across = summary.get("across_folds") or {}
-    spread = [(f"{mix} - {reference}", regions) for reference in PAIRED_WITH
-              for mix, regions in (across.get(paired_key(reference)) or {}).items()]
+    spread = labelled_comparisons(summary.get("across_folds") or {})
     if spread:
         lines += ["", f"The same differences fold by fold: mean ± sd over the {len(folds)} folds (the training's luck).",
                   "", "| mix | WT | TC | ET |", "|---|---|---|---|"]

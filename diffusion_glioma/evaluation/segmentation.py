@@ -129,9 +129,9 @@ class TrainedModels:
     training tensors in order (dtype, shape and values of images and labels, diseases), the trainer's
     arguments (defaults included), its source, its untrained network, whether it trains in bf16, and
     the torch and MONAI versions. Kept in `folder` as safetensors when one is given, so an interrupted
-    study, or one run again with another synthetic set, trains nothing it already has (the real regime,
-    shared by every set, and the half alone above all); in memory otherwise. A change to code the trainer calls (the loss,
-    say) is not in the key: start a new folder then."""
+    study, or one run again with another synthetic set, trains nothing it already has (the real regime
+    and the half alone, shared by every set, above all); in memory otherwise. A change to code the
+    trainer calls (the loss, say) is not in the key: start a new folder then."""
 
     def __init__(self, folder: str | Path | None = None):
         self.folder = None if folder is None else Path(folder)
@@ -451,6 +451,12 @@ PAIRED_WITH = {"real": MIXES[1:], "half real": ("half real+synthetic",)}
 def paired_key(reference: str) -> str:
     """The results' key of the comparisons with `reference`: paired_to_real, paired_to_half_real."""
     return "paired_to_" + reference.replace(" ", "_")
+
+
+def labelled_comparisons(block: dict) -> list[tuple[str, dict]]:
+    """The comparisons of `PAIRED_WITH` a results block holds, as ("MIX - REFERENCE", per-region values)."""
+    return [(f"{mix} - {reference}", values) for reference in PAIRED_WITH
+            for mix, values in (block.get(paired_key(reference)) or {}).items()]
 
 
 def check_regimes(regimes) -> None:

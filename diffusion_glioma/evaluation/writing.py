@@ -11,7 +11,7 @@ from ..figures import FigureRow, pyplot, save_png, to_ras, write_slices_figure
 from ..io import load_volume, write_json, write_text
 from .fidelity import MEAN_FILL
 from .references import ANOTHER_REAL_CASE
-from .segmentation import PAIRED_WITH, REGIONS, difference_text, paired_key
+from .segmentation import PAIRED_WITH, REGIONS, difference_text, labelled_comparisons, paired_key
 from .sets import normalised
 
 
@@ -235,10 +235,9 @@ def markdown(results: dict, names: list[str], modalities) -> str:
             lines.append(f"| {mix} | " + " | ".join(
                 f"{_fmt(scores[r]['dice'])} [{_fmt(scores[r]['dice_ci95'][0], 2)}, {_fmt(scores[r]['dice_ci95'][1], 2)}] "
                 f"({_fmt(scores[r]['hd95'])})" for r in REGIONS) + " |")
-        for reference in PAIRED_WITH:
-            for mix, differences in (results["nnunet_study"].get(paired_key(reference)) or {}).items():
-                lines.append(f"| {mix} - {reference}, paired per case | "
-                             + " | ".join(difference_text(differences[r]) for r in REGIONS) + " |")
+        for pair, differences in labelled_comparisons(results["nnunet_study"]):
+            lines.append(f"| {pair}, paired per case | " + " | ".join(difference_text(differences[r]) for r in REGIONS)
+                         + " |")
     lines += ["", "Figures: `samples.png` (real and synthetic volumes of the same masks), `histograms.png` "
               "(intensities inside the head), `metrics.png` (FID, KID and diversity per set).", ""]
     lines += [f"Note: {note}" for note in results["notes"]]
@@ -301,9 +300,10 @@ def _segmentation_markdown(results: dict, names: list[str]) -> list[str]:
                               + _region_cells(seg, lambda r: difference_text(differences[r])) + " |")
     if paired:
         lines += ["", "Each regime against the real regime on the same test cases (can the volumes stand in for the "
-                  "real cases? for the half alone: what losing half of them costs), and the half mix against the same half of the real cases alone (do the volumes help "
-                  "where half the real cases are missing?): mean per-case Dice difference [bootstrap 95% interval "
-                  "over cases]; an interval that holds 0 is a difference within noise.", "",
+                  "real cases? for the half alone: what losing half of them costs), and the half mix against the "
+                  "same half of the real cases alone (do the volumes help where half the real cases are missing?): "
+                  "mean per-case Dice difference [bootstrap 95% interval over cases]; an interval that holds 0 is a "
+                  "difference within noise.", "",
                   "| set | trained on | WT | TC | ET |", "|---|---|---|---|---|", *paired]
     between = [(regime, pair, differences) for regime, pairs in (results.get("segmentation_between_sets") or {}).items()
                for pair, differences in pairs.items()]
