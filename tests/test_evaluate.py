@@ -589,13 +589,16 @@ def test_the_real_regime_is_trained_once_per_split_and_seed(phantom_dir, tmp_pat
     first = segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=store, **study)
     again = segmentation.segmentation_study(cases, synthetic[:3], 1, seed=1, store=store, **study)
     assert len(trained) == 5 + 3  # real and the half alone once; synthetic, real+synthetic and half mix each time
+    assert (store.trained, store.found) == (8, 0)  # the second study's real regime was trained by this store
     assert first["test_cases"] == again["test_cases"]  # split_seed fixes the split
     assert again["utility"]["real"] == first["utility"]["real"]
     assert "classification" not in first  # classification_steps=0
     trained.clear()
-    resumed = segmentation.segmentation_study(cases, synthetic, 1, seed=1,
-                                              store=segmentation.TrainedModels(tmp_path / "models"), **study)
+    resumed_store = segmentation.TrainedModels(tmp_path / "models")
+    resumed = segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=resumed_store, **study)
+    segmentation.segmentation_study(cases, synthetic, 1, seed=1, store=resumed_store, **study)
     assert not trained and resumed["utility"] == first["utility"]
+    assert (resumed_store.trained, resumed_store.found) == (0, 5)  # distinct models, not look-ups
     assert sorted(p.suffix for p in (tmp_path / "models").iterdir()) == [".safetensors"] * 8  # no temporaries
     (tmp_path / "written.txt").write_text("by open()")
     assert_weights_readable_like(tmp_path / "models", tmp_path / "written.txt")

@@ -136,7 +136,18 @@ class TrainedModels:
     def __init__(self, folder: str | Path | None = None):
         self.folder = None if folder is None else Path(folder)
         self.memory: dict[str, torch.nn.Module] = {}
-        self.trained = self.found = 0
+        self._trained: set[str] = set()  # keys this store trained; a second look-up of one is not a find
+        self._found: set[str] = set()
+
+    @property
+    def trained(self) -> int:
+        """How many distinct models this store trained."""
+        return len(self._trained)
+
+    @property
+    def found(self) -> int:
+        """How many distinct models it found trained before it (however often each was looked up)."""
+        return len(self._found - self._trained)
 
     def key(self, trainer, untrained, cases: list[dict], arguments: dict) -> str:
         import monai
@@ -161,19 +172,19 @@ class TrainedModels:
 
         key = self.key(trainer, untrained, cases, arguments)
         if key in self.memory:
-            self.found += 1
+            self._found.add(key)
             return self.memory[key]
         path = None if self.folder is None else self.folder / f"{key}.safetensors"
         if path is not None and path.exists():
             model = untrained()
             try:
                 load_model(model, path)
-                self.found += 1
+                self._found.add(key)
                 return model.eval()
             except (SafetensorError, RuntimeError, OSError):  # damaged outside this store: train it again
                 pass
         model = trainer(cases, **arguments)
-        self.trained += 1
+        self._trained.add(key)
         if path is None:
             self.memory[key] = model
         else:
