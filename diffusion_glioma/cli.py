@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-id", type=int, default=600, help="nnU-Net id of the first mix (default 600; 5 ids)")
     p.add_argument("--folds", default="all", help="nnU-Net folds to train, space-separated (default: all); several "
                                                   "folds are the study's seeds, each predicting on its own "
-                                                  "(\"0 1 2 3 4\" gives 5)")
+                                                  "(\"0 1 2 3 4\" gives 5; numbered folds need 5 cases in "
+                                                  "every mix)")
     p.add_argument("--test", help="real cases with segmentations (a folder) to test every mix on, none of them in "
                                   "--real (default: a third of --real, held out)")
     p.add_argument("--copy", action="store_true", help="copy image files instead of linking them")

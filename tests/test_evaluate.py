@@ -804,15 +804,25 @@ def test_nnunet_study_exports_the_five_mixes_around_one_test_set_and_scores_pred
 def test_nnunet_study_tests_on_a_folder_of_its_own_and_takes_several_folds_as_seeds(phantom_dir, tmp_path, capsys):
     """A fixed test folder replaces the held-out third (every real case trains), and with several folds
     each fold's model predicts alone: a case's Dice is its mean over folds, and the spread over folds
-    is kept beside it. Here fold 0 predicts perfectly for every mix and fold 1 nothing for "synthetic"."""
+    is kept beside it. Here fold 0 predicts perfectly for every mix and fold 1 nothing for "synthetic".
+    nnU-Net's five folds need five cases in every mix: an export that has fewer is refused."""
     from diffusion_glioma.data.phantom import write_cohort
 
-    test_dir = tmp_path / "test"
+    test_dir, real = tmp_path / "test", tmp_path / "real"
     write_cohort(test_dir, n_adult=1, n_pediatric=1, spacing=3.0, seed=7, first_index=100, progress=False)
-    cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir())
+    _manifest_set(tmp_path / "few", sorted(p for p in phantom_dir.iterdir() if p.is_dir()), per_mask=1, noise=0.1)
+    few = ["nnunet-study", "export", "--real", str(phantom_dir), "--synthetic", str(tmp_path / "few"),
+           "--test", str(test_dir), "--out", str(tmp_path / "refused"), "--quiet"]
+    with pytest.raises(DiffusionGliomaError, match="the 'half real' mix has 2 training cases, fewer than nnU-Net's 5"):
+        main(["--debug", *few, "--folds", "0 1"])  # 3 adults and 2 children: a half of 1 and 1
+    with pytest.raises(DiffusionGliomaError, match="--folds '0 5': name 'all' or folds among 0 1 2 3 4"):
+        main(["--debug", *few, "--folds", "0 5"])
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+    write_cohort(real, n_adult=6, n_pediatric=4, spacing=3.0, seed=7, progress=False)  # a half of 3 and 2
+    cases = sorted(p for p in real.iterdir() if p.is_dir())
     _manifest_set(tmp_path / "synthetic", cases, per_mask=1, noise=0.1)
     out = tmp_path / "study"
-    assert main(["nnunet-study", "export", "--real", str(phantom_dir), "--synthetic", str(tmp_path / "synthetic"),
+    assert main(["nnunet-study", "export", "--real", str(real), "--synthetic", str(tmp_path / "synthetic"),
                  "--test", str(test_dir), "--folds", "0 1", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     study = json.loads((out / "study.json").read_text())

@@ -38,6 +38,7 @@ from .segmentation import (REGIONS, across_seeds, all_paired_differences, bootst
 from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
+NNUNET_FOLDS = ("0", "1", "2", "3", "4")  # nnU-Net v2's default five-fold cross-validation
 
 
 def _link_or_copy(source: Path, target: Path, copy: bool) -> None:
@@ -62,6 +63,9 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
     out = Path(out)
     if (out / STUDY_FILE).is_file():
         raise DataError(f"{out}: already holds an exported study ({STUDY_FILE}); score it, or export to another folder")
+    fold_list = folds.split()
+    if not fold_list or (fold_list != ["all"] and not all(f in NNUNET_FOLDS for f in fold_list)):
+        raise DataError(f"--folds '{folds}': name 'all' or folds among {' '.join(NNUNET_FOLDS)}")
     with_mask = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
     real_items, synthetic_items = with_mask(read_set(real, MODALITIES)), with_mask(read_set(synthetic, MODALITIES))
     if not real_items or not synthetic_items:
@@ -83,6 +87,11 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
         raise DataError(f"{real if test is None else test}: {split}")
     test_cases, train_real, train_synthetic = split
     mixes = training_mixes(train_real, train_synthetic, seed)
+    smallest = min(mixes, key=lambda mix: len(mixes[mix]))
+    if fold_list != ["all"] and len(mixes[smallest]) < len(NNUNET_FOLDS):
+        # nnU-Net splits each dataset into 5 folds and fails on fewer cases, after hours of preprocessing.
+        raise DataError(f"{real}: the '{smallest}' mix has {len(mixes[smallest])} training cases, fewer than "
+                        f"nnU-Net's {len(NNUNET_FOLDS)} folds need; export with --folds all, or with more real cases")
 
     # One label mapping for every dataset and the test set (nnU-Net values are consecutive).
     present: set[int] = set()
