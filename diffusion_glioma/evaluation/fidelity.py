@@ -81,7 +81,18 @@ def kernel_inception_distance(real: torch.Tensor, synthetic: torch.Tensor) -> fl
 KID_INTERVAL_MAX = 4096  # volumes per set: its three 4096² kernels in float64 are 400 MB, held once
 
 
-def kid_interval(real: torch.Tensor, synthetic: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list | None:
+def kid_kernels(real: torch.Tensor, synthetic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The three kernel matrices (real-real, synthetic-synthetic, real-synthetic) in float64, for
+    `kid_over_subsets` and `kid_interval` to share; None past `KID_INTERVAL_MAX` volumes a set, where
+    each computes what it needs on its own."""
+    if max(len(real), len(synthetic)) > KID_INTERVAL_MAX:
+        return None
+    x, y = real.double(), synthetic.double()
+    return _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+
+
+def kid_interval(real: torch.Tensor, synthetic: torch.Tensor, resamples: int = 1000, seed: int = 0,
+                 kernels: tuple | None = None) -> list | None:
     """A bootstrap 95% interval of the KID, as `fid_interval` gives FID's: both sets resampled
     (volumes with replacement), the unbiased MMD² each time over the pairs of distinct draws (a volume
     drawn twice is not paired with itself, which would add its self-similarity to the estimate).
@@ -89,12 +100,12 @@ def kid_interval(real: torch.Tensor, synthetic: torch.Tensor, resamples: int = 1
     (their memory would grow with the square of the set; the subsets' deviation still shows). Each
     resample costs three matrix-vector products (how often each volume was drawn), so it takes 1000.
     It is the interval of the whole-set KID; the report's value beside it is the mean over subsets of
-    half the set or less, which has the same expectation and a wider spread."""
+    half the set or less, which has the same expectation and a wider spread. `kernels`: `kid_kernels`
+    of the same two sets, computed once for both KID functions."""
     n, m = len(real), len(synthetic)
     if min(n, m) < 3 or max(n, m) > KID_INTERVAL_MAX:
         return None
-    x, y = real.double(), synthetic.double()
-    kxx, kyy, kxy = (_polynomial_kernel(a, b).numpy() for a, b in ((x, x), (y, y), (x, y)))
+    kxx, kyy, kxy = (k.numpy() for k in (kernels or kid_kernels(real, synthetic)))
     rng = np.random.default_rng(seed)
 
     def within(kernel: np.ndarray, counts: np.ndarray) -> float | None:
@@ -112,12 +123,12 @@ def kid_interval(real: torch.Tensor, synthetic: torch.Tensor, resamples: int = 1
 
 
 def kid_over_subsets(real: torch.Tensor, synthetic: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
-                     seed: int = 0) -> dict | None:
+                     seed: int = 0, kernels: tuple | None = None) -> dict | None:
     """KID as torch-fidelity and the StyleGAN/GliomaGen papers report it: the mean and standard
     deviation over `subsets` random subsets of `subset_size` features drawn from each set without
     replacement. Sets of fewer than 2 x `subset_size` give subsets of half the smaller set, so that
     subsets differ and the deviation says how much KID moves with the draw (of a set half this size);
-    a set of fewer than 4 scores both whole sets once, with no deviation."""
+    a set of fewer than 4 scores both whole sets once, with no deviation. `kernels`: as `kid_interval`'s."""
     n, m = len(real), len(synthetic)
     if min(n, m) < 2:
         return None
@@ -126,9 +137,9 @@ def kid_over_subsets(real: torch.Tensor, synthetic: torch.Tensor, subsets: int =
     if size < 2:  # too few to subsample: both whole sets, once
         return {"mean": kernel_inception_distance(x, y), "std": 0.0, "subsets": 1, "subset_size": min(n, m)}
     # Kernels of sets up to a few thousand features are computed once and indexed per subset.
-    whole = max(n, m) <= 4096
+    whole = max(n, m) <= KID_INTERVAL_MAX
     if whole:
-        kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+        kxx, kyy, kxy = kernels or kid_kernels(x, y)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(subsets):

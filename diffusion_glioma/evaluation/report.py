@@ -24,8 +24,9 @@ from ..errors import DataError
 from ..figures import to_ras
 from ..io import return_freed_memory
 from .features import FeatureReservoir, InceptionFeatures, RandomFeatures, TorchScriptFeatures3D, shipped_inception_path
-from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kid_interval, kid_over_subsets,
-                       mean_and_sd, memorisation, memorisation_against_training, ms_ssim_diversity, paired_similarity)
+from .fidelity import (SLICE_SIZE, VOLUME_SIZE, fid_interval, frechet_distance, kid_interval, kid_kernels,
+                       kid_over_subsets, mean_and_sd, memorisation, memorisation_against_training, ms_ssim_diversity,
+                       paired_similarity)
 from .references import (PAIRED_REFERENCES, TRUTH, independent_set, model_grid_set, paired_reference_scores,
                          trivial_sets, truth_sets)
 from .sets import (Item, generator_grids, generator_training_cases, generator_training_items, head_of, normalised,
@@ -289,9 +290,10 @@ def _block(real: SetData, syn: SetData, modalities, real_idx: set[int], syn_idx:
     subset of a synthetic one (the whole sets, or one disease's volumes)."""
     r_all = torch.stack([real.f3d_all[i] for i in sorted(real_idx)])
     s_all = torch.stack([syn.f3d_all[i] for i in sorted(syn_idx)])
-    kid = kid_over_subsets(r_all, s_all, seed=seed)
+    kernels = kid_kernels(r_all, s_all)  # once for the KID and its interval
+    kid = kid_over_subsets(r_all, s_all, seed=seed, kernels=kernels)
     if kid is not None:
-        kid["ci95"] = kid_interval(r_all, s_all, seed=seed)
+        kid["ci95"] = kid_interval(r_all, s_all, seed=seed, kernels=kernels)
     block = {"volumes": [len(real_idx), len(syn_idx)], "fid_3d": frechet_distance(r_all, s_all),
              "fid_3d_ci95": fid_interval(r_all, s_all, seed=seed), "kid_3d": kid, "per_modality": {}}
     for m in modalities:
