@@ -474,6 +474,24 @@ def test_wavelet_bands_meet_the_noise_at_unit_variance(tiny_cache):
     torch.testing.assert_close(std, torch.ones(8), atol=0.02, rtol=0)
 
 
+def test_a_run_on_a_few_cases_measures_the_wavelet_bands_on_those_cases_alone(tiny_cache, tmp_path):
+    """A fresh wavelet model's band scale comes from the cases the run trains on (`data.case_ids`), not
+    from the first cases of the whole cache: a run on scarce cases learns nothing from the others."""
+    from diffusion_glioma.data.cache import read_index
+    from diffusion_glioma.data.dataset import CachedCases
+
+    classes = ["none", "glioblastoma", "pediatric_diffuse_glioma"]
+    first, *_, last = CachedCases(tiny_cache, diseases=classes).case_ids
+    config = write_config(tmp_path / "c.yaml", tiny_cache, tmp_path / "run", data={"case_ids": [last]},
+                          model={"preset": "tiny", "overrides": {"wavelet": True}})
+    model, _ = loop.build_model(load_train_config(config), read_index(tiny_cache))
+    alone = tuple(model.config.wavelet_band_scale)
+    assert alone == loop.wavelet_band_scale(tiny_cache, classes, case_ids=[last])
+    assert alone != loop.wavelet_band_scale(tiny_cache, classes)  # the whole cache's first cases
+    assert loop.wavelet_band_scale(tiny_cache, classes, cases=1) == loop.wavelet_band_scale(tiny_cache, classes,
+                                                                                              case_ids=[first])
+
+
 def test_trackers_get_the_full_config_and_the_validation_figures(tiny_cache, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

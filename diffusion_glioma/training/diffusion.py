@@ -46,7 +46,9 @@ def build_model(config: TrainConfig, cache_index: dict) -> tuple[DenoiserUNet3D,
         settings = {**PRESETS.get(config.model.preset, {}), **config.model.overrides}  # build_denoiser names a bad preset
         measured = {}
         if settings.get("wavelet") and config.diffusion.normalise_wavelet_bands and "wavelet_band_scale" not in settings:
-            measured["wavelet_band_scale"] = wavelet_band_scale(config.data.cache, config.model.disease_classes)
+            measured["wavelet_band_scale"] = wavelet_band_scale(
+                config.data.cache, config.model.disease_classes, only_diseases=config.data.only_diseases,
+                limit=config.data.limit_cases, case_ids=config.data.case_ids)
         model = build_denoiser(config.model.preset, modalities=modalities,
                                disease_classes=tuple(config.model.disease_classes),
                                skip_sigma_data=config.diffusion.skip_sigma_data, **config.model.overrides, **measured)
@@ -87,14 +89,18 @@ def head_on_model_grid(labels: torch.Tensor, wavelet: bool) -> torch.Tensor:
     return F.max_pool3d(head, 2) if wavelet else head
 
 
-def wavelet_band_scale(cache, disease_classes, cases: int = 16) -> tuple[float, ...]:
-    """The standard deviation of each Haar band over the heads of the first cases of the cache (the
-    cache's fixed order gives every process and a resumed run the same numbers)."""
+def wavelet_band_scale(cache, disease_classes, cases: int = 16, *, only_diseases: list[str] | None = None,
+                       limit: int | None = None, case_ids: list[str] | None = None) -> tuple[float, ...]:
+    """The standard deviation of each Haar band over the heads of the first `cases` training cases: the
+    cache's cases left by the run's own filters (`only_diseases`, `limit`, `case_ids`, as training
+    reads them), so that a run on a few cases learns nothing, not even this, from the others. The
+    cache's fixed order gives every process and a resumed run the same numbers."""
     from ..models.wavelet import haar3d
 
-    dataset = CachedCases(cache, diseases=list(disease_classes), limit=cases)
+    dataset = CachedCases(cache, diseases=list(disease_classes), only_diseases=only_diseases, limit=limit,
+                          case_ids=case_ids)
     sums, squares, count = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64), 0
-    for i in range(len(dataset)):
+    for i in range(min(cases, len(dataset))):
         item = dataset[i]
         coefficients = haar3d(item["image"].float()[None])[0].double()  # (modalities * 8, x, y, z)
         head = head_on_model_grid(item["labels"][None], wavelet=True)[0, 0] > 0
