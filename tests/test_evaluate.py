@@ -815,8 +815,9 @@ def test_nnunet_study_tests_on_a_folder_of_its_own_and_takes_several_folds_as_se
            "--test", str(test_dir), "--out", str(tmp_path / "refused"), "--quiet"]
     with pytest.raises(DiffusionGliomaError, match="the 'half real' mix has 2 training cases, fewer than nnU-Net's 5"):
         main(["--debug", *few, "--folds", "0 1"])  # 3 adults and 2 children: a half of 1 and 1
-    with pytest.raises(DiffusionGliomaError, match="--folds '0 5': name 'all' or folds among 0 1 2 3 4"):
-        main(["--debug", *few, "--folds", "0 5"])
+    for folds in ("0 5", "0 0", "all 0"):
+        with pytest.raises(DiffusionGliomaError, match=f"--folds '{folds}': name 'all' or distinct folds among 0 1 2 3 4"):
+            main(["--debug", *few, "--folds", folds])
     assert not (tmp_path / "refused").exists()  # refused before anything is written
     write_cohort(real, n_adult=6, n_pediatric=4, spacing=3.0, seed=7, progress=False)  # a half of 3 and 2
     cases = sorted(p for p in real.iterdir() if p.is_dir())

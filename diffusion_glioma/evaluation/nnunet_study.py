@@ -64,8 +64,11 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
     if (out / STUDY_FILE).is_file():
         raise DataError(f"{out}: already holds an exported study ({STUDY_FILE}); score it, or export to another folder")
     fold_list = folds.split()
-    if not fold_list or (fold_list != ["all"] and not all(f in NNUNET_FOLDS for f in fold_list)):
-        raise DataError(f"--folds '{folds}': name 'all' or folds among {' '.join(NNUNET_FOLDS)}")
+    if fold_list != ["all"] and (not fold_list or len(set(fold_list)) < len(fold_list)
+                                 or not set(fold_list) <= set(NNUNET_FOLDS)):
+        raise DataError(f"--folds '{folds}': name 'all' or distinct folds among {' '.join(NNUNET_FOLDS)} "
+                        "(nnU-Net's five-fold cross-validation)")
+    folds = " ".join(fold_list)
     with_mask = lambda items: [i for i in items if i.mask is not None and i.labels is not None]  # noqa: E731
     real_items, synthetic_items = with_mask(read_set(real, MODALITIES)), with_mask(read_set(synthetic, MODALITIES))
     if not real_items or not synthetic_items:
@@ -88,10 +91,13 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
     test_cases, train_real, train_synthetic = split
     mixes = training_mixes(train_real, train_synthetic, seed)
     smallest = min(mixes, key=lambda mix: len(mixes[mix]))
+    source = synthetic if smallest == "synthetic" else real
+    if not mixes[smallest]:
+        raise DataError(f"{source}: the '{smallest}' mix has no training cases left once the test cases are held out")
     if fold_list != ["all"] and len(mixes[smallest]) < len(NNUNET_FOLDS):
         # nnU-Net splits each dataset into 5 folds and fails on fewer cases, after hours of preprocessing.
-        raise DataError(f"{real}: the '{smallest}' mix has {len(mixes[smallest])} training cases, fewer than "
-                        f"nnU-Net's {len(NNUNET_FOLDS)} folds need; export with --folds all, or with more real cases")
+        raise DataError(f"{source}: the '{smallest}' mix has {len(mixes[smallest])} training cases, fewer than "
+                        f"nnU-Net's {len(NNUNET_FOLDS)} folds need; export with --folds all, or with more cases")
 
     # One label mapping for every dataset and the test set (nnU-Net values are consecutive).
     present: set[int] = set()
