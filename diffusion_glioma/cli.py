@@ -219,7 +219,7 @@ def cmd_nnunet_study(args) -> int:
             raise DiffusionGliomaError("nnunet-study export needs --real and --synthetic")
         study = nnunet_study.export_study(args.real, args.synthetic, args.out, dataset_id=args.dataset_id,
                                           seed=args.seed, copy=args.copy, folds=args.folds, test=args.test,
-                                          progress=not args.quiet)
+                                          trainer=args.trainer, progress=not args.quiet)
         sizes = ", ".join(f"{mix} {len(d['cases'])}" for mix, d in study["datasets"].items())
         print(f"nnU-Net datasets ({sizes} training cases) and {len(study['test_cases'])} shared test cases in "
               f"{args.out}; run these on the GPU machine (also in {Path(args.out) / 'commands.sh'}):\n")
@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "every mix)")
     p.add_argument("--test", help="real cases with segmentations (a folder) to test every mix on, none of them in "
                                   "--real (default: a third of --real, held out)")
+    p.add_argument("--trainer", default="nnUNetTrainer",
+                   help="nnU-Net trainer class for every mix (default nnUNetTrainer, 1000 epochs; nnU-Net's shorter "
+                        "schedules, e.g. nnUNetTrainer_100epochs, fit a GPU budget)")
     p.add_argument("--copy", action="store_true", help="copy image files instead of linking them")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

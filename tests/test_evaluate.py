@@ -818,16 +818,22 @@ def test_nnunet_study_tests_on_a_folder_of_its_own_and_takes_several_folds_as_se
     for folds in ("0 5", "0 0", "all 0"):
         with pytest.raises(DiffusionGliomaError, match=f"--folds '{folds}': name 'all' or distinct folds among 0 1 2 3 4"):
             main(["--debug", *few, "--folds", folds])
+    with pytest.raises(DiffusionGliomaError, match="--trainer 'x; rm -rf ~': not an nnU-Net trainer class name"):
+        main(["--debug", *few, "--trainer", "x; rm -rf ~"])  # it goes into the shell commands
     assert not (tmp_path / "refused").exists()  # refused before anything is written
     write_cohort(real, n_adult=6, n_pediatric=4, spacing=3.0, seed=7, progress=False)  # a half of 3 and 2
     cases = sorted(p for p in real.iterdir() if p.is_dir())
     _manifest_set(tmp_path / "synthetic", cases, per_mask=1, noise=0.1)
     out = tmp_path / "study"
     assert main(["nnunet-study", "export", "--real", str(real), "--synthetic", str(tmp_path / "synthetic"),
-                 "--test", str(test_dir), "--folds", "0 1", "--out", str(out), "--quiet"]) == 0
+                 "--test", str(test_dir), "--folds", "0 1", "--trainer", "nnUNetTrainer_100epochs", "--out", str(out),
+                 "--quiet"]) == 0
     printed = capsys.readouterr().out
     study = json.loads((out / "study.json").read_text())
     assert sorted(study["test_cases"]) == sorted(p.name for p in test_dir.iterdir() if p.is_dir())
+    # Every mix trains and predicts with the trainer named (a shorter schedule to fit a GPU budget).
+    assert "nnUNetv2_train 604 3d_fullres 1 -tr nnUNetTrainer_100epochs" in printed
+    assert printed.count("-tr nnUNetTrainer_100epochs") == 2 * 5 * 2  # train and predict, 5 mixes, 2 folds
     assert len(study["datasets"]["real"]["cases"]) == len(cases) == len(study["datasets"]["synthetic"]["cases"])
     for fold in (0, 1):
         assert (f"-o {out.resolve()}/predictions/Dataset601_synthetic/fold_{fold} -d 601 -c 3d_fullres -f {fold}"

@@ -18,6 +18,7 @@ and the spread over folds is reported beside it, as the in-package study's over 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -39,6 +40,7 @@ from .sets import generator_training_cases, read_set
 
 STUDY_FILE = "study.json"
 NNUNET_FOLDS = ("0", "1", "2", "3", "4")  # nnU-Net v2's default five-fold cross-validation
+DEFAULT_TRAINER = "nnUNetTrainer"  # 1000 epochs of 250 iterations
 
 
 def _link_or_copy(source: Path, target: Path, copy: bool) -> None:
@@ -59,10 +61,14 @@ def _common_labels(item) -> tuple[np.ndarray, np.ndarray]:
 
 def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, dataset_id: int = 600,
                  seed: int = 0, copy: bool = False, folds: str = "all", test: str | Path | None = None,
-                 progress: bool = True) -> dict:
+                 trainer: str = DEFAULT_TRAINER, progress: bool = True) -> dict:
+    """`trainer`: the nnU-Net trainer class every mix trains with (nnU-Net's own shorter schedules,
+    nnUNetTrainer_100epochs say, fit a GPU budget; the default trains 1000 epochs)."""
     out = Path(out)
     if (out / STUDY_FILE).is_file():
         raise DataError(f"{out}: already holds an exported study ({STUDY_FILE}); score it, or export to another folder")
+    if not re.fullmatch(r"nnUNetTrainer\w*", trainer):
+        raise DataError(f"--trainer '{trainer}': not an nnU-Net trainer class name (nnUNetTrainer, nnUNetTrainer_100epochs, ...)")
     fold_list = folds.split()
     if fold_list != ["all"] and (not fold_list or len(set(fold_list)) < len(fold_list)
                                  or not set(fold_list) <= set(NNUNET_FOLDS)):
@@ -133,7 +139,7 @@ def export_study(real: str | Path, synthetic: str | Path, out: str | Path, *, da
              "test": None if test is None else str(test), "seed": seed, "label_values": values,
              "predictions": "per fold",
              "test_cases": [e["id"] for e in test_cases], "datasets": datasets, "folds": folds,
-             "commands": commands(out, datasets, folds)}
+             "trainer": trainer, "commands": commands(out, datasets, folds, trainer)}
     (out / "commands.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(study["commands"]) + "\n")
     write_json(out / STUDY_FILE, study)  # last: its presence marks a finished export
     return study
@@ -150,8 +156,8 @@ def prediction_folders(out: Path, dataset: dict, folds: str, per_fold: bool = Tr
     return {f: folder / f"fold_{f}" for f in fold_list}
 
 
-def commands(out: Path, datasets: dict, folds: str) -> list[str]:
-    """The nnU-Net v2 commands that plan, train and predict every mix (3d_fullres)."""
+def commands(out: Path, datasets: dict, folds: str, trainer: str = DEFAULT_TRAINER) -> list[str]:
+    """The nnU-Net v2 commands that plan, train and predict every mix (3d_fullres, with `trainer`)."""
     root = shlex.quote(str(out.resolve()))
     fold_list = folds.split()
     lines = [f"export nnUNet_raw={root}/nnUNet_raw nnUNet_preprocessed={root}/nnUNet_preprocessed "
@@ -159,11 +165,11 @@ def commands(out: Path, datasets: dict, folds: str) -> list[str]:
              "nnUNetv2_plan_and_preprocess -d " + " ".join(str(d["id"]) for d in datasets.values())
              + " --verify_dataset_integrity"]
     for d in datasets.values():
-        lines += [f"nnUNetv2_train {d['id']} 3d_fullres {fold}" for fold in fold_list]
+        lines += [f"nnUNetv2_train {d['id']} 3d_fullres {fold} -tr {trainer}" for fold in fold_list]
     for d in datasets.values():
         for fold, folder in prediction_folders(out.resolve(), d, folds).items():
             lines.append(f"nnUNetv2_predict -i {root}/test/imagesTs -o {shlex.quote(str(folder))} -d {d['id']} "
-                         f"-c 3d_fullres -f {fold}")
+                         f"-c 3d_fullres -f {fold} -tr {trainer}")
     lines.append(f"diffusion-glioma nnunet-study score --out {root}")
     return lines
 
