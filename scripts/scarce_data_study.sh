@@ -8,10 +8,12 @@
 # children: 12 and 4), drawn by HALF_SEED (default 0) and linked into OUT/half. Diffusion trains on it alone
 # (configs/demo.yaml, data.case_ids: the half) for MINUTES of training wall-clock, as the equal-compute study trains
 # on all 32 (scripts/equal_compute_study.sh), then samples PER_MASK (default 2) volumes for each of the half's
-# masks: its volumes bring new appearance, no new tumour layout. The segmentation study then trains, STEPS steps
-# each, for every seed in SEEDS (default "0 1 2 3 4"), the half alone (the report's "real" regime) and the half
-# with the volumes ("real+synthetic"), and tests both on the 30 phantoms of runs/phantom_segtest that neither the
-# generator nor a segmenter saw: "real+synthetic - real" is the answer, paired per case with its interval.
+# masks: its volumes bring new appearance, no new tumour layout. GENERATORS (default "diffusion"; "diffusion pix2pix
+# vae cgan" adds the baselines, each from configs/NAME_demo.yaml at the same budget) are trained and sampled in turn.
+# The segmentation study then trains, STEPS steps each, for every seed in SEEDS (default "0 1 2 3 4"), the half
+# alone (the report's "real" regime, shared by every generator) and the half with each generator's volumes
+# ("real+synthetic"), and tests them on the 30 phantoms of runs/phantom_segtest that neither a generator nor a
+# segmenter saw: "real+synthetic - real" is the answer, paired per case with its interval.
 # Equal wall-clock is equal training only on equally fast, equally idle cores: the steps the generator reached are
 # printed, to set beside the 32-case generator's (1720 in its 32 minutes, runs/ec_curve/diffusion/budget_32min).
 # Re-running resumes the training, the sampling and the segmenters (OUT/report/trained_models).
@@ -26,6 +28,11 @@ half_seed=${HALF_SEED:-0} per_mask=${PER_MASK:-2}
 [[ $per_mask =~ ^[1-9][0-9]*$ ]] || { echo "PER_MASK: '$per_mask' is not a positive whole number" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 read -ra seeds <<< "${SEEDS:-0 1 2 3 4}"
+read -ra generators <<< "${GENERATORS:-diffusion}"
+for generator in "${generators[@]}"; do  # refused before any training
+  [[ $generator == diffusion || ( $generator =~ ^[A-Za-z0-9._-]+$ && -f configs/${generator}_demo.yaml ) ]] \
+    || { echo "GENERATORS: '$generator' is neither diffusion nor a baseline with configs/${generator}_demo.yaml" >&2; exit 2; }
+done
 
 # The phantom writes these files last: an interrupted cohort is finished, a whole one is not redrawn.
 [ -f runs/phantom_train/phantom_cohort.json ] || diffusion-glioma phantom --out runs/phantom_train --n-adult 24 --n-pediatric 8 --spacing 3 --quiet
@@ -59,20 +66,29 @@ EOF
   mv "$half.tmp" "$half"
 fi
 ids=$(sed "s/.*/'&'/" "$out/half_case_ids.txt" | paste -sd, -)  # quoted: YAML reads every id as a string
-generator=$out/diffusion_on_half
-model=$generator/budget_${minutes}min
-if [ ! -f "$model/training.json" ]; then
-  diffusion-glioma train --config configs/demo.yaml --output-dir "$generator" --max-minutes "$minutes" --steps 1000000 \
-    --set "data.case_ids=[$ids]" --resume
-  rm -rf "$model.tmp"
-  cp -r "$generator/pipeline" "$model.tmp"
-  mv "$model.tmp" "$model"
-fi
-echo "generator: $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"])' "$model/training.json") steps" \
-  "in $minutes minutes on $(wc -l < "$out/half_case_ids.txt") cases ($model)"
-synthetic=$out/synthetic_${minutes}min_x$per_mask
-diffusion-glioma generate --model "$model" --masks "$half" --out "$synthetic" --per-mask "$per_mask" --quiet
-diffusion-glioma evaluate --real "$half" --synthetic "$synthetic" --names diffusion_on_half \
+names=() sets=()
+for generator in "${generators[@]}"; do
+  if [ "$generator" = diffusion ]; then  # its cosine schedule stretched over 10^6 steps: the budget ends the run
+    config=configs/demo.yaml; schedule=(--steps 1000000)
+  else
+    config=configs/${generator}_demo.yaml; schedule=()
+  fi
+  run=$out/${generator}_on_half
+  model=$run/budget_${minutes}min
+  if [ ! -f "$model/training.json" ]; then
+    diffusion-glioma train --config "$config" --output-dir "$run" --max-minutes "$minutes" "${schedule[@]}" \
+      --set "data.case_ids=[$ids]" --resume
+    rm -rf "$model.tmp"
+    cp -r "$run/pipeline" "$model.tmp"
+    mv "$model.tmp" "$model"
+  fi
+  echo "$generator: $(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"])' "$model/training.json")" \
+    "steps in $minutes minutes on $(wc -l < "$out/half_case_ids.txt") cases ($model)"
+  synthetic=$out/synthetic_${generator}_${minutes}min_x$per_mask
+  diffusion-glioma generate --model "$model" --masks "$half" --out "$synthetic" --per-mask "$per_mask" --quiet
+  names+=("${generator}_on_half") sets+=("$synthetic")
+done
+diffusion-glioma evaluate --real "$half" --synthetic "${sets[@]}" --names "${names[@]}" \
   --segmentation-test runs/phantom_segtest --segmentation-seeds "${seeds[@]}" --segmentation-steps "$steps" \
   --segmentation-regimes real+synthetic --classification-steps 0 --anomaly-steps 0 --features random \
   --out "$out/report" --quiet
